@@ -1,0 +1,164 @@
+"""Activation statistics of ``nn.Linear`` inputs, collected by forward pre-hooks.
+
+Everything stays on the model's device and is updated in place (``torch.maximum(..., out=)``), so a hook never
+forces a host sync. Sibling layers that read the same input tensor (``to_q``/``to_k``/``to_v``) reuse one reduction.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import random
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LinearInputStats:
+    """Calibration statistics of one Linear's input ``x [..., in_features]``.
+
+    amax: float32 ``[]`` max |x| over all calls. channel_amax: float32 ``[in_features]``. step_amax: float32
+    ``[num_steps]`` (max |x| per denoising step; zeros for steps never seen) or None. samples: float32 ``[k]`` random
+    |x| values (for percentile / MSE clipping) or None. calls: number of forwards observed.
+    """
+
+    amax: torch.Tensor
+    channel_amax: torch.Tensor
+    step_amax: torch.Tensor | None = None
+    samples: torch.Tensor | None = None
+    calls: int = 0
+    tokens: int = 0
+
+    def to(self, device: str | torch.device) -> LinearInputStats:
+        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return LinearInputStats(mv(self.amax), mv(self.channel_amax), mv(self.step_amax), mv(self.samples),
+                                self.calls, self.tokens)
+
+
+@dataclass
+class _LayerState:
+    channel_amax: torch.Tensor
+    step_amax: torch.Tensor | None
+    samples: list[torch.Tensor] = field(default_factory=list)
+    calls: int = 0
+    tokens: int = 0
+
+
+def select_linears(model: nn.Module, include: Iterable[str] = ("*",), exclude: Iterable[str] = ()) -> list[str]:
+    """Names of ``nn.Linear`` modules matching any ``include`` and no ``exclude`` fnmatch pattern, in model order."""
+    inc, exc = list(include), list(exclude)
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if any(fnmatch.fnmatchcase(name, p) for p in inc) and not any(fnmatch.fnmatchcase(name, p) for p in exc):
+            names.append(name)
+    return names
+
+
+class LinearInputObserver:
+    """Collect per-layer input amax (scalar, per channel, per step) for the named Linears of ``model``.
+
+    Use as a context manager around the calibration forwards; set ``observer.step`` before each denoising step
+    when ``num_steps`` is given. ``samples_per_call > 0`` also keeps that many random |x| values per call.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        names: Iterable[str] | None = None,
+        *,
+        num_steps: int | None = None,
+        samples_per_call: int = 0,
+        seed: int = 0,
+    ) -> None:
+        self.model = model
+        modules = dict(model.named_modules())
+        self.names = list(names) if names is not None else select_linears(model)
+        for n in self.names:
+            if not isinstance(modules.get(n), nn.Linear):
+                raise KeyError(f"{n!r} is not an nn.Linear of the model")
+        self._modules = {n: modules[n] for n in self.names}
+        self.num_steps = num_steps
+        self.samples_per_call = samples_per_call
+        self.step = 0
+        self._rng = random.Random(seed)
+        self._state: dict[str, _LayerState] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._last_key: tuple | None = None
+        self._last_channel: torch.Tensor | None = None
+
+    # -- hook -----------------------------------------------------------------------------------------------
+    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
+        # identity via a weak reference: a dead tensor's memory may be reused, so addresses are not enough
+        last = self._last_key[0]() if self._last_key is not None else None
+        if last is x and self._last_key[1] == x._version and self._last_channel is not None:
+            return self._last_channel
+        flat = x.reshape(-1, x.shape[-1])
+        # one fused pass: max |x| per input channel (vector_norm with ord=inf does not materialise |x|)
+        ch = torch.linalg.vector_norm(flat, ord=float("inf"), dim=0).float()
+        self._last_key, self._last_channel = (weakref.ref(x), x._version), ch
+        return ch
+
+    def _hook(self, name: str):
+        @torch.no_grad()
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach()
+            st = self._state.get(name)
+            if st is None:
+                st = self._state[name] = _LayerState(
+                    channel_amax=torch.zeros(x.shape[-1], dtype=torch.float32, device=x.device),
+                    step_amax=(torch.zeros(self.num_steps, dtype=torch.float32, device=x.device)
+                               if self.num_steps else None),
+                )
+            ch = self._reduce(x)
+            torch.maximum(st.channel_amax, ch, out=st.channel_amax)
+            if st.step_amax is not None and 0 <= self.step < st.step_amax.numel():
+                slot = st.step_amax[self.step]
+                torch.maximum(slot, ch.amax(), out=slot)
+            if self.samples_per_call > 0:
+                flat = x.reshape(-1)
+                n = flat.numel()
+                k = min(self.samples_per_call, n)
+                stride = max(n // k, 1)
+                offset = self._rng.randrange(stride)
+                st.samples.append(flat[offset::stride][:k].abs().float())
+            st.calls += 1
+            st.tokens += x.numel() // x.shape[-1]
+
+        return hook
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+    def attach(self) -> LinearInputObserver:
+        if self._handles:
+            return self
+        for name, module in self._modules.items():
+            self._handles.append(module.register_forward_pre_hook(self._hook(name)))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._last_key = self._last_channel = None
+
+    def __enter__(self) -> LinearInputObserver:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    def stats(self) -> dict[str, LinearInputStats]:
+        """Statistics per observed layer name (layers never called are absent)."""
+        out = {}
+        for name, st in self._state.items():
+            samples = torch.cat(st.samples) if st.samples else None
+            out[name] = LinearInputStats(st.channel_amax.amax(), st.channel_amax.clone(),
+                                         None if st.step_amax is None else st.step_amax.clone(),
+                                         samples, st.calls, st.tokens)
+        return out

@@ -1,0 +1,131 @@
+"""Hydra structured configs (dataclasses registered in a ConfigStore): a typo in an override is an error.
+
+Groups: ``config`` (presets in ``configs/config/*.yaml``, package _global_), ``quant`` (recipes in
+``configs/quant/*.yaml``) and ``model`` (``configs/model/*.yaml``). ``validate_config`` checks value ranges.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+from ptq.algorithms.recipe import QuantRecipe
+
+
+@dataclass
+class ModelConfig:
+    """Which model to load. path: local diffusers folder, hub id (read from the HF cache offline) or null for the
+    packaged tiny WAN model. device: "auto" = cuda if available."""
+
+    name: str = "tiny_wan"
+    adapter: str = "wan"
+    path: str | None = None
+    dtype: str = "bfloat16"
+    device: str = "auto"
+    vae_device: str = "cpu"
+
+
+@dataclass
+class DatasetConfig:
+    """Prompts from a `datasets` dataset instead of a text file (name/split/column); empty name = unused."""
+
+    name: str = ""
+    split: str = "train"
+    column: str = "text"
+    config_name: str | None = None
+
+
+@dataclass
+class SamplingConfig:
+    """Prompts and sampler settings shared by calibration and evaluation. null fields take the model's defaults."""
+
+    prompts_file: str = "calibration_data/tiny_calib.txt"
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    num_prompts: int = 16
+    height: int | None = None
+    width: int | None = None
+    num_frames: int | None = None
+    num_steps: int | None = None
+    guidance_scale: float | None = None
+    negative_prompt: str = ""
+    seed: int = 0
+    images: list[str] = field(default_factory=list)  # optional conditioning images (image-to-video)
+
+
+@dataclass
+class CalibConfig(SamplingConfig):
+    """Calibration run: hooks on every Linear over the whole denoising schedule, cond + uncond (CFG)."""
+
+    samples_per_call: int = 0  # >0 keeps random |x| samples (needed for activation=percentile/mse)
+
+
+@dataclass
+class EvalConfig(SamplingConfig):
+    """Held-out evaluation: bf16 baseline vs quantized model, identical seeds."""
+
+    prompts_file: str = "calibration_data/tiny_eval.txt"
+    num_prompts: int = 4
+    seed: int = 1000
+    decode: bool = True
+    cache_dir: str = "${oc.env:PTQ_CACHE_DIR,${hydra:runtime.cwd}/.ptq_cache}"
+    enabled: bool = True
+
+
+@dataclass
+class ExportConfig:
+    """targets: exporter names (see ptq.export.EXPORTERS). unquantized_dtype: bfloat16 or float32."""
+
+    targets: list[str] = field(default_factory=lambda: ["comfyui", "diffusers"])
+    unquantized_dtype: str = "bfloat16"
+    filename: str = "model"
+    verify: bool = True
+
+
+@dataclass
+class RunConfig:
+    """The whole job: ``python -m ptq run config=NAME key=value ...``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantRecipe = field(default_factory=QuantRecipe)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    preset: str = ""
+    output_dir: str = "${hydra:runtime.output_dir}"
+    progress: bool = True
+    log_level: str = "INFO"
+
+
+def register_configs() -> None:
+    """Register the schemas so YAML presets are validated against them."""
+    cs = ConfigStore.instance()
+    cs.store(name="ptq_schema", node=RunConfig)
+    cs.store(group="quant", name="quant_schema", node=QuantRecipe)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+
+
+def _check_sampling(prefix: str, s: Any) -> None:
+    if s.num_prompts < 1:
+        raise ValueError(f"{prefix}.num_prompts={s.num_prompts}: expected >= 1")
+    for key in ("height", "width", "num_frames", "num_steps"):
+        v = getattr(s, key)
+        if v is not None and v < 1:
+            raise ValueError(f"{prefix}.{key}={v}: expected >= 1")
+    if s.guidance_scale is not None and s.guidance_scale < 0:
+        raise ValueError(f"{prefix}.guidance_scale={s.guidance_scale}: expected >= 0")
+
+
+def validate_config(cfg: RunConfig) -> None:
+    """Raise ValueError naming the key for out-of-range values (types are already checked by Hydra)."""
+    cfg.quant.validate()
+    _check_sampling("calib", cfg.calib)
+    _check_sampling("eval", cfg.eval)
+    if cfg.model.dtype not in ("bfloat16", "float16", "float32"):
+        raise ValueError(f"model.dtype={cfg.model.dtype!r}: expected bfloat16, float16 or float32")
+    if cfg.export.unquantized_dtype not in ("bfloat16", "float32"):
+        raise ValueError(f"export.unquantized_dtype={cfg.export.unquantized_dtype!r}: expected bfloat16 or float32 "
+                         "(float16 breaks WAN: ComfyUI/diffusers expect bf16/fp32 for unquantized tensors)")
+    if cfg.quant.activation != "max" and cfg.calib.samples_per_call <= 0:
+        raise ValueError(f"quant.activation={cfg.quant.activation!r} needs calib.samples_per_call > 0")

@@ -1,0 +1,186 @@
+"""Accuracy report of one run: ``report.json``, ``report.md`` and PNG plots in the run directory."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ptq.eval.metrics import latent_metrics, psnr, ssim
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def compare_runs(baseline: list[dict[str, Any]], quantized: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per prompt: final-latent metrics and per-step rel_l2/cosine; plus the means over prompts."""
+    prompts = []
+    for b, q in zip(baseline, quantized):
+        final = latent_metrics(b["final"], q["final"])
+        steps = [latent_metrics(bs, qs) for bs, qs in zip(b["steps"], q["steps"])]
+        prompts.append({"final": final, "steps_rel_l2": [s["rel_l2"] for s in steps],
+                        "steps_cosine": [s["cosine"] for s in steps]})
+    n = len(prompts)
+    mean = {k: sum(p["final"][k] for p in prompts) / n for k in ("rel_l2", "cosine", "psnr")} if n else {}
+    steps_mean = [sum(p["steps_rel_l2"][i] for p in prompts) / n for i in range(len(prompts[0]["steps_rel_l2"]))] \
+        if n else []
+    return {"prompts": prompts, "mean_final": mean, "mean_steps_rel_l2": steps_mean}
+
+
+def bits_per_weight(records: list[Any]) -> float:
+    """Average storage bits per Linear weight element (kept layers count at their dtype's width)."""
+    total = sum(r.in_features * r.out_features for r in records)
+    bits = sum(r.bits_per_weight * r.in_features * r.out_features for r in records)
+    return bits / total if total else 0.0
+
+
+def _plot_steps(path: Path, cmp: dict[str, Any], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for i, p in enumerate(cmp["prompts"]):
+        ax.plot(range(1, len(p["steps_rel_l2"]) + 1), p["steps_rel_l2"], alpha=0.4, label=f"prompt {i}")
+    ax.plot(range(1, len(cmp["mean_steps_rel_l2"]) + 1), cmp["mean_steps_rel_l2"], "k-", lw=2, label="mean")
+    ax.set_xlabel("denoising step")
+    ax.set_ylabel("latent rel. L2 vs bf16")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_layers(path: Path, records: list[Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    q = [r for r in records if r.weight_rel_error is not None]
+    if not q:
+        return
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.bar(range(len(q)), [r.weight_rel_error for r in q], color="tab:blue")
+    ax.set_xlabel("quantized Linear (model order)")
+    ax.set_ylabel("weight rel. L2 error")
+    ax.set_title("per-layer weight quantization error")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _frames_png(path: Path, ref: torch.Tensor, test: torch.Tensor, max_frames: int = 5) -> None:
+    """Top row: bf16 frames; bottom row: quantized frames (``[F, H, W, 3]`` in [0, 1])."""
+    from PIL import Image
+
+    idx = torch.linspace(0, ref.shape[0] - 1, min(max_frames, ref.shape[0])).round().long()
+    top = torch.cat([ref[i] for i in idx], dim=1)
+    bottom = torch.cat([test[i] for i in idx], dim=1)
+    grid = (torch.cat([top, bottom], dim=0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    img = Image.fromarray(grid)
+    if img.height < 256:  # upscale small videos so they are visible
+        img = img.resize((img.width * 4, img.height * 4), Image.NEAREST)
+    img.save(path)
+
+
+def write_report(out_dir: Path, *, run_info: dict[str, Any], records: list[Any], stats: dict[str, Any],
+                 baseline: list[dict[str, Any]] | None, quantized: list[dict[str, Any]] | None,
+                 exports: list[Any], timings: dict[str, float], comps: Any = None,
+                 eval_prompts: list[str] | None = None) -> dict[str, Any]:
+    """Write report.json / report.md / PNGs; returns the JSON dict."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"run": run_info, "timings_s": timings, "bits_per_weight": bits_per_weight(records),
+                              "layers": [r.to_dict() for r in records], "exports": [asdict(e) for e in exports]}
+    quantized_records = [r for r in records if r.format != "bf16"]
+    report["num_quantized_layers"] = len(quantized_records)
+    report["num_linear_layers"] = len(records)
+    images: list[str] = []
+    if baseline is not None and quantized is not None:
+        cmp = compare_runs(baseline, quantized)
+        report["accuracy"] = cmp
+        _plot_steps(out_dir / "error_over_steps.png", cmp, f"{run_info.get('recipe', {}).get('format', '')} vs bf16")
+        images.append("error_over_steps.png")
+        if comps is not None and getattr(comps, "vae", None) is not None:
+            from ptq.models.wan import decode_latents
+
+            frames = []
+            for i, (b, q) in enumerate(zip(baseline, quantized)):
+                fb, fq = decode_latents(comps, b["final"]), decode_latents(comps, q["final"])
+                frames.append({"psnr": _finite(psnr(fb, fq, data_range=1.0)), "ssim": ssim(fb, fq)})
+                name = f"frames_prompt{i}.png"
+                _frames_png(out_dir / name, fb, fq)
+                images.append(name)
+            report["frames"] = frames
+            vals = [f["psnr"] for f in frames if f["psnr"] is not None]
+            report["frames_mean"] = {"psnr": sum(vals) / len(vals) if vals else None,
+                                     "ssim": sum(f["ssim"] for f in frames) / len(frames)}
+    _plot_layers(out_dir / "layer_weight_error.png", records)
+    if quantized_records:
+        images.append("layer_weight_error.png")
+    report["images"] = images
+    report["eval_prompts"] = eval_prompts or []
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (out_dir / "report.md").write_text(render_markdown(report))
+    return report
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """Human-readable report."""
+    run = report["run"]
+    recipe = run.get("recipe", {})
+    lines = [f"# ptq report: {run.get('preset') or recipe.get('format')}", ""]
+    lines += [f"- model: `{run['model']}` ({run['dtype']} on {run['device']})",
+              f"- recipe: format={recipe.get('format')} weight_only={recipe.get('weight_only')} "
+              f"activation={recipe.get('activation')} weight={recipe.get('weight')}",
+              f"- quantized Linears: {report['num_quantized_layers']} / {report['num_linear_layers']}, "
+              f"{report['bits_per_weight']:.2f} bits per Linear weight",
+              f"- calibration: {run['calib_prompts']} prompts, spec {run['calib_spec']}",
+              f"- evaluation: {run['eval_prompts']} held-out prompts, spec {run['eval_spec']}"]
+    if run.get("peak_gpu_gib") is not None:
+        lines.append(f"- peak GPU memory: {run['peak_gpu_gib']:.2f} GiB")
+    lines.append("- time: " + ", ".join(f"{k} {v:.1f}s" for k, v in report["timings_s"].items()))
+    acc = report.get("accuracy")
+    if acc:
+        m = acc["mean_final"]
+        lines += ["", "## Final latents vs bf16 (mean over prompts)", "",
+                  "| rel. L2 | cosine | PSNR (dB) |", "|---|---|---|",
+                  f"| {m['rel_l2']:.4f} | {m['cosine']:.5f} | {m['psnr']:.2f} |", "",
+                  "| prompt | rel. L2 | cosine | PSNR (dB) |", "|---|---|---|---|"]
+        for i, p in enumerate(acc["prompts"]):
+            f = p["final"]
+            lines.append(f"| {i} | {f['rel_l2']:.4f} | {f['cosine']:.5f} | {f['psnr']:.2f} |")
+        lines += ["", "![error over steps](error_over_steps.png)"]
+    if report.get("frames"):
+        fm = report["frames_mean"]
+        lines += ["", "## Decoded frames", "", f"mean frame PSNR {fm['psnr']:.2f} dB, SSIM {fm['ssim']:.4f} "
+                  "(top row bf16, bottom row quantized)", ""]
+        lines += [f"![prompt {i}](frames_prompt{i}.png)" for i in range(len(report["frames"]))]
+    lines += ["", "## Exports", "", "| target | file | MB | verified |", "|---|---|---|---|"]
+    for e in report["exports"]:
+        if e["skipped"]:
+            lines.append(f"| {e['target']} | skipped: {e['skipped']} | | |")
+        else:
+            lines.append(f"| {e['target']} | `{Path(e['path']).name}` | {e['bytes'] / 1e6:.2f} | "
+                         f"{e['verified']} {e['verify_detail']} |")
+    lines += ["", "## Layers", "", "| layer | format | weight rel. err | input amax | clip ratio | input_scale | "
+              "bits/w | note |", "|---|---|---|---|---|---|---|---|"]
+
+    def fmt(v: Any, spec: str) -> str:
+        return "" if v is None else format(v, spec)
+
+    for r in report["layers"]:
+        lines.append(f"| {r['name']} | {r['format']}{' (W only)' if r['weight_only'] else ''} | "
+                     f"{fmt(r['weight_rel_error'], '.4f')} | {fmt(r['input_amax'], '.3g')} | "
+                     f"{fmt(r['clip_ratio'], '.3f')} | {fmt(r['input_scale'], '.3g')} | "
+                     f"{r['bits_per_weight']:.2f} | {r['reason']} |")
+    lines += ["", "![per-layer weight error](layer_weight_error.png)", ""]
+    return "\n".join(lines)

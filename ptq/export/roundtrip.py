@@ -1,0 +1,108 @@
+"""Read an exported file back and prove it holds exactly the in-memory quantized model.
+
+The NVFP4 / FP8 decoding here is a deliberately separate, table-driven implementation (no ``ptq.formats``
+quantizer code), so a layout bug in the quantizer or exporter cannot cancel itself out.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ptq.algorithms.qlinear import QuantizedLinearState
+from ptq.models.wan_names import diffusers_to_original
+
+_E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def reference_decode_nvfp4(packed: torch.Tensor, scales_row_major: torch.Tensor, global_scale: torch.Tensor,
+                           high_first: bool) -> torch.Tensor:
+    """float32 ``[rows, 2*packed.shape[1]]`` = E2M1(code) * (global * block_scale), decoded by table lookup."""
+    hi, lo = (packed >> 4).long(), (packed & 0x0F).long()
+    first, second = (hi, lo) if high_first else (lo, hi)
+    codes = torch.stack([first, second], dim=-1).reshape(packed.shape[0], -1)
+    scale = global_scale.float() * scales_row_major.float()
+    return _E2M1[codes] * scale.repeat_interleave(16, dim=1)
+
+
+def reference_untile(tiled: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """cuBLAS 128x4 tiled block scales -> ``[rows, cols]``, by explicit index arithmetic."""
+    flat = tiled.reshape(-1)
+    r = torch.arange(rows).view(-1, 1)
+    c = torch.arange(cols).view(1, -1)
+    n_col_tiles = (cols + 3) // 4
+    offset = ((r // 128) * n_col_tiles + c // 4) * 512 + (r % 32) * 16 + ((r % 128) // 32) * 4 + c % 4
+    return flat[offset]
+
+
+def verify_export(target: str, path: Path, plain: dict[str, torch.Tensor],
+                  quant: dict[str, QuantizedLinearState]) -> tuple[bool, str]:
+    """(ok, detail): every quantized layer decodes bit-exactly to the simulated weight, scales match, every
+    unquantized tensor matches, no key is missing or extra, and (ComfyUI) the metadata lists exactly the
+    quantized layers."""
+    problems: list[str] = []
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        meta = f.metadata() or {}
+        expected: set[str] = set()
+        for name, st in quant.items():
+            layer = diffusers_to_original(name)
+            w = f.get_tensor(f"{layer}.weight")
+            ws = f.get_tensor(f"{layer}.weight_scale")
+            expected |= {f"{layer}.weight", f"{layer}.weight_scale"}
+            ref = st.dequantized_weight()
+            if st.format == "nvfp4":
+                ws2 = f.get_tensor(f"{layer}.weight_scale_2")
+                expected.add(f"{layer}.weight_scale_2")
+                rows, cols16 = st.out_features, st.in_features // 16
+                scales = reference_untile(ws, rows, cols16) if target == "comfyui" else ws
+                got = reference_decode_nvfp4(w, scales, ws2, high_first=(target == "comfyui"))
+            else:
+                got = w.float() * ws.float().reshape(-1, 1) if ws.numel() > 1 else w.float() * ws.float()
+            if not torch.equal(got.view(torch.int32), ref.view(torch.int32)):
+                bad = int((got != ref).sum())
+                problems.append(f"{layer}: dequantized weight differs in {bad} elements")
+            if st.input_scale is not None:
+                key = f"{layer}.input_scale"
+                expected.add(key)
+                if key not in keys or not torch.equal(f.get_tensor(key).float().reshape(()), st.input_scale.float()):
+                    problems.append(f"{key}: missing or different")
+            if st.bias is not None:
+                expected.add(f"{layer}.bias")
+                if not torch.equal(f.get_tensor(f"{layer}.bias").float(), st.bias.float().to(
+                        f.get_tensor(f"{layer}.bias").dtype).float()):
+                    problems.append(f"{layer}.bias differs")
+            if target == "comfyui":
+                key = f"{layer}.comfy_quant"
+                expected.add(key)
+                conf = json.loads(bytes(f.get_tensor(key).tolist()).decode()) if key in keys else None
+                if not conf or conf.get("format") not in ("nvfp4", "float8_e4m3fn"):
+                    problems.append(f"{key}: missing or unreadable ({conf})")
+        for key, value in plain.items():
+            okey = diffusers_to_original(key)
+            expected.add(okey)
+            if okey not in keys:
+                problems.append(f"{okey}: missing")
+                continue
+            got = f.get_tensor(okey)
+            if got.dtype == torch.float16:
+                problems.append(f"{okey}: float16 (WAN needs bf16/fp32 for unquantized tensors)")
+            if not torch.equal(got.float(), value.to(got.dtype).float()):
+                problems.append(f"{okey}: values differ")
+        extra = keys - expected
+        missing = expected - keys
+        if extra:
+            problems.append(f"unexpected keys: {sorted(extra)[:5]}")
+        if missing:
+            problems.append(f"missing keys: {sorted(missing)[:5]}")
+        if target == "comfyui":
+            layers = json.loads(meta.get("_quantization_metadata", "{}")).get("layers", {})
+            want = {diffusers_to_original(n) for n in quant}
+            if set(layers) != want:
+                problems.append(f"_quantization_metadata layers differ: {len(layers)} listed, {len(want)} quantized")
+    if problems:
+        return False, "; ".join(problems[:10]) + (f" (+{len(problems) - 10} more)" if len(problems) > 10 else "")
+    return True, f"{len(quant)} quantized layers bit-exact, {len(plain)} other tensors equal, no extra keys"
