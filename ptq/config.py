@@ -69,7 +69,7 @@ class EvalConfig(SamplingConfig):
     num_prompts: int = 4
     seed: int = 1000
     decode: bool = True
-    cache_dir: str = "${oc.env:PTQ_CACHE_DIR,${hydra:runtime.cwd}/.ptq_cache}"
+    cache_dir: str = "${oc.env:PTQ_CACHE_DIR,.ptq_cache}"  # bf16 reference outputs, shared by sweeps
     enabled: bool = True
 
 
@@ -92,8 +92,7 @@ class RunConfig:
     calib: CalibConfig = field(default_factory=CalibConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
-    preset: str = ""
-    output_dir: str = "${hydra:runtime.output_dir}"
+    preset: str = "custom"
     progress: bool = True
     log_level: str = "INFO"
 

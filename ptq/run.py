@@ -179,9 +179,9 @@ def run_pipeline(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
     dtype = _DTYPES[cfg.model.dtype]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    root = wan.resolve_model_path(cfg.model.path)
     calib_prompts = load_prompts(cfg.calib, "calib")
     eval_prompts = load_prompts(cfg.eval, "eval") if cfg.eval.enabled else []
-    root = wan.resolve_model_path(cfg.model.path)
     defaults = wan.read_sample_defaults(root)
     log.info("model %s on %s (%s); %d calibration / %d eval prompts", root, device, cfg.model.dtype,
              len(calib_prompts), len(eval_prompts))

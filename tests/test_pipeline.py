@@ -1,0 +1,81 @@
+"""`python -m ptq run` end to end on a small model, offline, on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(args: list[str], cwd: Path, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "ptq", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+FAST = ["calib.num_prompts=2", "calib.num_steps=4", "eval.num_prompts=1", "eval.num_steps=4", "progress=false"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(random_tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    proc = _run(["run", "config=tiny_nvfp4", f"model.path={random_tiny_dir}", f"hydra.run.dir={out}",
+                 f"eval.cache_dir={out / 'cache'}", *FAST], cwd=out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_run_writes_checkpoint_and_report(run_dir: Path) -> None:
+    report = json.loads((run_dir / "report.json").read_text())
+    assert (run_dir / "report.md").is_file() and (run_dir / "error_over_steps.png").is_file()
+    assert (run_dir / "frames_prompt0.png").is_file()
+    exports = {e["target"]: e for e in report["exports"]}
+    assert exports["comfyui"]["verified"] is True and Path(exports["comfyui"]["path"]).is_file()
+    assert exports["diffusers"]["verified"] is True
+    assert report["num_quantized_layers"] == 50
+    acc = report["accuracy"]["mean_final"]
+    assert 0.0 < acc["rel_l2"] < 0.5 and acc["cosine"] > 0.85
+    assert len(report["accuracy"]["prompts"][0]["steps_rel_l2"]) == 4
+    layer = next(r for r in report["layers"] if r["name"] == "blocks.0.attn1.to_q")
+    assert layer["format"] == "nvfp4" and layer["input_scale"] > 0 and 0 < layer["weight_rel_error"] < 0.2
+    assert not list(run_dir.glob("**/*.tmp"))  # nothing half-written
+
+
+def test_rerun_is_deterministic_and_reuses_baseline(run_dir: Path, random_tiny_dir: Path, tmp_path: Path) -> None:
+    proc = _run(["run", "config=tiny_nvfp4", f"model.path={random_tiny_dir}", f"hydra.run.dir={tmp_path}",
+                 f"eval.cache_dir={run_dir / 'cache'}", *FAST], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = json.loads((run_dir / "report.json").read_text())
+    b = json.loads((tmp_path / "report.json").read_text())
+    assert "baseline_eval" in a["timings_s"] and "baseline_eval" not in b["timings_s"]  # cached
+    assert a["accuracy"] == b["accuracy"]
+    assert [r["input_scale"] for r in a["layers"]] == [r["input_scale"] for r in b["layers"]]
+    fa = Path(a["exports"][0]["path"]).read_bytes()
+    fb = Path(b["exports"][0]["path"]).read_bytes()
+    na, nb = (int.from_bytes(f[:8], "little") for f in (fa, fb))
+    assert json.loads(fa[8 : 8 + na]) == json.loads(fb[8 : 8 + nb])  # safetensors orders metadata keys freely
+    assert fa[8 + na :] == fb[8 + nb :]  # identical tensor bytes
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path: Path) -> None:
+    proc = _run(["run", "model.path=/nonexistent/wan", f"hydra.run.dir={tmp_path}", *FAST], cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "model.path='/nonexistent/wan' does not exist" in proc.stderr
+
+
+def test_hub_id_not_in_cache_is_a_clear_error(tmp_path: Path) -> None:
+    proc = _run(["run", "config=wan_nvfp4", f"hydra.run.dir={tmp_path}", *FAST], cwd=tmp_path,
+                env_extra={"HF_HOME": str(tmp_path / "hf")})
+    assert proc.returncode != 0
+    assert "not found in the Hugging Face cache" in proc.stderr
+
+
+def test_typo_fails_before_any_work(tmp_path: Path) -> None:
+    proc = _run(["run", "calib.num_promts=3", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    assert proc.returncode != 0 and "num_promts" in proc.stderr
