@@ -947,8 +947,8 @@ class _Inspector:
             f"{len(f16)} unquantized tensors (biases, norms, modulation, embeddings, high-precision layers) are "
             "float16. WAN is trained and run in bf16 (diffusers keeps time_embedder, scale_shift_table and norm2 in "
             "fp32); ComfyUI picks its compute dtype from the stored weights, so an fp16 base can make it run in "
-            "fp16, where WAN activations overflow (inf/NaN -> black or noisy frames), and values > 65504 in the "
-            "source were already lost in the conversion.",
+            "fp16, where WAN activations overflow (inf/NaN -> black or noisy frames); any source value above 65504 "
+            "became inf in the conversion (checked below when values are read).",
             "write unquantized tensors as bfloat16 (float32 for time_embedding.*, *.modulation / scale_shift_table "
             "and blocks.N.norm3), converted from the original bf16/fp32 weights",
         )
