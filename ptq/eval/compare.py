@@ -1,0 +1,120 @@
+"""``python -m ptq compare DIR``: leaderboard of every run (``report.json``) under a (multirun) directory.
+
+Writes ``leaderboard.md``, ``leaderboard.csv`` and ``size_vs_error.png`` into DIR (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+COLUMNS = ["run", "format", "weight_only", "activation", "weight", "bits_per_weight", "size_mb", "rel_l2", "cosine",
+           "psnr_db", "frame_psnr_db", "time_s"]
+
+
+def _overrides(run_dir: Path) -> list[str]:
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return []
+    items = [ln.strip()[2:] for ln in path.read_text().splitlines() if ln.strip().startswith("- ")]
+    return [i for i in items if not i.startswith(("hydra.", "eval.cache_dir", "progress"))]
+
+
+def collect_runs(root: Path) -> list[dict[str, Any]]:
+    """One row per ``report.json`` found under ``root`` (sorted by final-latent rel. L2, best first)."""
+    rows = []
+    for rep in sorted(root.rglob("report.json")):
+        r = json.loads(rep.read_text())
+        recipe = r["run"].get("recipe", {})
+        acc = (r.get("accuracy") or {}).get("mean_final", {})
+        comfy = next((e for e in r.get("exports", []) if e.get("target") == "comfyui" and e.get("bytes")), None)
+        any_export = comfy or next((e for e in r.get("exports", []) if e.get("bytes")), None)
+        rows.append({
+            "run": "",
+            "format": recipe.get("format"),
+            "weight_only": recipe.get("weight_only"),
+            "activation": recipe.get("activation"),
+            "weight": recipe.get("weight"),
+            "bits_per_weight": round(r.get("bits_per_weight", 0.0), 3),
+            "size_mb": round(any_export["bytes"] / 1e6, 3) if any_export else None,
+            "rel_l2": acc.get("rel_l2"),
+            "cosine": acc.get("cosine"),
+            "psnr_db": acc.get("psnr"),
+            "frame_psnr_db": (r.get("frames_mean") or {}).get("psnr"),
+            "time_s": round(sum(r.get("timings_s", {}).values()), 2),
+            "path": str(rep.parent),
+        })
+    # label each run by the overrides that differ between runs (the swept values)
+    overrides = [_overrides(Path(r["path"])) for r in rows]
+    common = set.intersection(*(set(o) for o in overrides)) if overrides and len(rows) > 1 else set()
+    for r, o in zip(rows, overrides):
+        swept = [i for i in o if i not in common]
+        r["run"] = " ".join(swept) or Path(r["path"]).name
+    rows.sort(key=lambda x: (x["rel_l2"] is None, x["rel_l2"] if x["rel_l2"] is not None else 0.0))
+    return rows
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
+    return str(v)
+
+
+def write_leaderboard(rows: list[dict[str, Any]], out: Path) -> None:
+    """leaderboard.md / .csv and the size-vs-error scatter plot."""
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "leaderboard.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=[*COLUMNS, "path"])
+        w.writeheader()
+        w.writerows(rows)
+    lines = ["# ptq leaderboard", "", "Sorted by final-latent relative L2 error vs the bf16 baseline (lower is "
+             "better). Size is the ComfyUI export.", "", "| rank | " + " | ".join(COLUMNS) + " |",
+             "|" + "---|" * (len(COLUMNS) + 1)]
+    for i, r in enumerate(rows, 1):
+        lines.append(f"| {i} | " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |")
+    lines += ["", "![size vs error](size_vs_error.png)", ""]
+    (out / "leaderboard.md").write_text("\n".join(lines))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [r for r in rows if r["rel_l2"] is not None]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for r in pts:
+        x = r["bits_per_weight"]
+        ax.scatter(x, r["rel_l2"], s=30)
+        ax.annotate(r["run"][:40], (x, r["rel_l2"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("bits per Linear weight (incl. scales)")
+    ax.set_ylabel("final latent rel. L2 vs bf16")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.set_title("size vs error")
+    fig.tight_layout()
+    fig.savefig(out / "size_vs_error.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="ptq compare", description="Leaderboard of the runs under a directory.")
+    ap.add_argument("dir", help="a multirun directory (or any folder containing run folders with report.json)")
+    ap.add_argument("--out", default=None, help="where to write leaderboard.{md,csv} (default: DIR)")
+    args = ap.parse_args(argv)
+    root = Path(args.dir)
+    if not root.is_dir():
+        print(f"ptq compare: {root} is not a directory", file=sys.stderr)
+        return 2
+    rows = collect_runs(root)
+    if not rows:
+        print(f"ptq compare: no report.json under {root}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else root
+    write_leaderboard(rows, out)
+    print((out / "leaderboard.md").read_text())
+    return 0
