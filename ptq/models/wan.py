@@ -51,6 +51,20 @@ WAN22_TI2V_5B_SAMPLE_DEFAULTS: dict[str, Any] = {
     "vae_scale_factor_temporal": 4,
 }
 WAN22_TI2V_5B_HUB_ID = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
+# scheduler/scheduler_config.json of the 5B (UniPC, flow prediction, flow_shift 5.0)
+WAN22_TI2V_5B_SCHEDULER_CONFIG: dict[str, Any] = {
+    "_class_name": "UniPCMultistepScheduler", "num_train_timesteps": 1000, "solver_order": 2,
+    "prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": 5.0, "predict_x0": True,
+    "solver_type": "bh2", "lower_order_final": True, "final_sigmas_type": "zero", "timestep_spacing": "linspace",
+    "steps_offset": 0, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+}
+# text_encoder/config.json: UMT5-XXL encoder (5.7B parameters, 11.4 GB bf16)
+UMT5_XXL_ENCODER_CONFIG: dict[str, Any] = {
+    "d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24, "vocab_size": 256384,
+    "feed_forward_proj": "gated-gelu", "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
+    "layer_norm_epsilon": 1e-6, "dropout_rate": 0.0, "tie_word_embeddings": False, "is_encoder_decoder": False,
+    "use_cache": False, "pad_token_id": 0, "eos_token_id": 1,
+}
 
 
 class ModelLoadError(RuntimeError):
