@@ -9,73 +9,82 @@ from __future__ import annotations
 
 import re
 
-# (diffusers regex, original template) on module paths; order matters only for readability (patterns are disjoint).
-_DIFFUSERS_TO_ORIGINAL: list[tuple[str, str]] = [
-    (r"condition_embedder\.text_embedder\.linear_1", "text_embedding.0"),
-    (r"condition_embedder\.text_embedder\.linear_2", "text_embedding.2"),
-    (r"condition_embedder\.time_embedder\.linear_1", "time_embedding.0"),
-    (r"condition_embedder\.time_embedder\.linear_2", "time_embedding.2"),
-    (r"condition_embedder\.time_proj", "time_projection.1"),
-    (r"proj_out", "head.head"),
-    (r"scale_shift_table", "head.modulation"),
-    (r"blocks\.(\d+)\.attn1\.to_q", r"blocks.\1.self_attn.q"),
-    (r"blocks\.(\d+)\.attn1\.to_k", r"blocks.\1.self_attn.k"),
-    (r"blocks\.(\d+)\.attn1\.to_v", r"blocks.\1.self_attn.v"),
-    (r"blocks\.(\d+)\.attn1\.to_out\.0", r"blocks.\1.self_attn.o"),
-    (r"blocks\.(\d+)\.attn1\.norm_(q|k)", r"blocks.\1.self_attn.norm_\2"),
-    (r"blocks\.(\d+)\.attn2\.to_q", r"blocks.\1.cross_attn.q"),
-    (r"blocks\.(\d+)\.attn2\.to_k", r"blocks.\1.cross_attn.k"),
-    (r"blocks\.(\d+)\.attn2\.to_v", r"blocks.\1.cross_attn.v"),
-    (r"blocks\.(\d+)\.attn2\.to_out\.0", r"blocks.\1.cross_attn.o"),
-    (r"blocks\.(\d+)\.attn2\.norm_(q|k)", r"blocks.\1.cross_attn.norm_\2"),
-    (r"blocks\.(\d+)\.norm2", r"blocks.\1.norm3"),
-    (r"blocks\.(\d+)\.ffn\.net\.0\.proj", r"blocks.\1.ffn.0"),
-    (r"blocks\.(\d+)\.ffn\.net\.2", r"blocks.\1.ffn.2"),
-    (r"blocks\.(\d+)\.scale_shift_table", r"blocks.\1.modulation"),
-    (r"patch_embedding", "patch_embedding"),
-]
-
-_ORIGINAL_TO_DIFFUSERS: list[tuple[str, str]] = [
-    (r"text_embedding\.0", "condition_embedder.text_embedder.linear_1"),
-    (r"text_embedding\.2", "condition_embedder.text_embedder.linear_2"),
-    (r"time_embedding\.0", "condition_embedder.time_embedder.linear_1"),
-    (r"time_embedding\.2", "condition_embedder.time_embedder.linear_2"),
-    (r"time_projection\.1", "condition_embedder.time_proj"),
-    (r"head\.head", "proj_out"),
-    (r"head\.modulation", "scale_shift_table"),
-    (r"blocks\.(\d+)\.self_attn\.q", r"blocks.\1.attn1.to_q"),
-    (r"blocks\.(\d+)\.self_attn\.k", r"blocks.\1.attn1.to_k"),
-    (r"blocks\.(\d+)\.self_attn\.v", r"blocks.\1.attn1.to_v"),
-    (r"blocks\.(\d+)\.self_attn\.o", r"blocks.\1.attn1.to_out.0"),
-    (r"blocks\.(\d+)\.self_attn\.norm_(q|k)", r"blocks.\1.attn1.norm_\2"),
-    (r"blocks\.(\d+)\.cross_attn\.q", r"blocks.\1.attn2.to_q"),
-    (r"blocks\.(\d+)\.cross_attn\.k", r"blocks.\1.attn2.to_k"),
-    (r"blocks\.(\d+)\.cross_attn\.v", r"blocks.\1.attn2.to_v"),
-    (r"blocks\.(\d+)\.cross_attn\.o", r"blocks.\1.attn2.to_out.0"),
-    (r"blocks\.(\d+)\.cross_attn\.norm_(q|k)", r"blocks.\1.attn2.norm_\2"),
-    (r"blocks\.(\d+)\.norm3", r"blocks.\1.norm2"),
-    (r"blocks\.(\d+)\.ffn\.0", r"blocks.\1.ffn.net.0.proj"),
-    (r"blocks\.(\d+)\.ffn\.2", r"blocks.\1.ffn.net.2"),
-    (r"blocks\.(\d+)\.modulation", r"blocks.\1.scale_shift_table"),
-    (r"patch_embedding", "patch_embedding"),
-]
+# diffusers <-> original Wan module paths (a pure rename). {n} is a block index. The image-embedder / k_img rows
+# only occur in image-conditioned WAN variants (not the TI2V-5B).
+NAME_PAIRS: tuple[tuple[str, str], ...] = (
+    ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
+    ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
+    ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
+    ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
+    ("condition_embedder.time_proj", "time_projection.1"),
+    ("condition_embedder.image_embedder.norm1", "img_emb.proj.0"),
+    ("condition_embedder.image_embedder.ff.net.0.proj", "img_emb.proj.1"),
+    ("condition_embedder.image_embedder.ff.net.2", "img_emb.proj.3"),
+    ("condition_embedder.image_embedder.norm2", "img_emb.proj.4"),
+    ("proj_out", "head.head"),
+    ("scale_shift_table", "head.modulation"),
+    ("patch_embedding", "patch_embedding"),
+    ("blocks.{n}.attn1.to_q", "blocks.{n}.self_attn.q"),
+    ("blocks.{n}.attn1.to_k", "blocks.{n}.self_attn.k"),
+    ("blocks.{n}.attn1.to_v", "blocks.{n}.self_attn.v"),
+    ("blocks.{n}.attn1.to_out.0", "blocks.{n}.self_attn.o"),
+    ("blocks.{n}.attn1.norm_q", "blocks.{n}.self_attn.norm_q"),
+    ("blocks.{n}.attn1.norm_k", "blocks.{n}.self_attn.norm_k"),
+    ("blocks.{n}.attn2.to_q", "blocks.{n}.cross_attn.q"),
+    ("blocks.{n}.attn2.to_k", "blocks.{n}.cross_attn.k"),
+    ("blocks.{n}.attn2.to_v", "blocks.{n}.cross_attn.v"),
+    ("blocks.{n}.attn2.to_out.0", "blocks.{n}.cross_attn.o"),
+    ("blocks.{n}.attn2.norm_q", "blocks.{n}.cross_attn.norm_q"),
+    ("blocks.{n}.attn2.norm_k", "blocks.{n}.cross_attn.norm_k"),
+    ("blocks.{n}.attn2.add_k_proj", "blocks.{n}.cross_attn.k_img"),
+    ("blocks.{n}.attn2.add_v_proj", "blocks.{n}.cross_attn.v_img"),
+    ("blocks.{n}.attn2.norm_added_k", "blocks.{n}.cross_attn.norm_k_img"),
+    ("blocks.{n}.ffn.net.0.proj", "blocks.{n}.ffn.0"),
+    ("blocks.{n}.ffn.net.2", "blocks.{n}.ffn.2"),
+    ("blocks.{n}.norm2", "blocks.{n}.norm3"),
+    ("blocks.{n}.scale_shift_table", "blocks.{n}.modulation"),
+)
 
 # A key is a module path plus an optional parameter suffix (weight, bias, weight_scale, input_scale, comfy_quant...).
-_SUFFIX = r"(?P<suffix>\.[A-Za-z_][A-Za-z0-9_]*)?"
-_COMPILED_D2O = [(re.compile(rf"^{p}{_SUFFIX}$"), t) for p, t in _DIFFUSERS_TO_ORIGINAL]
-_COMPILED_O2D = [(re.compile(rf"^{p}{_SUFFIX}$"), t) for p, t in _ORIGINAL_TO_DIFFUSERS]
+_SUFFIX = r"(?P<suffix>\.[A-Za-z_][A-Za-z0-9_]*)?$"
+
+
+def _compile(src: str, dst: str) -> tuple[re.Pattern[str], str]:
+    pattern = "^" + re.escape(src).replace(re.escape("{n}"), r"(\d+)") + _SUFFIX
+    return re.compile(pattern), dst.replace("{n}", r"\1")
+
+
+_COMPILED_D2O = [_compile(d, o) for d, o in NAME_PAIRS]
+_COMPILED_O2D = [_compile(o, d) for d, o in NAME_PAIRS]
 
 
 class NameMapError(KeyError):
     """A key has no counterpart in the other naming convention."""
 
 
-def _convert(key: str, rules: list[tuple[re.Pattern[str], str]], direction: str) -> str:
+def _try_convert(key: str, rules: list[tuple[re.Pattern[str], str]]) -> str | None:
     for pattern, template in rules:
         m = pattern.match(key)
         if m is not None:
             return m.expand(template) + (m.group("suffix") or "")
-    raise NameMapError(f"no {direction} name for key {key!r}")
+    return None
+
+
+def _convert(key: str, rules: list[tuple[re.Pattern[str], str]], direction: str) -> str:
+    out = _try_convert(key, rules)
+    if out is None:
+        raise NameMapError(f"no {direction} name for key {key!r}")
+    return out
+
+
+def try_diffusers_to_original(key: str) -> str | None:
+    """Like :func:`diffusers_to_original`, but None for a key that is not a diffusers WAN key."""
+    return _try_convert(key, _COMPILED_D2O)
+
+
+def try_original_to_diffusers(key: str) -> str | None:
+    """Like :func:`original_to_diffusers`, but None for a key that is not an original-Wan key."""
+    return _try_convert(key, _COMPILED_O2D)
 
 
 def diffusers_to_original(key: str) -> str:

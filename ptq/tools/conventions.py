@@ -26,6 +26,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from ptq.models.wan_names import try_diffusers_to_original, try_original_to_diffusers
 from ptq.tools.safetensors_header import DTYPE_BITS, TensorInfo
 
 __all__ = [
@@ -99,74 +100,22 @@ _TORCHAO_RE = re.compile(r"^(?P<layer>.+)\.(?P<suffix>_(?:weight|bias)_[A-Za-z0-
 _AMAX_RE = re.compile(r"^(?P<layer>.+)\.(?P<suffix>[A-Za-z0-9_]+_quantizer\._amax)$")
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 
-# diffusers <-> original Wan (pure rename). {n} is a block index.
-_NAME_PAIRS: tuple[tuple[str, str], ...] = (
-    ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
-    ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
-    ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
-    ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
-    ("condition_embedder.time_proj", "time_projection.1"),
-    ("condition_embedder.image_embedder.norm1", "img_emb.proj.0"),
-    ("condition_embedder.image_embedder.ff.net.0.proj", "img_emb.proj.1"),
-    ("condition_embedder.image_embedder.ff.net.2", "img_emb.proj.3"),
-    ("condition_embedder.image_embedder.norm2", "img_emb.proj.4"),
-    ("proj_out", "head.head"),
-    ("scale_shift_table", "head.modulation"),
-    ("blocks.{n}.attn1.to_q", "blocks.{n}.self_attn.q"),
-    ("blocks.{n}.attn1.to_k", "blocks.{n}.self_attn.k"),
-    ("blocks.{n}.attn1.to_v", "blocks.{n}.self_attn.v"),
-    ("blocks.{n}.attn1.to_out.0", "blocks.{n}.self_attn.o"),
-    ("blocks.{n}.attn1.norm_q", "blocks.{n}.self_attn.norm_q"),
-    ("blocks.{n}.attn1.norm_k", "blocks.{n}.self_attn.norm_k"),
-    ("blocks.{n}.attn2.to_q", "blocks.{n}.cross_attn.q"),
-    ("blocks.{n}.attn2.to_k", "blocks.{n}.cross_attn.k"),
-    ("blocks.{n}.attn2.to_v", "blocks.{n}.cross_attn.v"),
-    ("blocks.{n}.attn2.to_out.0", "blocks.{n}.cross_attn.o"),
-    ("blocks.{n}.attn2.norm_q", "blocks.{n}.cross_attn.norm_q"),
-    ("blocks.{n}.attn2.norm_k", "blocks.{n}.cross_attn.norm_k"),
-    ("blocks.{n}.attn2.add_k_proj", "blocks.{n}.cross_attn.k_img"),
-    ("blocks.{n}.attn2.add_v_proj", "blocks.{n}.cross_attn.v_img"),
-    ("blocks.{n}.attn2.norm_added_k", "blocks.{n}.cross_attn.norm_k_img"),
-    ("blocks.{n}.ffn.net.0.proj", "blocks.{n}.ffn.0"),
-    ("blocks.{n}.ffn.net.2", "blocks.{n}.ffn.2"),
-    ("blocks.{n}.norm2", "blocks.{n}.norm3"),
-    ("blocks.{n}.scale_shift_table", "blocks.{n}.modulation"),
-)
-
-
-def _compile(src: str, dst: str) -> tuple[re.Pattern[str], str]:
-    pattern = "^" + re.escape(src).replace(re.escape("{n}"), r"(\d+)") + r"(?=\.|$)"
-    return re.compile(pattern), dst.replace("{n}", r"\1")
-
-
-_TO_ORIGINAL = [_compile(d, o) for d, o in _NAME_PAIRS]
-_TO_DIFFUSERS = [_compile(o, d) for d, o in _NAME_PAIRS]
-
-
-def _combined(rules: list[tuple[re.Pattern[str], str]]) -> re.Pattern[str]:
-    return re.compile("|".join(f"(?P<r{i}>{p.pattern.removeprefix('^')})" for i, (p, _) in enumerate(rules)))
-
-
-_ANY_DIFFUSERS = _combined(_TO_ORIGINAL)
-_ANY_ORIGINAL = _combined(_TO_DIFFUSERS)
-
-
-def _rename(name: str, rules: list[tuple[re.Pattern[str], str]]) -> tuple[str, bool]:
-    m = (_ANY_DIFFUSERS if rules is _TO_ORIGINAL else _ANY_ORIGINAL).match(name)
-    if m is None or m.lastgroup is None:
+def _rename(name: str, to: str) -> tuple[str, bool]:
+    """(renamed, True) when ``name`` is a WAN key of the other convention and changes; (name, False) otherwise."""
+    out = try_diffusers_to_original(name) if to == "original" else try_original_to_diffusers(name)
+    if out is None or out == name:
         return name, False
-    pattern, repl = rules[int(m.lastgroup[1:])]
-    return pattern.sub(repl, name, count=1), True
+    return out, True
 
 
 def to_original_name(name: str) -> str:
     """Rename a diffusers WAN key (without prefix) to original Wan / ComfyUI naming; others are unchanged."""
-    return _rename(name, _TO_ORIGINAL)[0]
+    return _rename(name, "original")[0]
 
 
 def to_diffusers_name(name: str) -> str:
     """Rename an original Wan / ComfyUI key (without prefix) to diffusers naming; others are unchanged."""
-    return _rename(name, _TO_DIFFUSERS)[0]
+    return _rename(name, "diffusers")[0]
 
 
 def tensor_infos_from_state_dict(state_dict: Mapping[str, object]) -> dict[str, TensorInfo]:
@@ -314,11 +263,11 @@ def detect_naming(keys: Iterable[str]) -> Naming:
     n_diff = n_orig = 0
     for key in keys:
         bare = strip_prefix(key, prefix)
-        if _rename(bare, _TO_ORIGINAL)[1]:
+        if _rename(bare, "original")[1]:
             n_diff += 1
             if len(diff_ex) < 3:
                 diff_ex.append(key)
-        elif _rename(bare, _TO_DIFFUSERS)[1]:
+        elif _rename(bare, "diffusers")[1]:
             n_orig += 1
             if len(orig_ex) < 3:
                 orig_ex.append(key)
