@@ -69,9 +69,10 @@ def pick_device(name: str) -> torch.device:
 
 @dataclass
 class PhaseTimer:
-    """Wall time per phase in seconds (synchronising CUDA at phase boundaries only)."""
+    """Wall time (s) and peak CUDA memory (GiB) per phase (synchronising CUDA at phase boundaries only)."""
 
     seconds: dict[str, float] = field(default_factory=dict)
+    peak_gib: dict[str, float] = field(default_factory=dict)
 
     def __call__(self, name: str) -> PhaseTimer:
         self._name = name
@@ -80,13 +81,20 @@ class PhaseTimer:
     def __enter__(self) -> PhaseTimer:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         self._t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc: object) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+            self.peak_gib[self._name] = max(self.peak_gib.get(self._name, 0.0), peak / 2**30)
         self.seconds[self._name] = self.seconds.get(self._name, 0.0) + time.perf_counter() - self._t0
+
+    def peak(self) -> float | None:
+        """Peak CUDA memory over all phases (GiB), None on CPU."""
+        return max(self.peak_gib.values()) if self.peak_gib else None
 
 
 def _sample_spec(cfg: SamplingConfig, defaults: dict[str, Any], index: int):
@@ -195,8 +203,9 @@ def run_pipeline(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
         eval_emb = wan.encode_prompts(enc, eval_prompts) if eval_prompts else None
         neg_calib = wan.encode_prompts(enc, [cfg.calib.negative_prompt])
         neg_eval = wan.encode_prompts(enc, [cfg.eval.negative_prompt])
+        del te
         enc.free_text_encoder()
-        del te, enc
+        del enc
 
     with timer("load_model"):
         comps = wan.WanComponents(
@@ -259,7 +268,7 @@ def run_pipeline(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
     with timer("export"):
         exports = export_model(model, cfg.export, out_dir, model_root=root, progress=cfg.progress)
 
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    peak = timer.peak() if device.type == "cuda" else None
     run_info = {
         "preset": cfg.preset, "model": str(root), "device": str(device), "dtype": cfg.model.dtype,
         "recipe": asdict(recipe), "calib_prompts": len(calib_prompts), "eval_prompts": len(eval_prompts),

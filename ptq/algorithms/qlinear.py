@@ -44,6 +44,14 @@ class QuantizedLinearState:
     in_features: int
     out_features: int
 
+    def to(self, device: str | torch.device) -> QuantizedLinearState:
+        """A copy with every tensor on ``device``."""
+        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return QuantizedLinearState(self.format, mv(self.weight), mv(self.weight_scale), mv(self.weight_scale_2),
+                                    mv(self.input_scale), mv(self.bias), self.in_features, self.out_features)
+
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight the file represents, ``[out, in]``, dequantized in ``dtype`` the way the loaders do it
         (comfy-kitchen's ``dequantize_nvfp4`` / ``dequantize_per_tensor_fp8`` arithmetic)."""

@@ -146,7 +146,8 @@ def render_markdown(report: dict[str, Any]) -> str:
               f"- calibration: {run['calib_prompts']} prompts, spec {run['calib_spec']}",
               f"- evaluation: {run['eval_prompts']} held-out prompts, spec {run['eval_spec']}"]
     if run.get("peak_gpu_gib") is not None:
-        lines.append(f"- peak GPU memory: {run['peak_gpu_gib']:.2f} GiB")
+        by_phase = ", ".join(f"{k} {v:.1f}" for k, v in (run.get("peak_gpu_gib_by_phase") or {}).items())
+        lines.append(f"- peak GPU memory: {run['peak_gpu_gib']:.2f} GiB (by phase, GiB: {by_phase})")
     lines.append("- time: " + ", ".join(f"{k} {v:.1f}s" for k, v in report["timings_s"].items()))
     acc = report.get("accuracy")
     if acc:

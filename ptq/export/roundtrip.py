@@ -44,6 +44,7 @@ def verify_export(target: str, path: Path, plain: dict[str, torch.Tensor],
     unquantized tensor matches, no key is missing or extra, and (ComfyUI) the metadata lists exactly the
     quantized layers."""
     problems: list[str] = []
+    quant = {n: st.to("cpu") for n, st in quant.items()}
     with safe_open(str(path), framework="pt") as f:
         keys = set(f.keys())
         meta = f.metadata() or {}
@@ -72,8 +73,8 @@ def verify_export(target: str, path: Path, plain: dict[str, torch.Tensor],
                     problems.append(f"{key}: missing or different")
             if st.bias is not None:
                 expected.add(f"{layer}.bias")
-                if not torch.equal(f.get_tensor(f"{layer}.bias").float(), st.bias.float().to(
-                        f.get_tensor(f"{layer}.bias").dtype).float()):
+                b = f.get_tensor(f"{layer}.bias")
+                if not torch.equal(b, st.bias.to(b.dtype)):
                     problems.append(f"{layer}.bias differs")
             if target == "comfyui":
                 key = f"{layer}.comfy_quant"
@@ -90,7 +91,7 @@ def verify_export(target: str, path: Path, plain: dict[str, torch.Tensor],
             got = f.get_tensor(okey)
             if got.dtype == torch.float16:
                 problems.append(f"{okey}: float16 (WAN needs bf16/fp32 for unquantized tensors)")
-            if not torch.equal(got.float(), value.to(got.dtype).float()):
+            if not torch.equal(got, value.cpu().to(got.dtype)):
                 problems.append(f"{okey}: values differ")
         extra = keys - expected
         missing = expected - keys
