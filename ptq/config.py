@@ -29,12 +29,14 @@ class ModelConfig:
 
 @dataclass
 class DatasetConfig:
-    """Prompts from a `datasets` dataset instead of a text file (name/split/column); empty name = unused."""
+    """Prompts from a `datasets` dataset instead of a text file (name/split/column); empty name = unused.
+    name: a hub dataset (read from the HF cache offline) or a builder such as "csv"/"json" with ``data_files``."""
 
     name: str = ""
     split: str = "train"
     column: str = "text"
     config_name: str | None = None
+    data_files: str | None = None
 
 
 @dataclass

@@ -41,7 +41,8 @@ def load_prompts(cfg: SamplingConfig, what: str) -> list[str]:
         import datasets
 
         try:
-            ds = datasets.load_dataset(cfg.dataset.name, cfg.dataset.config_name, split=cfg.dataset.split)
+            kwargs = {"data_files": str(resolve_path(cfg.dataset.data_files))} if cfg.dataset.data_files else {}
+            ds = datasets.load_dataset(cfg.dataset.name, cfg.dataset.config_name, split=cfg.dataset.split, **kwargs)
         except Exception as exc:  # noqa: BLE001
             raise PromptError(f"{what}.dataset: cannot load {cfg.dataset.name!r} split {cfg.dataset.split!r}: {exc}") from exc
         if cfg.dataset.column not in ds.column_names:

@@ -75,3 +75,14 @@ def test_prompt_errors(tmp_path) -> None:
     cfg = _compose(f"calib.prompts_file={empty}")
     with pytest.raises(PromptError, match="no prompts"):
         load_prompts(cfg.calib, "calib")
+
+
+def test_prompts_from_a_datasets_dataset(tmp_path) -> None:
+    csv = tmp_path / "prompts.csv"
+    csv.write_text("caption,id\na red circle moving left,0\na blue square moving up,1\n  ,2\na cat,3\n")
+    cfg = _compose("calib.dataset.name=csv", f"calib.dataset.data_files={csv}", "calib.dataset.column=caption",
+                   "calib.num_prompts=2")
+    assert load_prompts(cfg.calib, "calib") == ["a red circle moving left", "a blue square moving up"]
+    cfg = _compose("calib.dataset.name=csv", f"calib.dataset.data_files={csv}", "calib.dataset.column=text")
+    with pytest.raises(PromptError, match="column='text' not in"):
+        load_prompts(cfg.calib, "calib")

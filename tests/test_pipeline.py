@@ -79,3 +79,26 @@ def test_hub_id_not_in_cache_is_a_clear_error(tmp_path: Path) -> None:
 def test_typo_fails_before_any_work(tmp_path: Path) -> None:
     proc = _run(["run", "calib.num_promts=3", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
     assert proc.returncode != 0 and "num_promts" in proc.stderr
+
+
+def test_image_to_video_pins_the_first_frame(random_tiny_dir: Path, tmp_path: Path) -> None:
+    """With a conditioning image, the first latent frame equals the VAE encoding of the image (TI2V)."""
+    import torch
+    from PIL import Image
+
+    from ptq.config import SamplingConfig
+    from ptq.models import wan
+    from ptq.run import sample_all
+
+    img = tmp_path / "cond.png"
+    Image.fromarray((torch.rand(64, 64, 3) * 255).to(torch.uint8).numpy()).save(img)
+    comps = wan.load_wan(random_tiny_dir)
+    emb = wan.encode_prompts(comps, ["a red circle moving left"])
+    cfg = SamplingConfig(num_prompts=1, num_steps=3, images=[str(img)])
+    out = sample_all(comps, emb, wan.encode_prompts(comps, [""]), cfg, desc="i2v", progress=False, keep_steps=True)
+    from ptq.run import _load_images
+
+    cond = wan.encode_image(comps, _load_images([str(img)], 64, 64)[0])
+    assert torch.equal(out[0]["final"][:, :, :1], cond)
+    assert not torch.equal(out[0]["final"][:, :, 1:2], cond)
+    assert len(out[0]["steps"]) == 3
