@@ -140,7 +140,9 @@ def _load_images(paths: list[str], height: int, width: int) -> list[torch.Tensor
         if not path.is_file():
             raise FileNotFoundError(f"conditioning image {p!r} not found ({path})")
         img = Image.open(path).convert("RGB").resize((width, height))
-        out.append(torch.tensor(list(img.getdata()), dtype=torch.float32).view(height, width, 3).permute(2, 0, 1) / 255)
+        import numpy as np
+
+        out.append(torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 255)
     return out
 
 
