@@ -7,11 +7,21 @@ computed with fp32 accumulation (an fp32 matmul on CPU, a bf16 GEMM with fp32 ou
 FP8 W8A8 (``torch._scaled_mm``): ``y = (Xq @ Wq^T) * (input_scale * weight_scale) + bias``, Xq = fp8(x/input_scale).
 Weight-only variants dequantize the weight to the activation dtype and run a plain linear (what loaders without
 FP4/FP8 kernels do).
+
+CUDA fast path (bf16 activations, W+A): one fused Triton kernel quantizes the activation
+(:mod:`ptq.formats.triton_quant`, bit-exact with the torch reference), then one GEMM whose fp32 epilogue applies
+the global scales and the bias with a single rounding to bf16: NVFP4 ``torch.addmm(bias, Xv, Wv^T, alpha=alpha)``
+with ``alpha = input_scale * weight_scale_2`` fixed at construction; FP8 ``torch._scaled_mm`` on the real FP8
+operands (``QuantLinear.fp8_gemm = "scaled_mm"``, the default) or the same bf16 ``addmm`` on their exact bf16 values
+(``"bf16"``). Sibling layers reading the same input with the same input scale (to_q/to_k/to_v) reuse one quantized
+activation. The CPU path (fp32 matmul) and non-bf16 inputs keep the reference arithmetic below.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +29,7 @@ from torch import nn
 
 from ptq.formats import fp8 as fp8_fmt
 from ptq.formats import nvfp4 as nvfp4_fmt
+from ptq.formats import triton_quant
 from ptq.formats.nvfp4 import NibbleOrder
 
 # Order of the packed nibbles held in memory (exporters convert to their target's order).
@@ -81,6 +92,13 @@ def _exact_matmul(xv: torch.Tensor, wv: torch.Tensor) -> torch.Tensor:
     return torch.matmul(xv.float(), wv.float().t())
 
 
+def _drop_act_cache(ref: weakref.ref) -> None:
+    """weakref callback: the input tensor of the cached quantized activation was freed, free the activation too."""
+    cache = QuantLinear._act_cache
+    if cache is not None and cache[0] is ref:
+        QuantLinear._act_cache = None
+
+
 class QuantLinear(nn.Module):
     """Drop-in replacement for ``nn.Linear`` running the simulated FP8 / NVFP4 kernel (see module docstring)."""
 
@@ -101,6 +119,100 @@ class QuantLinear(nn.Module):
         else:
             wv = state.weight.float()
         self.register_buffer("weight_values", wv.to(torch.bfloat16))
+        self._init_fast_path()
+
+    # -- CUDA fast path --------------------------------------------------------------------------------------
+    #: FP8 W8A8 GEMM on CUDA: "scaled_mm" (torch._scaled_mm on FP8 operands) or "bf16" (addmm on their exact bf16
+    #: values). Both accumulate in fp32 and round once; they differ only in summation order.
+    fp8_gemm: ClassVar[str] = "scaled_mm"
+    #: Use the fused CUDA path for bf16 activations (False: the reference path on CUDA too, for debugging).
+    fast_path: ClassVar[bool] = False
+    #: The last activation quantized on CUDA: (weakref to input, input version, key, quantized), shared by siblings.
+    _act_cache: ClassVar[tuple | None] = None
+
+    def _init_fast_path(self) -> None:
+        """Host-side constants of the fast path, read once (one device sync per layer at construction).
+
+        ``_alpha`` = float32 ``input_scale * weight_scale_2`` (NVFP4) / ``input_scale * weight_scale`` (per-tensor
+        FP8) as a Python float (exact), the GEMM epilogue's scale; ``_act_key`` identifies the activation
+        quantization (format + input scale bits) for sibling reuse. Call again after changing the buffers in place.
+        """
+        self._alpha: float | None = None
+        self._act_key: tuple | None = None
+        self._fp8_mult: torch.Tensor | None = None
+        if self.weight_only:
+            return
+        scale = self.input_scale.float().reshape(())
+        self._act_key = (self.format, scale.view(torch.int32).item())
+        if self.format == "nvfp4":
+            self._alpha = float(scale * self.weight_scale_2.float().reshape(()))
+        else:
+            if self.weight_scale.numel() == 1:
+                self._alpha = float(scale * self.weight_scale.float().reshape(()))
+            if scale.is_cuda:
+                self._fp8_mult = triton_quant.fp8_multiplier(scale, torch.bfloat16, "ck_eager")
+
+    def refresh_cache(self) -> None:
+        """Recompute the fast path's constants after the quantization buffers were changed in place."""
+        self._init_fast_path()
+
+    def _use_fast_path(self, x: torch.Tensor) -> bool:
+        return (self.fast_path and x.is_cuda and x.dtype == torch.bfloat16 and not self.weight_only
+                and self._act_key is not None and triton_quant.triton_available(x.device))
+
+    def _quantized_input(self, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        """Quantized activation of ``x2`` = ``x`` as ``[m, in]`` (bf16 block values for NVFP4, FP8 codes for FP8),
+        reusing the one computed by the previous layer when it saw the same tensor object ``x`` (same version) with
+        the same input scale. The cache entry dies with ``x``, so it never extends the lifetime of memory much."""
+        cache = QuantLinear._act_cache
+        if cache is not None and cache[0]() is x and cache[1] == x._version and cache[2] == self._act_key:
+            return cache[3]
+        if self.format == "nvfp4":
+            q = triton_quant.nvfp4_activation_values(x2, self.input_scale)
+        else:
+            mult = self._fp8_mult
+            if mult is None or mult.device != x2.device:
+                mult = self._fp8_mult = triton_quant.fp8_multiplier(self.input_scale.to(x2.device), x2.dtype)
+            q = triton_quant.fp8_activation_codes(x2, mode="ck_eager", mult=mult)
+        QuantLinear._act_cache = (weakref.ref(x, _drop_act_cache), x._version, self._act_key, q)
+        return q
+
+    def _bias_for(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        b = getattr(self, "_bias_cache", None)
+        if b is None or b.dtype != dtype or b.device != device:
+            b = (torch.zeros(self.out_features, dtype=dtype, device=device) if self.bias is None
+                 else self.bias.detach().to(device=device, dtype=dtype))
+            self._bias_cache = b
+        return b
+
+    def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.stride(-1) != 1 or x2.stride(0) != x2.shape[-1]:
+            x2 = x2.contiguous()
+        q = self._quantized_input(x, x2)
+        bias = self._bias_for(torch.bfloat16, x.device)
+        if self.format == "fp8" and QuantLinear.fp8_gemm == "scaled_mm":
+            y = self._scaled_mm(q, bias)
+        elif self.format == "fp8":
+            xv = q.to(torch.bfloat16)
+            if self._alpha is not None:
+                y = torch.addmm(bias, xv, self.weight_values.t(), beta=1, alpha=self._alpha)
+            else:  # per-channel weight scale: per-column epilogue in fp32
+                acc = _exact_matmul(xv, self.weight_values)
+                y = (acc * (self.input_scale * self.weight_scale.reshape(1, -1)) + bias.float()).to(torch.bfloat16)
+        else:
+            y = torch.addmm(bias, q, self.weight_values.t(), beta=1, alpha=self._alpha)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _scaled_mm(self, xq: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        ws = self.weight_scale.float()
+        if ws.numel() == 1:
+            sa, sb = self.input_scale.float().reshape(()), ws.reshape(())
+        else:  # row-wise scaling: [m, 1] x [1, out]
+            sa = self.input_scale.float().reshape(1, 1).expand(xq.shape[0], 1).contiguous()
+            sb = ws.reshape(1, -1).contiguous()
+        return torch._scaled_mm(xq, self.weight_q.t(), scale_a=sa, scale_b=sb, bias=bias,
+                                out_dtype=torch.bfloat16, use_fast_accum=False)
 
     @property
     def weight_only(self) -> bool:
@@ -121,6 +233,8 @@ class QuantLinear(nn.Module):
         return self.weight_scale.reshape(-1) if self.weight_scale.dim() else self.weight_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._use_fast_path(x):
+            return self._forward_fast(x)
         out_dtype = x.dtype
         if self.weight_only:
             w = self.dequantized_weight(out_dtype)

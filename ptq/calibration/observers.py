@@ -2,6 +2,8 @@
 
 Everything stays on the model's device and is updated in place (``torch.maximum(..., out=)``), so a hook never
 forces a host sync. Sibling layers that read the same input tensor (``to_q``/``to_k``/``to_v``) reuse one reduction.
+On CUDA (with triton) the amax path is one fused kernel per call (``triton_quant.amax_update_``: per-channel and
+per-step max folded into the accumulators with atomics), which keeps the hooks' cost near the bytes they read.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from ptq.formats import triton_quant
 
 
 @dataclass
@@ -66,6 +70,8 @@ class LinearInputObserver:
 
     Use as a context manager around the calibration forwards; set ``observer.step`` before each denoising step
     when ``num_steps`` is given. ``samples_per_call > 0`` also keeps that many random |x| values per call.
+    ``amax_backend``: "torch", "triton" (one fused kernel per call) or "auto" (triton for CUDA inputs when triton
+    is importable, else torch); all give identical statistics.
     """
 
     def __init__(
@@ -76,7 +82,12 @@ class LinearInputObserver:
         num_steps: int | None = None,
         samples_per_call: int = 0,
         seed: int = 0,
+        amax_backend: str = "torch",
     ) -> None:
+        if amax_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"amax_backend={amax_backend!r}: expected 'auto', 'torch' or 'triton'")
+        self.amax_backend = amax_backend
+        self._fused_ok: dict[tuple[torch.device, torch.dtype], bool] = {}
         self.model = model
         modules = dict(model.named_modules())
         self.names = list(names) if names is not None else select_linears(model)
@@ -105,6 +116,18 @@ class LinearInputObserver:
         self._last_key, self._last_channel = (weakref.ref(x), x._version), ch
         return ch
 
+    def _fused(self, x: torch.Tensor) -> bool:
+        """Whether the one-kernel Triton amax update handles ``x`` (decided once per device and dtype)."""
+        if self.amax_backend == "torch":
+            return False
+        key = (x.device, x.dtype)
+        ok = self._fused_ok.get(key)
+        if ok is None:
+            ok = self.amax_backend == "triton" or (x.is_cuda and triton_quant.triton_available(x.device))
+            ok = ok and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            self._fused_ok[key] = ok
+        return ok
+
     def _hook(self, name: str):
         @torch.no_grad()
         def hook(module: nn.Module, args: tuple) -> None:
@@ -116,11 +139,14 @@ class LinearInputObserver:
                     step_amax=(torch.zeros(self.num_steps, dtype=torch.float32, device=x.device)
                                if self.num_steps else None),
                 )
-            ch = self._reduce(x)
-            torch.maximum(st.channel_amax, ch, out=st.channel_amax)
-            if st.step_amax is not None and 0 <= self.step < st.step_amax.numel():
-                slot = st.step_amax[self.step]
-                torch.maximum(slot, ch.amax(), out=slot)
+            if self._fused(x):  # one launch: channel and step maxima, atomically, no |x| or per-call vector
+                triton_quant.amax_update_(x, st.channel_amax, st.step_amax, self.step)
+            else:
+                ch = self._reduce(x)
+                torch.maximum(st.channel_amax, ch, out=st.channel_amax)
+                if st.step_amax is not None and 0 <= self.step < st.step_amax.numel():
+                    slot = st.step_amax[self.step]
+                    torch.maximum(slot, ch.amax(), out=slot)
             if self.samples_per_call > 0:
                 flat = x.reshape(-1)
                 n = flat.numel()
