@@ -70,8 +70,8 @@ class LinearInputObserver:
 
     Use as a context manager around the calibration forwards; set ``observer.step`` before each denoising step
     when ``num_steps`` is given. ``samples_per_call > 0`` also keeps that many random |x| values per call.
-    ``amax_backend``: "torch", "triton" (one fused kernel per call) or "auto" (triton for CUDA inputs when triton
-    is importable, else torch); all give identical statistics.
+    ``amax_backend``: "auto" (default: the fused Triton kernel for CUDA inputs when triton is importable, else
+    torch), "torch" or "triton" (one fused kernel per call); all give identical statistics.
     """
 
     def __init__(
@@ -82,7 +82,7 @@ class LinearInputObserver:
         num_steps: int | None = None,
         samples_per_call: int = 0,
         seed: int = 0,
-        amax_backend: str = "torch",
+        amax_backend: str = "auto",
     ) -> None:
         if amax_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"amax_backend={amax_backend!r}: expected 'auto', 'torch' or 'triton'")
