@@ -25,6 +25,9 @@ class ModelConfig:
     dtype: str = "bfloat16"
     device: str = "auto"
     vae_device: str = "cpu"
+    # on CPU, run bf16/fp16 Linears as float32 GEMMs rounded once (ptq.models.cpu_matmul; 4-5x faster where the
+    # CPU has no native bf16 GEMM); no effect on GPUs
+    cpu_float32_linear: bool = True
 
 
 @dataclass

@@ -3,6 +3,7 @@ export -> verify -> report. One Hydra job; ``-m`` sweeps reuse the cached baseli
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -127,6 +128,7 @@ def baseline_cache_key(root: Path, cfg: RunConfig, prompts: list[str], defaults:
         "model": str(root.resolve()), "fingerprint": _model_fingerprint(root), "dtype": cfg.model.dtype,
         "device": pick_device(cfg.model.device).type, "prompts": prompts, "negative": cfg.eval.negative_prompt,
         "specs": specs, "images": list(cfg.eval.images), "version": 1,
+        "cpu_float32_linear": cfg.model.cpu_float32_linear,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -177,7 +179,19 @@ def sample_all(comps, embeds: torch.Tensor, neg: torch.Tensor, cfg: SamplingConf
 
 def run_pipeline(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
     """The whole job; returns the report dict (also written to ``out_dir``)."""
+    from ptq.models.cpu_matmul import Float32LinearOnCPU
+
+    validate_config(cfg)
+    fast_cpu = pick_device(cfg.model.device).type == "cpu" and cfg.model.cpu_float32_linear
+    with Float32LinearOnCPU() if fast_cpu else contextlib.nullcontext():
+        return _run_pipeline(cfg, out_dir)
+
+
+def _run_pipeline(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
+    from ptq.algorithms.gptq import gptq_sequential_
+    from ptq.algorithms.mixed_precision import analyse_and_plan
     from ptq.algorithms.quantize import num_blocks, plan_layer_format, quantize_
+    from ptq.algorithms.sensitivity import ForwardInputRecorder
     from ptq.calibration.observers import LinearInputObserver
     from ptq.eval.report import write_report
     from ptq.export import export_model
@@ -244,21 +258,40 @@ def run_pipeline(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
                if isinstance(m, torch.nn.Linear) and plan_layer_format(n, m, recipe, nb)[0] != "bf16"]
     stats = {}
     calib_spec = _sample_spec(cfg.calib, defaults, 0)
-    if not recipe.weight_only:
+    # GPTQ needs input Hessians (all in this pass, or per pass of quant.gptq_blocks_per_pass blocks later);
+    # sensitivity / mixed precision record a few transformer inputs for their measurements
+    gptq = recipe.weight.startswith("gptq")
+    hessian_now = gptq and recipe.gptq_blocks_per_pass == 0
+    analyse = recipe.mixed_precision or recipe.sensitivity
+    hessians = analysis = None
+    recorder = ForwardInputRecorder(model, recipe.sensitivity_inputs, seed=cfg.calib.seed) if analyse else None
+
+    def calibrate(obs) -> None:
+        sample_all(comps, calib_emb, neg_calib, cfg.calib, desc="calibrate", progress=cfg.progress,
+                   keep_steps=False, on_step_start=lambda i: setattr(obs, "step", i))
+
+    if not recipe.weight_only or gptq or analyse:
         observer = LinearInputObserver(model, targets, num_steps=calib_spec.num_steps,
-                                       samples_per_call=cfg.calib.samples_per_call, seed=cfg.calib.seed)
-
-        def set_step(i: int) -> None:
-            observer.step = i
-
-        with timer("calibrate"), observer:
-            sample_all(comps, calib_emb, neg_calib, cfg.calib, desc="calibrate", progress=cfg.progress,
-                       keep_steps=False, on_step_start=set_step)
+                                       samples_per_call=cfg.calib.samples_per_call, seed=cfg.calib.seed,
+                                       sample_block=16, hessian=hessian_now)
+        with timer("calibrate"), observer, recorder or contextlib.nullcontext():
+            calibrate(observer)
         stats = observer.stats()
+        hessians = observer.hessians() if hessian_now else None
+        del observer
+
+    if analyse:
+        with timer("sensitivity"):
+            recipe, analysis = analyse_and_plan(model, recipe, stats, recorder.inputs, hessians,
+                                                progress=cfg.progress)
 
     # 4. quantize in place
     with timer("quantize"):
-        records = quantize_(model, recipe, stats, progress=cfg.progress)
+        if gptq and recipe.gptq_blocks_per_pass > 0:
+            records = gptq_sequential_(model, recipe, stats, calibrate, progress=cfg.progress)
+        else:
+            records = quantize_(model, recipe, stats, hessians=hessians, progress=cfg.progress)
+        hessians = None
 
     # 5. quantized evaluation, same prompts and seeds
     quant_results = None
@@ -281,7 +314,8 @@ def run_pipeline(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
     with timer("report"):
         report = write_report(out_dir, run_info=run_info, records=records, stats=stats, baseline=baseline,
                               quantized=quant_results, exports=exports, timings=timer.seconds,
-                              comps=comps if cfg.eval.decode else None, eval_prompts=eval_prompts)
+                              comps=comps if cfg.eval.decode else None, eval_prompts=eval_prompts,
+                              sensitivity=analysis)
     log.info("wrote %s", out_dir / "report.md")
     return report
 

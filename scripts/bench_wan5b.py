@@ -14,6 +14,8 @@ Parts (``--part``, comma-separated; default all that the device supports):
 * ``modelopt``: ``mtq.quantize(model, NVFP4_DEFAULT_CFG, forward_loop)`` vs ptq (observer + ``quantize_``) on the
   same forward loop (8 forwards at 1,440 tokens): time and peak GPU memory, each on a freshly built 5B; and
   Model Optimizer's fake-quant forward.
+* ``ptqmem``: the ptq half of ``modelopt`` alone (no Model Optimizer needed): calibrate + ``quantize_`` on a
+  freshly built 5B, peak and held GPU memory, simulated forward.
 * ``tiny``: final-latent rel. L2 vs bf16 of Model Optimizer's and ptq's NVFP4 results on the tiny WAN model
   (``ptq/assets/tiny_wan`` if present, else a random tiny model: reported as such); 16 calibration prompts x 8
   steps with CFG, 4 eval prompts.
@@ -670,25 +672,15 @@ def count_modelopt_quantized(model: nn.Module) -> int:
     return n
 
 
-def part_modelopt_5b(n_forwards: int, reps: int) -> None:
-    import modelopt.torch.quantization as mtq
-
-    res: dict[str, Any] = {"forward_loop": f"{n_forwards} forwards at 1,440 tokens"}
-    inputs = [make_inputs(min(LATENTS), DEVICE, 200 + s) for s in range(n_forwards)]
-
-    def loop(m: nn.Module) -> None:
-        with torch.no_grad():
-            for inp in inputs:
-                m(**inp)
-
-    # ptq
+def _ptq_5b(inputs: list[dict[str, Any]], reps: int) -> dict[str, Any]:
+    """ptq on a freshly built 5B: calibrate over ``inputs``, ``quantize_``; time, peak and held GPU memory."""
     free()
     model = build_5b()
     recipe = QuantRecipe(format="nvfp4")
     names = block_targets(model, recipe)
     reset_peak()
     base = allocated_gib()
-    obs = LinearInputObserver(model, names, num_steps=n_forwards, amax_backend="auto")
+    obs = LinearInputObserver(model, names, num_steps=len(inputs), amax_backend="auto")
 
     def calib() -> None:
         with obs:
@@ -700,15 +692,38 @@ def part_modelopt_5b(n_forwards: int, reps: int) -> None:
     t_cal = timed(calib)
     peak_cal = peak_gib()
     t_q = timed(lambda: quantize_(model, recipe, obs.stats(), progress=False))
-    res["ptq"] = {"calibrate_s": t_cal, "quantize_s": t_q, "total_s": t_cal + t_q, "peak_gib": peak_gib(),
-                  "calibrate_peak_gib": peak_cal, "model_gib": base, "after_quantize_gib": allocated_gib(),
-                  "quantized_linears": sum(isinstance(m, QuantLinear) for m in model.modules())}
+    out = {"calibrate_s": t_cal, "quantize_s": t_q, "total_s": t_cal + t_q, "peak_gib": peak_gib(),
+           "calibrate_peak_gib": peak_cal, "model_gib": base, "after_quantize_gib": allocated_gib(),
+           "quantized_linears": sum(isinstance(m, QuantLinear) for m in model.modules())}
     QuantLinear.fast_path = True
     t_f = [timed(lambda: loop_one(model, inputs[0])) for _ in range(reps + 1)][1:]
-    res["ptq"]["fake_quant_forward_s"] = median(t_f)
-    log(f"ptq 5B: calibrate {t_cal:.2f}s + quantize {t_q:.2f}s, peak {res['ptq']['peak_gib']:.2f} GiB "
-        f"(model {base:.2f}); sim forward {median(t_f) * 1e3:.1f} ms")
+    out["fake_quant_forward_s"] = median(t_f)
+    log(f"ptq 5B: calibrate {t_cal:.2f}s + quantize {t_q:.2f}s, peak {out['peak_gib']:.2f} GiB "
+        f"(model {base:.2f}), held after quantize_ {out['after_quantize_gib']:.2f} GiB (observer still alive); "
+        f"sim forward {median(t_f) * 1e3:.1f} ms")
     model = obs = None  # free before the next build
+    return out
+
+
+def part_ptq_memory(n_forwards: int, reps: int) -> None:
+    """The ptq half of the Model Optimizer comparison alone (no modelopt needed): time and GPU memory."""
+    inputs = [make_inputs(min(LATENTS), DEVICE, 200 + s) for s in range(n_forwards)]
+    RESULTS["ptq_memory_5b"] = {"forward_loop": f"{n_forwards} forwards at 1,440 tokens", **_ptq_5b(inputs, reps)}
+    save()
+
+
+def part_modelopt_5b(n_forwards: int, reps: int) -> None:
+    import modelopt.torch.quantization as mtq
+
+    res: dict[str, Any] = {"forward_loop": f"{n_forwards} forwards at 1,440 tokens"}
+    inputs = [make_inputs(min(LATENTS), DEVICE, 200 + s) for s in range(n_forwards)]
+
+    def loop(m: nn.Module) -> None:
+        with torch.no_grad():
+            for inp in inputs:
+                m(**inp)
+
+    res["ptq"] = _ptq_5b(inputs, reps)
     free()
     # Model Optimizer
     model = build_5b()
@@ -905,7 +920,7 @@ def main() -> None:
     global OUT, SMOKE, DEVICE, LATENTS, TEXT
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--part", default="all", help="hooks,simfwd,quant_export,modelopt,tiny or all")
+    ap.add_argument("--part", default="all", help="hooks,simfwd,quant_export,modelopt,tiny,ptqmem or all")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/bench_wan5b"))
     ap.add_argument("--export-dir", default="/tmp/bench_wan5b_export")
     ap.add_argument("--reps-small", type=int, default=20, help="timed rounds at 1,440 tokens")
@@ -956,7 +971,8 @@ def main() -> None:
                 log(RESULTS["simfwd_error"])
         del model
         free()
-    for name, fn in (("tiny", lambda: part_tiny(8)), ("modelopt", lambda: part_modelopt_5b(args.calib_forwards, 3))):
+    for name, fn in (("tiny", lambda: part_tiny(8)), ("modelopt", lambda: part_modelopt_5b(args.calib_forwards, 3)),
+                     ("ptqmem", lambda: part_ptq_memory(args.calib_forwards, 3))):
         if name in parts:
             try:
                 fn()

@@ -50,7 +50,8 @@ def test_fp8_w8a8_matches_scaled_mm() -> None:
     layer: QuantLinear = model[0]
     st = layer.state()
     x2 = x.reshape(-1, 64)
-    qx = ck.quantize_per_tensor_fp8(x2, layer.input_scale)
+    # comfy-kitchen's CUDA backend (ComfyUI's runtime on NVIDIA GPUs): float32 product with the float32 reciprocal
+    qx = torch.clamp(x2.float() * (1.0 / layer.input_scale), -448, 448).to(torch.float8_e4m3fn)
     ref = torch._scaled_mm(qx, st.weight.t(), layer.input_scale, st.weight_scale, out_dtype=torch.float32)
     ref = (ref + st.bias.float()).to(torch.bfloat16)
     got = layer(x).reshape(-1, 96)
@@ -88,3 +89,22 @@ def test_fallback_for_non_multiple_of_16() -> None:
     recs = quantize_(nn.Sequential(nn.Linear(24, 32)), QuantRecipe(format="nvfp4", exclude=[]), obs.stats(),
                      progress=False)
     assert recs[0].format == "bf16" and "not a multiple of 16" in recs[0].reason
+
+
+def test_quantize_frees_the_replaced_linears() -> None:
+    """After quantize_ the bf16 Linears are gone (only QuantLinears hold weights), even while the calibration
+    observer that hooked them is still alive: peak memory is the quantized model, not bf16 twice."""
+    import gc
+    import weakref
+
+    model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32)).to(torch.bfloat16)
+    refs = [weakref.ref(model[0]), weakref.ref(model[2])]
+    obs = LinearInputObserver(model)
+    with obs:
+        model(torch.randn(4, 64).to(torch.bfloat16))
+    quantize_(model, QuantRecipe(format="nvfp4", exclude=[]), obs.stats(), progress=False)
+    gc.collect()
+    assert all(r() is None for r in refs)
+    assert isinstance(model[0], QuantLinear) and isinstance(model[2], QuantLinear)
+    with pytest.raises(RuntimeError, match="no longer exists"):
+        obs.attach()

@@ -4,7 +4,8 @@ NVFP4 W4A4 (Blackwell ``scaled_mm_nvfp4``): the activation is quantized with the
 and per-16 block scales computed at run time; ``y = (Xv @ Wv^T) * (input_scale * weight_scale_2) + bias`` where
 Xv, Wv are the E2M1 codes times their float8 block scales. Those block values are exact in bf16, so the product is
 computed with fp32 accumulation (an fp32 matmul on CPU, a bf16 GEMM with fp32 output on CUDA) and rounded once.
-FP8 W8A8 (``torch._scaled_mm``): ``y = (Xq @ Wq^T) * (input_scale * weight_scale) + bias``, Xq = fp8(x/input_scale).
+FP8 W8A8 (``torch._scaled_mm``): ``y = (Xq @ Wq^T) * (input_scale * weight_scale) + bias``,
+``Xq = fp8(clamp(x.float() * (1/input_scale), +-448))`` (comfy-kitchen's CUDA quantizer; ``QuantLinear.fp8_act_mode``).
 Weight-only variants dequantize the weight to the activation dtype and run a plain linear (what loaders without
 FP4/FP8 kernels do).
 
@@ -127,6 +128,10 @@ class QuantLinear(nn.Module):
     #: "scaled_mm" (torch._scaled_mm on the FP8 operands: the kernel ComfyUI runs, faster at large token counts,
     #: but cuBLASLt's FP8 accumulation differs from an fp32 GEMM: ~30% of bf16 outputs one step apart on an H100).
     fp8_gemm: ClassVar[str] = "bf16"
+    #: FP8 activation quantization arithmetic (see ``ptq.formats.fp8`` modes): "float32" = ``fp8(clamp(x.float() *
+    #: (1/input_scale)))``, what comfy-kitchen's CUDA backend (ComfyUI's FP8 runtime on NVIDIA GPUs) computes;
+    #: "ck_eager" = its CPU/eager fallback (the reciprocal rounded to the activation dtype, product in bf16).
+    fp8_act_mode: ClassVar[str] = "float32"
     #: Use the fused CUDA path for bf16 activations (False: the reference path on CUDA too, for debugging).
     fast_path: ClassVar[bool] = True
     #: The last activation quantized on CUDA: (weakref to input, input version, key, quantized), shared by siblings.
@@ -152,7 +157,7 @@ class QuantLinear(nn.Module):
             if self.weight_scale.numel() == 1:
                 self._alpha = float(scale * self.weight_scale.float().reshape(()))
             if scale.is_cuda:
-                self._fp8_mult = triton_quant.fp8_multiplier(scale, torch.bfloat16, "ck_eager")
+                self._fp8_mult = triton_quant.fp8_multiplier(scale, torch.bfloat16, self.fp8_act_mode)
 
     def refresh_cache(self) -> None:
         """Recompute the fast path's constants after the quantization buffers were changed in place."""
@@ -174,8 +179,9 @@ class QuantLinear(nn.Module):
         else:
             mult = self._fp8_mult
             if mult is None or mult.device != x2.device:
-                mult = self._fp8_mult = triton_quant.fp8_multiplier(self.input_scale.to(x2.device), x2.dtype)
-            q = triton_quant.fp8_activation_codes(x2, mode="ck_eager", mult=mult)
+                mult = self._fp8_mult = triton_quant.fp8_multiplier(self.input_scale.to(x2.device), x2.dtype,
+                                                                    self.fp8_act_mode)
+            q = triton_quant.fp8_activation_codes(x2, mode=self.fp8_act_mode, mult=mult)
         QuantLinear._act_cache = (weakref.ref(x, _drop_act_cache), x._version, self._act_key, q)
         return q
 
@@ -246,7 +252,7 @@ class QuantLinear(nn.Module):
         if self.format == "nvfp4":
             xv = nvfp4_fmt.quantize_nvfp4_activation(x, self.input_scale)
         else:
-            xv = fp8_fmt.quantize_fp8(x, self.input_scale).float()
+            xv = fp8_fmt.quantize_fp8(x, self.input_scale, mode=self.fp8_act_mode).float()
         y = _exact_matmul(xv, self.weight_values) * (self.input_scale * self._weight_alpha())
         if self.bias is not None:
             y = y + self.bias.float()

@@ -134,9 +134,12 @@ def quantize_(
     recipe.validate()
     stats = stats or {}
     nb = num_blocks(model)
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    # names only: each replaced nn.Linear is freed as soon as its QuantLinear is in place (peak memory = the model
+    # plus one layer, not the bf16 model twice)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     records: list[LayerRecord] = []
-    for name, module in tqdm(linears, desc=f"quantize {recipe.format}", disable=not progress, leave=False):
+    for name in tqdm(names, desc=f"quantize {recipe.format}", disable=not progress, leave=False):
+        module = model.get_submodule(name)
         fmt, reason = plan_layer_format(name, module, recipe, nb)
         if fmt != "bf16":
             fmt2, why = _shape_fallback(fmt, module, recipe)
@@ -161,6 +164,7 @@ def quantize_(
         rec.reason = reason
         _set_module(model, name, qlinear)
         records.append(rec)
+        del module, qlinear
     return records
 
 

@@ -72,3 +72,108 @@ def quantize_weight(w: torch.Tensor, fmt: str, method: str, ctx: WeightContext) 
     except KeyError:
         raise ValueError(f"unknown weight method {method!r}; known: {sorted(WEIGHT_METHODS)}") from None
     return fn(w, fmt, ctx)
+
+
+# --------------------------------------------------------------------------------------------------
+# Error-minimising methods (ptq.algorithms.weight_search / ptq.algorithms.gptq); same output layout as "max".
+# --------------------------------------------------------------------------------------------------
+
+
+def _nvfp4_result(w: torch.Tensor, codes: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor,
+                  ctx: WeightContext) -> QuantizedWeight:
+    """Pack unpacked E2M1 codes ``[out, in]`` in ``ctx.order``; checks that the scales are finite."""
+    g = global_scale.float().reshape(())
+    if not (bool(torch.isfinite(g)) and float(g) > 0):
+        raise ValueError(f"{ctx.name}: weight global scale {float(g)} is not finite and > 0")
+    if not bool(torch.isfinite(block_scales.float()).all()):
+        raise ValueError(f"{ctx.name}: non-finite NVFP4 block scale")
+    return QuantizedWeight(nvfp4_fmt.pack_e2m1(codes, ctx.order), block_scales, g)
+
+
+def _fp8_result(w: torch.Tensor, scale: torch.Tensor, ctx: WeightContext) -> QuantizedWeight:
+    q = fp8_fmt.quantize_fp8(w, scale.to(w.device), name=f"{ctx.name}.weight")
+    return QuantizedWeight(q, scale.to(torch.float32), None)
+
+
+@register_weight_method("mse")
+def quantize_weight_mse(w: torch.Tensor, fmt: str, ctx: WeightContext) -> QuantizedWeight:
+    """NVFP4: global scale (8 candidates per octave) and per-block float8 scale (11 neighbours of the amax scale)
+    minimising the squared weight error, weighted by ``diag(H)`` when a Hessian is given. FP8: the weight scale
+    (per tensor or per channel) clipped to minimise the squared error."""
+    from ptq.algorithms import weight_search as ws
+
+    if fmt == "fp8":
+        return _fp8_result(w, ws.fp8_mse_scale(w, ctx.fp8_per_channel), ctx)
+    if fmt == "nvfp4":
+        fmt_checks(w, ctx, nvfp4=True)
+        w32 = w.float()
+        cw = None if ctx.hessian is None else torch.diagonal(ctx.hessian).float().to(w.device)
+        g, s, _ = ws.search_global_and_blocks(w32, col_weight=cw)
+        return _nvfp4_result(w, ws.nvfp4_codes(w32, g, s), s, g, ctx)
+    raise ValueError(f"unknown format {fmt!r}")
+
+
+@register_weight_method("four_over_six")
+def quantize_weight_four_over_six(w: torch.Tensor, fmt: str, ctx: WeightContext) -> QuantizedWeight:
+    """Four-over-Six (arXiv 2512.02010): global scale ``amax / (6 * 256)``; per block the float8 scale mapping the
+    block max to 6 or to 4, whichever has the smaller squared error. FP8 layers (per-layer overrides) get "mse"."""
+    from ptq.algorithms import weight_search as ws
+
+    if fmt == "fp8":  # a layer set to fp8 by quant.layer_formats / mixed precision: the FP8 analogue
+        return quantize_weight_mse(w, fmt, ctx)
+    if fmt != "nvfp4":
+        raise ValueError(f"unknown format {fmt!r}")
+    fmt_checks(w, ctx, nvfp4=True)
+    w32 = w.float()
+    g, s = ws.nvfp4_four_over_six_scales(w32)
+    return _nvfp4_result(w, ws.nvfp4_codes(w32, g, s), s, g, ctx)
+
+
+def _gptq(w: torch.Tensor, fmt: str, ctx: WeightContext, scales: str) -> QuantizedWeight:
+    from ptq.algorithms import gptq
+
+    if ctx.hessian is None:
+        raise ValueError(f"{ctx.name}: weight method 'gptq' needs the layer's input Hessian (calibrate with "
+                         "LinearInputObserver(hessian=True) and pass hessians= to quantize_)")
+    fmt_checks(w, ctx, nvfp4=fmt == "nvfp4")
+    if fmt == "nvfp4":
+        codes, s, g = gptq.gptq_nvfp4(w, ctx.hessian, damp=ctx.gptq_damp, scales=scales)
+        return _nvfp4_result(w, codes, s, g, ctx)
+    if fmt == "fp8":
+        codes, scale = gptq.gptq_fp8(w, ctx.hessian, damp=ctx.gptq_damp, scales=scales,
+                                     per_channel=ctx.fp8_per_channel)
+        return QuantizedWeight(codes, scale, None)
+    raise ValueError(f"unknown format {fmt!r}")
+
+
+@register_weight_method("gptq")
+def quantize_weight_gptq(w: torch.Tensor, fmt: str, ctx: WeightContext) -> QuantizedWeight:
+    """GPTQ (Hessian error feedback, lazy batches of 128 columns, dampening ``ctx.gptq_damp``) on top of the "mse"
+    scales: NVFP4 block scales chosen per 16-column group from the error-updated weights, FP8 MSE-clipped scale."""
+    return _gptq(w, fmt, ctx, "mse")
+
+
+@register_weight_method("gptq_max")
+def quantize_weight_gptq_max(w: torch.Tensor, fmt: str, ctx: WeightContext) -> QuantizedWeight:
+    """GPTQ with round-to-nearest amax scales (the classic variant: scales as "max", only the rounding changes)."""
+    return _gptq(w, fmt, ctx, "max")
+
+
+@register_weight_method("gptq_four_over_six")
+def quantize_weight_gptq_four_over_six(w: torch.Tensor, fmt: str, ctx: WeightContext) -> QuantizedWeight:
+    """GPTQ on Four-over-Six scales (NVFP4: per 16-column group the x6 or x4 block scale with the smaller
+    diag(H)-weighted error, chosen from the error-updated weights; FP8: the amax scale)."""
+    return _gptq(w, fmt, ctx, "four_over_six")
+
+
+def fmt_checks(w: torch.Tensor, ctx: WeightContext, nvfp4: bool = False) -> None:
+    """The input checks of the "max" quantizers (float dtype, 2-D, finite; NVFP4: in % 16 == 0) with the same
+    FormatError messages, so every method falls back the same way."""
+    from ptq.formats.checks import check_block_multiple, check_finite, check_float, check_rank
+
+    name = f"{ctx.name}.weight"
+    check_float(w, name)
+    check_rank(w, 2, name)
+    if nvfp4:
+        check_block_multiple(w.shape[1], nvfp4_fmt.NVFP4_BLOCK, name, nvfp4_fmt.NVFP4_DEFAULT_FALLBACK)
+    check_finite(w, name)

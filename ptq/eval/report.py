@@ -95,8 +95,9 @@ def _frames_png(path: Path, ref: torch.Tensor, test: torch.Tensor, max_frames: i
 def write_report(out_dir: Path, *, run_info: dict[str, Any], records: list[Any], stats: dict[str, Any],
                  baseline: list[dict[str, Any]] | None, quantized: list[dict[str, Any]] | None,
                  exports: list[Any], timings: dict[str, float], comps: Any = None,
-                 eval_prompts: list[str] | None = None) -> dict[str, Any]:
-    """Write report.json / report.md / PNGs; returns the JSON dict."""
+                 eval_prompts: list[str] | None = None, sensitivity: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write report.json / report.md / PNGs; returns the JSON dict. ``sensitivity``: the dict of
+    ``ptq.algorithms.mixed_precision.analyse_and_plan`` (per-layer / per-block output errors, mixed-precision plan)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"run": run_info, "timings_s": timings, "bits_per_weight": bits_per_weight(records),
                               "layers": [r.to_dict() for r in records], "exports": [asdict(e) for e in exports]}
@@ -126,6 +127,8 @@ def write_report(out_dir: Path, *, run_info: dict[str, Any], records: list[Any],
     _plot_layers(out_dir / "layer_weight_error.png", records)
     if quantized_records:
         images.append("layer_weight_error.png")
+    if sensitivity is not None:
+        report["sensitivity"] = _json_safe(sensitivity)
     report["images"] = images
     report["eval_prompts"] = eval_prompts or []
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
@@ -165,6 +168,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Decoded frames", "", f"mean frame PSNR {fm['psnr']:.2f} dB, SSIM {fm['ssim']:.4f} "
                   "(top row bf16, bottom row quantized)", ""]
         lines += [f"![prompt {i}](frames_prompt{i}.png)" for i in range(len(report["frames"]))]
+    if report.get("sensitivity"):
+        lines += sensitivity_markdown(report["sensitivity"], report["layers"])
     lines += ["", "## Exports", "", "| target | file | MB | verified |", "|---|---|---|---|"]
     for e in report["exports"]:
         if e["skipped"]:
@@ -185,3 +190,51 @@ def render_markdown(report: dict[str, Any]) -> str:
                      f"{r['bits_per_weight']:.2f} | {r['reason']} |")
     lines += ["", "![per-layer weight error](layer_weight_error.png)", ""]
     return "\n".join(lines)
+
+
+def _json_safe(obj: Any) -> Any:
+    """inf / nan -> None, recursively (strict JSON)."""
+    if isinstance(obj, float):
+        return _finite(obj)
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def sensitivity_markdown(analysis: dict[str, Any], layers: list[dict[str, Any]] | None = None) -> list[str]:
+    """Markdown lines of the sensitivity section: per-block and per-layer output error (rel. L2 of the transformer
+    output with only that block / layer quantized), and the mixed-precision plan when there is one."""
+    sens = analysis["sensitivity"]
+    base = analysis.get("base_format", "nvfp4")
+
+    def rel(v: float | None) -> str:
+        return "" if v is None else f"{v ** 0.5:.4f}"
+
+    fmts = sorted({f for e in sens["layer_error"].values() for f in e if f != "bf16"},
+                  key=lambda f: (f != base, f))
+    chosen = {r["name"]: r["format"] for r in layers or []}
+    lines = ["", "## Sensitivity", "",
+             f"Output error of the transformer (rel. L2 of its prediction vs bf16, root of the mean squared relative "
+             f"error over {sens['inputs']} recorded calibration inputs) with only one block / layer quantized "
+             f"(weight method `{analysis.get('weight')}`); measured in {sens['seconds']:.1f} s.", ""]
+    plan = analysis.get("plan")
+    if plan:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(plan["counts"].items()))
+        lines += [f"**Mixed precision**: budget {plan['budget']:.3f} bits per weight over "
+                  f"{'all Linears' if plan['scope'] == 'all' else 'the quantized layers'}, achieved "
+                  f"{plan['bits_per_weight']:.4f}; layers: {counts}; predicted output error (sum of the chosen "
+                  f"layers' squared errors) {plan['predicted_error'] ** 0.5:.4f} rel. L2.", ""]
+    if sens["block_error"]:
+        lines += ["| block | " + " | ".join(fmts) + " |", "|---" * (len(fmts) + 1) + "|"]
+        for b, e in sens["block_error"].items():
+            lines.append(f"| {b} | " + " | ".join(rel(e.get(f)) for f in fmts) + " |")
+        lines.append("")
+    order = sorted(sens["layer_error"], key=lambda n: -(sens["layer_error"][n].get(base) or 0.0))
+    lines += ["| layer | weights | " + " | ".join(fmts) + " | chosen |", "|---" * (len(fmts) + 3) + "|"]
+    for n in order:
+        e = sens["layer_error"][n]
+        lines.append(f"| {n} | {sens['numel'].get(n, 0)} | " + " | ".join(rel(e.get(f)) for f in fmts)
+                     + f" | {chosen.get(n, '')} |")
+    return lines

@@ -57,6 +57,13 @@ FP8_SCALE_FOR_ZERO = 1.0
 _MIN_SCALE = torch.finfo(torch.float32).tiny
 
 
+def divide_exact(x: torch.Tensor, divisor: float) -> torch.Tensor:
+    """``x / divisor`` as a correctly rounded division on every device. (PyTorch on CUDA divides by a Python
+    scalar by multiplying with its rounded reciprocal, which differs from true division in the last bit for some
+    values: CPU and GPU would then produce different scales.)"""
+    return x / x.new_tensor(divisor)
+
+
 def _safe_scale(amax: torch.Tensor, divisor: float, name: str) -> torch.Tensor:
     """``amax / divisor`` in float32, with 0 -> 1.0 and tiny -> smallest normal float32."""
     if not isinstance(amax, torch.Tensor):
@@ -65,7 +72,7 @@ def _safe_scale(amax: torch.Tensor, divisor: float, name: str) -> torch.Tensor:
     check_finite(amax, name)
     if bool((amax < 0).any()):
         raise FormatError(f"{name}: expected amax >= 0, got min {float(amax.min())}")
-    scale = amax / divisor
+    scale = divide_exact(amax, divisor)
     scale = torch.where(amax == 0, torch.full_like(scale, FP8_SCALE_FOR_ZERO), scale)
     return torch.clamp(scale, min=_MIN_SCALE)
 

@@ -27,7 +27,7 @@ from enum import Enum
 import torch
 
 from .checks import FormatError, check_block_multiple, check_finite, check_float, check_rank
-from .fp8 import FP8_DTYPE, FP8_E4M3_MAX, _safe_scale, map_row_chunks
+from .fp8 import FP8_DTYPE, FP8_E4M3_MAX, _safe_scale, divide_exact, map_row_chunks
 
 __all__ = [
     "E2M1_MAX",
@@ -255,7 +255,7 @@ def _quantize_blocks(x2d: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, 
     rows, cols = x2d.shape
     xb = x2d.reshape(rows, cols // NVFP4_BLOCK, NVFP4_BLOCK)
     block_amax = xb.abs().amax(dim=-1).to(torch.float32)  # exact: amax in x.dtype, then widened
-    s = block_amax / E2M1_MAX / g  # two float32 divisions, in this order
+    s = divide_exact(block_amax, E2M1_MAX) / g  # two correctly rounded float32 divisions, in this order
     s8 = torch.clamp(s, max=FP8_E4M3_MAX).to(FP8_DTYPE)  # RNE; may round to 0 for tiny blocks
     total = g * s8.to(torch.float32)
     zero = total == 0

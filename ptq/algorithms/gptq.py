@@ -1,0 +1,322 @@
+"""GPTQ for NVFP4 and FP8: error-compensating rounding with the layer's input Hessian ``H = E[x x^T]``.
+
+Minimises ``||X W^T - X Q^T||^2`` column by column (Frantar et al., "GPTQ", 2022): column ``j`` is rounded to the
+format's grid with its (fixed) scales, and its rounding error, weighted by the inverse-Hessian row
+``Hinv[j, j:] / Hinv[j, j]``, is subtracted from the columns not yet rounded; updates are applied lazily in batches
+of ``block_size`` columns. The scales are chosen first and kept, so the result is an ordinary NVFP4 / FP8 tensor
+(same layout as round-to-nearest, nothing new for the loaders):
+
+* NVFP4: the global scale and the per-16 block scales come from ``scales`` ("max", "mse" = float8 neighbour
+  search weighted by ``diag(H)``, "four_over_six"). ``dynamic_scales=True`` (default) chooses each block's scale
+  when GPTQ reaches the block's first column, from the weights as updated by the error feedback so far (GPTQ's
+  "groups"); False chooses all block scales from the original weights (required for ``act_order``).
+* FP8: one scale per tensor (or per output channel) from "max" or "mse" clipping; elements are rounded in float32.
+
+Memory: ``W`` and ``H`` in float32 plus ``[out, block_size]`` work buffers; a 14336x3072 WAN-5B layer takes ~0.5 GB.
+Layer-by-layer processing with Hessians collected in several calibration passes is :func:`gptq_sequential_`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+
+import torch
+
+from ptq.algorithms import weight_search as ws
+from ptq.formats import fp8 as fp8_fmt
+from ptq.formats import nvfp4 as nvfp4_fmt
+from ptq.formats.fp8 import FP8_DTYPE, FP8_E4M3_MAX, divide_exact
+from ptq.formats.nvfp4 import E2M1_MAX, NVFP4_BLOCK
+
+log = logging.getLogger(__name__)
+
+GPTQ_SCALE_METHODS = ("max", "mse", "four_over_six")
+
+
+def prepare_hessian(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """float32 copy of ``h`` with dead inputs (``H_jj == 0``: never non-zero in calibration) set to ``H_jj = 1`` and
+    ``damp * mean(diag(H))`` added to the diagonal (GPTQ's dampening, relative)."""
+    h = h.detach().float().clone()
+    d = torch.diagonal(h)  # a view: edits below change h
+    dead = d <= 0
+    h[dead, :] = 0.0
+    h[:, dead] = 0.0
+    d[dead] = 1.0
+    d += damp * float(d.mean())
+    return h
+
+
+def inverse_cholesky_upper(h: torch.Tensor, damp: float = 0.01, tries: int = 6) -> torch.Tensor:
+    """Upper Cholesky factor of ``H^-1`` (GPTQ's ``Hinv``); retries with 10x more dampening if ``H`` is not
+    positive definite in float32."""
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    extra = damp * float(torch.diagonal(h).mean())
+    for attempt in range(tries):
+        chol, info = torch.linalg.cholesky_ex(h)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(chol)
+            up, info2 = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info2) == 0:
+                return up
+        log.debug("GPTQ: Hessian not positive definite (attempt %d), adding dampening", attempt)
+        h = h + extra * (10.0 ** attempt) * eye
+    raise RuntimeError("GPTQ: the Hessian stays singular after dampening; check the calibration data")
+
+
+def _nvfp4_group_scales(cols: torch.Tensor, g: torch.Tensor, method: str, cw: torch.Tensor | None) -> torch.Tensor:
+    """Block scales (float8 ``[out, 1]``) of one 16-column group ``cols [out, 16]`` for a fixed global scale."""
+    if method == "max":
+        return ws.nvfp4_max_scales(cols, g)
+    if method == "mse":
+        return ws.nvfp4_mse_scales(cols, g, col_weight=cw)[0]
+    # four_over_six: the better of the x6 and x4 scales per block
+    bmax = cols.float().abs().amax(-1, keepdim=True)
+    best = None
+    for m in (E2M1_MAX, 4.0):
+        s = torch.clamp(divide_exact(bmax, m) / g, max=FP8_E4M3_MAX).to(FP8_DTYPE)
+        e = ws.nvfp4_block_sse(cols, g, s, cw)
+        if best is None:
+            best = (s, e)
+        else:
+            better = e < best[1]
+            best = (torch.where(better, s.view(torch.uint8), best[0].view(torch.uint8)).view(FP8_DTYPE),
+                    torch.minimum(e, best[1]))
+    assert best is not None
+    return best[0]
+
+
+def _nvfp4_initial_scales(w: torch.Tensor, method: str, cw: torch.Tensor | None,
+                          num_global: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if method == "max":
+        g = nvfp4_fmt.nvfp4_global_scale(w.abs().amax())
+        return g, ws.nvfp4_max_scales(w, g)
+    if method == "mse":
+        g, s, _ = ws.search_global_and_blocks(w, num_global=num_global, col_weight=cw)
+        return g, s
+    if method == "four_over_six":
+        return ws.nvfp4_four_over_six_scales(w, col_weight=cw)
+    raise ValueError(f"GPTQ scale method {method!r}: expected one of {GPTQ_SCALE_METHODS}")
+
+
+@torch.no_grad()
+def gptq_nvfp4(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    *,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    scales: str = "mse",
+    dynamic_scales: bool = True,
+    num_global: int = 8,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ rounding of ``w [out, in]`` (in % 16 == 0) to NVFP4 given ``hessian [in, in]`` (float32, ``E[x x^T]``
+    or any positive multiple). Returns ``(codes uint8 [out, in] unpacked E2M1, block_scales float8_e4m3fn
+    [out, in/16], global_scale float32 [])``."""
+    if scales not in GPTQ_SCALE_METHODS:
+        raise ValueError(f"GPTQ scale method {scales!r}: expected one of {GPTQ_SCALE_METHODS}")
+    rows, cols = w.shape
+    if cols % NVFP4_BLOCK:
+        raise ValueError(f"gptq_nvfp4: in_features={cols} is not a multiple of {NVFP4_BLOCK}")
+    dev = w.device
+    W = w.detach().float().clone()
+    H = prepare_hessian(hessian.to(dev), damp)
+    diag = torch.diagonal(H).clone()
+    g, S = _nvfp4_initial_scales(W, scales, diag, num_global)
+    dynamic = dynamic_scales and not act_order
+    if act_order:
+        perm = torch.argsort(diag, descending=True, stable=True)
+        W, H, diag = W[:, perm], H[perm][:, perm], diag[perm]
+        col_group = perm // NVFP4_BLOCK
+    else:
+        perm = None
+        col_group = torch.arange(cols, device=dev) // NVFP4_BLOCK
+    hinv = inverse_cholesky_upper(H, damp)
+    codes = torch.empty(rows, cols, dtype=torch.uint8, device=dev)
+    lut = ws._lut().to(dev)
+    bs = max(NVFP4_BLOCK, (block_size // NVFP4_BLOCK) * NVFP4_BLOCK)
+    col_group_list = col_group.tolist()
+    for i1 in range(0, cols, bs):
+        i2 = min(i1 + bs, cols)
+        w1 = W[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        h1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            if dynamic and j % NVFP4_BLOCK == 0:
+                S[:, j // NVFP4_BLOCK : j // NVFP4_BLOCK + 1] = _nvfp4_group_scales(
+                    w1[:, i : i + NVFP4_BLOCK], g, scales, diag[j : j + NVFP4_BLOCK])
+            total = g * S[:, col_group_list[j]].float()
+            col = w1[:, i]
+            zero = total == 0
+            y = torch.where(zero, torch.zeros_like(col), col / torch.where(zero, torch.ones_like(total), total))
+            c = ws._e2m1_round(y)
+            q = lut[c.to(torch.int32)] * total
+            codes[:, j] = c
+            e = (col - q) / h1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) * h1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        W[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    return codes, S, g
+
+
+@torch.no_grad()
+def gptq_fp8(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    *,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    scales: str = "mse",
+    per_channel: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ rounding of ``w [out, in]`` to FP8 E4M3 with a fixed scale (``scales``: "max" = amax/448, "mse" =
+    MSE-clipped; per tensor ``[]`` or per output channel ``[out, 1]``). Returns ``(codes float8_e4m3fn [out, in],
+    scale float32)``; elements are rounded as ``fp8(clamp(w * (1/scale), +-448))`` in float32."""
+    if scales == "mse":
+        scale = ws.fp8_mse_scale(w, per_channel)
+    elif scales in ("max", "four_over_six"):
+        amax = w.abs().amax(dim=1, keepdim=True) if per_channel else w.abs().amax()
+        scale = fp8_fmt.fp8_scale_from_amax(amax)
+    else:
+        raise ValueError(f"GPTQ scale method {scales!r}: expected one of {GPTQ_SCALE_METHODS}")
+    rows, cols = w.shape
+    dev = w.device
+    W = w.detach().float().clone()
+    H = prepare_hessian(hessian.to(dev), damp)
+    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else None
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+    hinv = inverse_cholesky_upper(H, damp)
+    scale = scale.to(dev)
+    s_col = scale.reshape(-1) if scale.dim() else scale
+    recip = 1.0 / s_col
+    codes = torch.empty(rows, cols, dtype=FP8_DTYPE, device=dev)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        w1 = W[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        h1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = w1[:, i]
+            c = torch.clamp(col * recip, -FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8_DTYPE)
+            q = c.float() * s_col
+            codes[:, i1 + i] = c
+            e = (col - q) / h1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) * h1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        W[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    return codes, scale.to(torch.float32)
+
+
+def layer_output_error(w: torch.Tensor, w_q: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``trace((W - Q) H (W - Q)^T)``: the mean squared layer-output error ``E||x (W - Q)^T||^2`` for
+    ``H = E[x x^T]`` (float)."""
+    d = (w.float() - w_q.float())
+    return float(((d @ hessian.float()) * d).sum())
+
+
+# --------------------------------------------------------------------------------------------------
+# Sequential (memory-bounded) GPTQ over a model
+# --------------------------------------------------------------------------------------------------
+
+
+def plan_groups(names: list[str], blocks_per_pass: int) -> list[list[str]]:
+    """Split layer names (model order) into passes of ``blocks_per_pass`` transformer blocks (``blocks.N.``);
+    layers outside the blocks join the first pass (before block 0: embedders) or the last (after: proj_out)."""
+    import re
+
+    block_re = re.compile(r"^blocks\.(\d+)\.")
+    idx = {n: (int(m.group(1)) if (m := block_re.match(n + ".")) else None) for n in names}
+    blocks = sorted({b for b in idx.values() if b is not None})
+    if not blocks or blocks_per_pass <= 0:
+        return [list(names)]
+    chunks = [blocks[i : i + blocks_per_pass] for i in range(0, len(blocks), blocks_per_pass)]
+    groups: list[list[str]] = [[] for _ in chunks]
+    first_seen_block = False
+    for n in names:
+        b = idx[n]
+        if b is None:
+            groups[0 if not first_seen_block else -1].append(n)
+        else:
+            first_seen_block = True
+            groups[next(k for k, c in enumerate(chunks) if b in c)].append(n)
+    return [g for g in groups if g]
+
+
+def gptq_sequential_(
+    model: torch.nn.Module,
+    recipe,
+    stats: Mapping,
+    calibrate: Callable[[object], None],
+    *,
+    progress: bool = True,
+) -> list:
+    """Quantize ``model`` in place with GPTQ, ``recipe.gptq_blocks_per_pass`` transformer blocks at a time.
+
+    Before each pass, ``calibrate(observer)`` runs the calibration forwards with a :class:`LinearInputObserver`
+    (``hessian=True`` for that pass's layers only; ``calibrate`` may set ``observer.step``) attached to the model in
+    which the earlier passes are already quantized, so at most one pass's Hessians are in memory (and later layers'
+    Hessians see the quantized inputs, as in the GPTQ paper). ``stats`` (activation scales) come from the first,
+    unquantized calibration, as for every other recipe. Returns one LayerRecord per Linear, in model order.
+    """
+    from dataclasses import replace
+
+    from torch import nn
+    from tqdm.auto import tqdm
+
+    from ptq.algorithms.quantize import LayerRecord, num_blocks, plan_layer_format, quantize_
+    from ptq.calibration.observers import LinearInputObserver
+
+    nb = num_blocks(model)
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    planned = {n: plan_layer_format(n, m, recipe, nb) for n, m in linears}
+    targets = [n for n, _ in linears if planned[n][0] != "bf16"]
+    groups = plan_groups(targets, recipe.gptq_blocks_per_pass)
+    done: dict[str, LayerRecord] = {}
+    for names in tqdm(groups, desc="gptq passes", disable=not progress, leave=False):
+        observer = LinearInputObserver(model, names, hessian=True)
+        with observer:
+            calibrate(observer)
+        hessians = observer.hessians()
+        del observer
+        sub = replace(recipe, include=[], layer_formats={n: planned[n][0] for n in names})
+        for rec in quantize_(model, sub, stats, hessians=hessians, progress=False):
+            if rec.name in names:
+                if rec.format != "bf16":
+                    rec.reason = planned[rec.name][1]
+                done[rec.name] = rec
+        del hessians
+    records = []
+    for name, module in linears:
+        if name in done:
+            records.append(done[name])
+        else:
+            records.append(LayerRecord(name, "bf16", False, module.in_features, module.out_features,
+                                       bits_per_weight=float(module.weight.element_size() * 8),
+                                       reason=planned[name][1]))
+    return records
+
+
+def hessian_memory_bytes(in_features: list[int]) -> int:
+    """Bytes needed to hold float32 Hessians for layers with these input sizes at once."""
+    return int(sum(4 * k * k for k in in_features))
+
+
+__all__ = [
+    "GPTQ_SCALE_METHODS",
+    "gptq_fp8",
+    "gptq_nvfp4",
+    "gptq_sequential_",
+    "hessian_memory_bytes",
+    "inverse_cholesky_upper",
+    "layer_output_error",
+    "plan_groups",
+    "prepare_hessian",
+]

@@ -1,0 +1,229 @@
+"""Sensitivity analysis: how much each Linear (and each transformer block) perturbs the model output when it alone
+is quantized, measured on recorded calibration inputs.
+
+For every candidate layer and format, the layer is quantized exactly as the final checkpoint would be (same recipe,
+activation scale from the calibration statistics, weight method, Hessian for GPTQ) and swapped into the otherwise
+unquantized model; the error is the squared relative L2 distance of the transformer output (the noise/flow
+prediction), averaged over the recorded inputs::
+
+    err(layer, fmt) = mean_i ||f_q(x_i) - f(x_i)||^2 / ||f(x_i)||^2
+
+Squared errors of independent perturbations add up approximately, which is what the mixed-precision planner
+(:mod:`ptq.algorithms.mixed_precision`) relies on. Cost: ``(layers x formats + blocks) x inputs`` forwards.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ptq.algorithms.quantize import quantize_layer
+from ptq.algorithms.recipe import QuantRecipe
+from ptq.calibration.observers import LinearInputStats
+from ptq.formats.checks import FormatError
+
+log = logging.getLogger(__name__)
+_BLOCK_RE = re.compile(r"^(blocks\.\d+)\.")
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    return copy.copy(obj)
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+class ForwardInputRecorder:
+    """Keep CPU copies of ``k`` forward inputs ``(args, kwargs)`` of ``module``, a uniform random subset of all calls
+    (reservoir sampling, fixed ``seed``: deterministic). Use as a context manager around calibration forwards."""
+
+    def __init__(self, module: nn.Module, k: int, seed: int = 0) -> None:
+        if k < 1:
+            raise ValueError(f"ForwardInputRecorder: k={k}, expected >= 1")
+        self.module, self.k = module, k
+        self._rng = random.Random(seed)
+        self.inputs: list[tuple[tuple, dict]] = []
+        self.calls = 0
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        n = self.calls
+        self.calls += 1
+        if n < self.k:
+            self.inputs.append((_to_cpu(args), _to_cpu(kwargs)))
+            return
+        j = self._rng.randrange(n + 1)
+        if j < self.k:
+            self.inputs[j] = (_to_cpu(args), _to_cpu(kwargs))
+
+    def __enter__(self) -> ForwardInputRecorder:
+        self._handle = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+def _output(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out.sample
+
+
+@dataclass
+class SensitivityReport:
+    """Measured output errors. layer_error[name][fmt] and block_error[block][fmt]: mean squared relative L2 error of
+    the transformer output with only that layer / block quantized to fmt (``inf`` if it cannot be); numel[name]:
+    weight elements; bf16 error is 0 by definition."""
+
+    layer_error: dict[str, dict[str, float]] = field(default_factory=dict)
+    block_error: dict[str, dict[str, float]] = field(default_factory=dict)
+    numel: dict[str, int] = field(default_factory=dict)
+    inputs: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def rel_l2(self, name: str, fmt: str) -> float:
+        """The layer's error as a relative L2 (sqrt of the mean squared relative error)."""
+        return self.layer_error[name][fmt] ** 0.5
+
+
+class _Evaluator:
+    """Runs the recorded inputs and measures the mean squared relative output error vs the reference."""
+
+    def __init__(self, model: nn.Module, inputs: list[tuple[tuple, dict]]) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.inputs = inputs
+        self.refs = [self._run(i) for i in range(len(inputs))]
+
+    @torch.no_grad()
+    def _run(self, i: int) -> torch.Tensor:
+        args, kwargs = self.inputs[i]
+        return _output(self.model(*_to_device(args, self.device), **_to_device(kwargs, self.device))).float()
+
+    def error(self) -> float:
+        errs = []
+        for i, ref in enumerate(self.refs):
+            out = self._run(i)
+            errs.append(float((out - ref).double().pow(2).sum() / ref.double().pow(2).sum().clamp_min(1e-30)))
+        return sum(errs) / len(errs)
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _layer_recipe(recipe: QuantRecipe, name: str, hessians: Mapping[str, torch.Tensor] | None) -> QuantRecipe:
+    """GPTQ needs the layer's Hessian; without one the sensitivity is measured with GPTQ's "mse" scales."""
+    if recipe.weight.startswith("gptq") and (hessians is None or name not in hessians):
+        return replace(recipe, weight="mse")
+    return recipe
+
+
+@torch.no_grad()
+def measure_sensitivity(
+    model: nn.Module,
+    inputs: list[tuple[tuple, dict]],
+    candidates: Mapping[str, list[str]],
+    recipe: QuantRecipe,
+    stats: Mapping[str, LinearInputStats],
+    hessians: Mapping[str, torch.Tensor] | None = None,
+    *,
+    blocks: bool = True,
+    progress: bool = True,
+) -> SensitivityReport:
+    """Quantize one layer (``candidates[name]``: formats to try, "bf16" skipped) at a time on top of the unquantized
+    ``model`` and measure the output error on ``inputs`` (from :class:`ForwardInputRecorder`); with ``blocks``,
+    also each transformer block with all its candidate layers in ``recipe.format`` (or their first format).
+    The model is left unchanged."""
+    if not inputs:
+        raise ValueError("sensitivity analysis needs recorded model inputs (ForwardInputRecorder saw no forward)")
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    ev = _Evaluator(model, inputs)
+    modules = dict(model.named_modules())
+    rep = SensitivityReport(inputs=len(inputs))
+    jobs = [(n, f) for n, fmts in candidates.items() for f in fmts if f != "bf16"]
+    for name, fmts in candidates.items():
+        m = modules[name]
+        rep.numel[name] = m.in_features * m.out_features
+        rep.layer_error[name] = {"bf16": 0.0} if "bf16" in fmts else {}
+    for name, fmt in tqdm(jobs, desc="sensitivity (layers)", disable=not progress, leave=False):
+        module = modules[name]
+        try:
+            q, _ = quantize_layer(name, module, fmt, _layer_recipe(recipe, name, hessians), stats.get(name),
+                                  None if hessians is None else hessians.get(name))
+        except (FormatError, ValueError) as exc:
+            log.warning("sensitivity: %s cannot be quantized to %s: %s", name, fmt, exc)
+            rep.layer_error[name][fmt] = float("inf")
+            continue
+        _set_module(model, name, q)
+        try:
+            rep.layer_error[name][fmt] = ev.error()
+        finally:
+            _set_module(model, name, module)
+    if blocks:
+        groups: dict[str, list[str]] = {}
+        for name in candidates:
+            m = _BLOCK_RE.match(name)
+            if m:
+                groups.setdefault(m.group(1), []).append(name)
+        for block, names in tqdm(list(groups.items()), desc="sensitivity (blocks)", disable=not progress,
+                                 leave=False):
+            fmts = sorted({f for n in names for f in candidates[n] if f != "bf16"})
+            for fmt in fmts:
+                swapped = []
+                try:
+                    for name in names:
+                        if fmt not in candidates[name]:
+                            continue
+                        try:
+                            q, _ = quantize_layer(name, modules[name], fmt, _layer_recipe(recipe, name, hessians),
+                                                  stats.get(name), None if hessians is None else hessians.get(name))
+                        except (FormatError, ValueError):
+                            continue
+                        _set_module(model, name, q)
+                        swapped.append(name)
+                    rep.block_error.setdefault(block, {})[fmt] = ev.error() if swapped else 0.0
+                finally:
+                    for name in swapped:
+                        _set_module(model, name, modules[name])
+    model.train(was_training)
+    rep.seconds = time.perf_counter() - t0
+    return rep
+
+
+__all__ = ["ForwardInputRecorder", "SensitivityReport", "measure_sensitivity"]
