@@ -16,7 +16,7 @@ import contextlib
 import json
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -26,6 +26,24 @@ sys.path.insert(0, str(REPO))
 
 DEFAULT_RECIPES = ["nvfp4", "nvfp4_act_mse", "nvfp4_mse", "nvfp4_four_over_six", "nvfp4_gptq", "nvfp4_mixed",
                    "fp8", "fp8_mse", "fp8_gptq"]
+
+
+#: Recipe prefix of a diagnostic: the recipe's activation quantization with the exact (unquantized) weights, i.e.
+#: the part of the error that no weight method can remove.
+ACT_ONLY = "act_only/"
+
+
+def exact_weights(model: torch.nn.Module, original: torch.nn.Module) -> None:
+    """Give every QuantLinear of ``model`` its original weight (float32 operand of the simulated GEMM, scaled so the
+    epilogue's ``input_scale * weight_scale(_2)`` gives back W): activations stay quantized, weights become exact."""
+    from ptq.algorithms.qlinear import QuantLinear
+
+    mods = dict(original.named_modules())
+    for n, m in model.named_modules():
+        if isinstance(m, QuantLinear) and not m.weight_only:
+            w = mods[n].weight.detach().float()
+            alpha = m._weight_alpha().float()
+            m.weight_values = w / (alpha.reshape(-1, 1) if alpha.dim() else alpha)
 
 
 def compose_cfg(overrides: list[str]):
@@ -42,7 +60,8 @@ def compose_cfg(overrides: list[str]):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES,
-                    help="quant presets (configs/quant/*.yaml), optionally with overrides: 'nvfp4_gptq:quant.gptq_damp=0.1'")
+                    help="quant presets (configs/quant/*.yaml), optionally with overrides: "
+                    "'nvfp4_gptq:quant.gptq_damp=0.1'; prefix act_only/ for the activation-only diagnostic")
     ap.add_argument("--preset", default="tiny_nvfp4")
     ap.add_argument("--calib-prompts", type=int, default=8)
     ap.add_argument("--eval-prompts", type=int, default=4)
@@ -52,6 +71,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. calib.num_steps=20")
     args = ap.parse_args()
 
+    from ptq.algorithms.gptq import gptq_sequential_
     from ptq.algorithms.mixed_precision import analyse_and_plan
     from ptq.algorithms.quantize import quantize_
     from ptq.algorithms.sensitivity import ForwardInputRecorder
@@ -69,6 +89,7 @@ def main() -> None:
     recipes = {}
     for spec in args.recipes:  # "preset" or "preset:quant.key=value,quant.key=value"
         name, _, extra = spec.partition(":")
+        name = name.removeprefix(ACT_ONLY)
         recipes[spec] = compose_cfg([*base, f"quant={name}", *[o for o in extra.split(",") if o]]).quant
     device = pick_device(cfg.model.device)
     dtype = _DTYPES[cfg.model.dtype]
@@ -117,9 +138,17 @@ def main() -> None:
                 recipe, analysis = analyse_and_plan(model, recipe, stats, rec.inputs[: recipe.sensitivity_inputs],
                                                     hessians, progress=False)
                 plan = analysis["plan"]
-            needs_h = recipe.weight.startswith("gptq")
-            records = quantize_(model, replace(recipe, gptq_blocks_per_pass=0), stats,
-                                hessians=hessians if needs_h else None, progress=False)
+            if recipe.weight.startswith("gptq") and recipe.gptq_blocks_per_pass > 0:
+                def calibrate(o, _c=comps) -> None:
+                    sample_all(_c, calib_emb, neg_c, cfg.calib, desc="calibrate", progress=False,
+                               keep_steps=False, on_step_start=lambda i: setattr(o, "step", i))
+
+                records = gptq_sequential_(model, recipe, stats, calibrate, progress=False)
+            else:
+                records = quantize_(model, recipe, stats,
+                                    hessians=hessians if recipe.weight.startswith("gptq") else None, progress=False)
+            if name.startswith(ACT_ONLY):
+                exact_weights(model, wan.load_transformer(root, dtype=dtype, device=device))
             t_quant = time.perf_counter() - t0
             out = sample_all(comps, eval_emb, neg_e, cfg.eval, desc=name, progress=False, keep_steps=False)
             ms = [latent_metrics(b["final"], q["final"]) for b, q in zip(baseline, out)]

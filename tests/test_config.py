@@ -86,3 +86,15 @@ def test_prompts_from_a_datasets_dataset(tmp_path) -> None:
     cfg = _compose("calib.dataset.name=csv", f"calib.dataset.data_files={csv}", "calib.dataset.column=text")
     with pytest.raises(PromptError, match="column='text' not in"):
         load_prompts(cfg.calib, "calib")
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in (CONFIG_DIR / "quant").glob("*.yaml")))
+def test_every_quant_recipe_composes(recipe: str) -> None:
+    """Each configs/quant/*.yaml is a valid recipe on top of both presets; sample-based activation methods come
+    with calibration samples."""
+    for preset in ("tiny_nvfp4", "wan_nvfp4"):
+        cfg = _compose(f"config={preset}", f"quant={recipe}")
+        validate_config(cfg)
+        assert cfg.quant.format in recipe
+        if cfg.quant.activation != "max" and not cfg.quant.weight_only:
+            assert cfg.calib.samples_per_call > 0, f"{recipe}: activation={cfg.quant.activation} needs samples"

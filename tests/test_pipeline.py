@@ -102,3 +102,37 @@ def test_image_to_video_pins_the_first_frame(random_tiny_dir: Path, tmp_path: Pa
     assert torch.equal(out[0]["final"][:, :, :1], cond)
     assert not torch.equal(out[0]["final"][:, :, 1:2], cond)
     assert len(out[0]["steps"]) == 3
+
+
+def test_mixed_precision_run_reports_sensitivity_and_exports_mixed(random_tiny_dir: Path, tmp_path: Path) -> None:
+    """`quant=nvfp4_mixed` through `ptq run`: the sensitivity analysis picks per-layer formats within the budget,
+    the report has the sensitivity section, the ComfyUI file carries both formats and verifies."""
+    proc = _run(["run", "config=tiny_nvfp4", "quant=nvfp4_mixed", "quant.sensitivity_inputs=2",
+                 "quant.include=['blocks.0.*','blocks.1.*']",
+                 "quant.weight=mse", f"model.path={random_tiny_dir}", f"hydra.run.dir={tmp_path}",
+                 f"eval.cache_dir={tmp_path / 'cache'}", "eval.decode=false", *FAST], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    plan = report["sensitivity"]["plan"]
+    assert plan["bits_per_weight"] <= 5.0 and plan["scope"] == "quantized" and len(plan["formats"]) == 20
+    formats = {r["name"]: r["format"] for r in report["layers"]}
+    assert {formats[n] for n in plan["formats"]} == set(plan["counts"]) and len(plan["counts"]) >= 2
+    q = [r for r in report["layers"] if r["format"] != "bf16" or r["name"] in plan["formats"]]
+    bits = sum(r["bits_per_weight"] * r["in_features"] * r["out_features"] for r in q)
+    assert bits / sum(r["in_features"] * r["out_features"] for r in q) == pytest.approx(plan["bits_per_weight"])
+    md = (tmp_path / "report.md").read_text()
+    assert "## Sensitivity" in md and "**Mixed precision**" in md
+    assert all(e["verified"] for e in report["exports"] if not e["skipped"])
+
+
+def test_sequential_gptq_run(random_tiny_dir: Path, tmp_path: Path) -> None:
+    """`quant=nvfp4_gptq quant.gptq_blocks_per_pass=2`: Hessians collected in 3 passes, every block layer quantized,
+    exports verified."""
+    proc = _run(["run", "config=tiny_nvfp4", "quant=nvfp4_gptq", "quant.weight=gptq_max",
+                 "quant.gptq_blocks_per_pass=2", f"model.path={random_tiny_dir}", f"hydra.run.dir={tmp_path}",
+                 f"eval.cache_dir={tmp_path / 'cache'}", "eval.decode=false", *FAST], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["num_quantized_layers"] == 50 and report["run"]["recipe"]["weight"] == "gptq_max"
+    assert all(e["verified"] for e in report["exports"] if not e["skipped"])
+    assert report["accuracy"]["mean_final"]["rel_l2"] < 0.5

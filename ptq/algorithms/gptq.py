@@ -99,6 +99,27 @@ def _nvfp4_initial_scales(w: torch.Tensor, method: str, cw: torch.Tensor | None,
     raise ValueError(f"GPTQ scale method {method!r}: expected one of {GPTQ_SCALE_METHODS}")
 
 
+def _gptq_sweep(W: torch.Tensor, hinv: torch.Tensor, block_size: int,
+                quantize_column: Callable[[int, torch.Tensor, int], torch.Tensor]) -> None:
+    """GPTQ's column sweep with lazy batch updates over ``W`` (float32 ``[out, in]``, updated in place).
+
+    ``quantize_column(j, w1, i)`` rounds column ``j`` (= ``i1 + i``; ``w1`` holds the error-updated columns of the
+    current batch, ``w1[:, i]`` is column j) and returns its dequantized value ``[out]``; the rounding error,
+    scaled by the inverse-Hessian row, is pushed onto the columns not yet rounded."""
+    cols = W.shape[1]
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        w1 = W[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        h1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            q = quantize_column(i1 + i, w1, i)
+            e = (w1[:, i] - q) / h1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) * h1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        W[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+
 @torch.no_grad()
 def gptq_nvfp4(
     w: torch.Tensor,
@@ -137,27 +158,20 @@ def gptq_nvfp4(
     lut = ws._lut().to(dev)
     bs = max(NVFP4_BLOCK, (block_size // NVFP4_BLOCK) * NVFP4_BLOCK)
     col_group_list = col_group.tolist()
-    for i1 in range(0, cols, bs):
-        i2 = min(i1 + bs, cols)
-        w1 = W[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        h1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            j = i1 + i
-            if dynamic and j % NVFP4_BLOCK == 0:
-                S[:, j // NVFP4_BLOCK : j // NVFP4_BLOCK + 1] = _nvfp4_group_scales(
-                    w1[:, i : i + NVFP4_BLOCK], g, scales, diag[j : j + NVFP4_BLOCK])
-            total = g * S[:, col_group_list[j]].float()
-            col = w1[:, i]
-            zero = total == 0
-            y = torch.where(zero, torch.zeros_like(col), col / torch.where(zero, torch.ones_like(total), total))
-            c = ws._e2m1_round(y)
-            q = lut[c.to(torch.int32)] * total
-            codes[:, j] = c
-            e = (col - q) / h1[i, i]
-            w1[:, i:] -= e.unsqueeze(1) * h1[i, i:].unsqueeze(0)
-            err1[:, i] = e
-        W[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    def quantize_column(j: int, w1: torch.Tensor, i: int) -> torch.Tensor:
+        if dynamic and j % NVFP4_BLOCK == 0:
+            S[:, j // NVFP4_BLOCK : j // NVFP4_BLOCK + 1] = _nvfp4_group_scales(
+                w1[:, i : i + NVFP4_BLOCK], g, scales, diag[j : j + NVFP4_BLOCK])
+        total = g * S[:, col_group_list[j]].float()
+        col = w1[:, i]
+        zero = total == 0
+        y = torch.where(zero, torch.zeros_like(col), col / torch.where(zero, torch.ones_like(total), total))
+        c = ws._e2m1_round(y)
+        codes[:, j] = c
+        return lut[c.to(torch.int32)] * total
+
+    _gptq_sweep(W, hinv, bs, quantize_column)
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     return codes, S, g
@@ -196,20 +210,13 @@ def gptq_fp8(
     s_col = scale.reshape(-1) if scale.dim() else scale
     recip = 1.0 / s_col
     codes = torch.empty(rows, cols, dtype=FP8_DTYPE, device=dev)
-    for i1 in range(0, cols, block_size):
-        i2 = min(i1 + block_size, cols)
-        w1 = W[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        h1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = w1[:, i]
-            c = torch.clamp(col * recip, -FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8_DTYPE)
-            q = c.float() * s_col
-            codes[:, i1 + i] = c
-            e = (col - q) / h1[i, i]
-            w1[:, i:] -= e.unsqueeze(1) * h1[i, i:].unsqueeze(0)
-            err1[:, i] = e
-        W[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    def quantize_column(j: int, w1: torch.Tensor, i: int) -> torch.Tensor:
+        c = torch.clamp(w1[:, i] * recip, -FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8_DTYPE)
+        codes[:, j] = c
+        return c.float() * s_col
+
+    _gptq_sweep(W, hinv, block_size, quantize_column)
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     return codes, scale.to(torch.float32)
