@@ -131,9 +131,9 @@ def choose_input_amax(stats: LinearInputStats, method: str, fmt: str, *, percent
         # samples without sample_block=16 are independent elements regrouped into 16s: the block scales then see
         # random neighbours (an approximation; calibrate with LinearInputObserver(sample_block=16))
         samples = stats.samples.float().cpu()
-        clip = mse_clip(samples, amax.cpu(), fmt, sample_block=getattr(stats, "sample_block", 1),
+        clip = mse_clip(samples, amax.cpu(), fmt, sample_block=stats.sample_block,
                         step_amax=None if stats.step_amax is None else stats.step_amax.float().cpu(),
-                        sample_steps=getattr(stats, "sample_steps", None),
+                        sample_steps=stats.sample_steps,
                         step_weighting="relative" if method == "mse_steps" else step_weighting)
         return clip.to(amax.device)
     raise ValueError(f"unknown activation method {method!r}")

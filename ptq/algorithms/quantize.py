@@ -113,7 +113,8 @@ def quantize_layer(
     return QuantLinear(state, compute_dtype=w.dtype), rec
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule called ``name`` (dotted path) of ``model`` by ``new``."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -162,7 +163,7 @@ def quantize_(
                                        bits_per_weight=float(module.weight.element_size() * 8), reason=str(exc)))
             continue
         rec.reason = reason
-        _set_module(model, name, qlinear)
+        set_module(model, name, qlinear)
         records.append(rec)
         del module, qlinear
     return records

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ptq.algorithms.quantize import quantize_layer
+from ptq.algorithms.quantize import quantize_layer, set_module
 from ptq.algorithms.recipe import QuantRecipe
 from ptq.calibration.observers import LinearInputStats
 from ptq.formats.checks import FormatError
@@ -139,12 +139,6 @@ class _Evaluator:
         return sum(errs) / len(errs)
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def _layer_recipe(recipe: QuantRecipe, name: str, hessians: Mapping[str, torch.Tensor] | None) -> QuantRecipe:
     """GPTQ needs the layer's Hessian; without one the sensitivity is measured with GPTQ's "mse" scales."""
     if recipe.weight.startswith("gptq") and (hessians is None or name not in hessians):
@@ -190,11 +184,11 @@ def measure_sensitivity(
             log.warning("sensitivity: %s cannot be quantized to %s: %s", name, fmt, exc)
             rep.layer_error[name][fmt] = float("inf")
             continue
-        _set_module(model, name, q)
+        set_module(model, name, q)
         try:
             rep.layer_error[name][fmt] = ev.error()
         finally:
-            _set_module(model, name, module)
+            set_module(model, name, module)
     if blocks:
         groups: dict[str, list[str]] = {}
         for name in candidates:
@@ -215,12 +209,12 @@ def measure_sensitivity(
                                                   stats.get(name), None if hessians is None else hessians.get(name))
                         except (FormatError, ValueError):
                             continue
-                        _set_module(model, name, q)
+                        set_module(model, name, q)
                         swapped.append(name)
                     rep.block_error.setdefault(block, {})[fmt] = ev.error() if swapped else 0.0
                 finally:
                     for name in swapped:
-                        _set_module(model, name, modules[name])
+                        set_module(model, name, modules[name])
     model.train(was_training)
     rep.seconds = time.perf_counter() - t0
     return rep
