@@ -16,6 +16,8 @@ Parts (``--part``, comma-separated; default all that the device supports):
   Model Optimizer's fake-quant forward.
 * ``ptqmem``: the ptq half of ``modelopt`` alone (no Model Optimizer needed): calibrate + ``quantize_`` on a
   freshly built 5B, peak and held GPU memory, simulated forward.
+* ``gptq``: GPTQ time per 5B layer shape (NVFP4 "mse" / "four_over_six" scales, FP8), extrapolated to the 300
+  block Linears.
 * ``tiny``: final-latent rel. L2 vs bf16 of Model Optimizer's and ptq's NVFP4 results on the tiny WAN model
   (``ptq/assets/tiny_wan`` if present, else a random tiny model: reported as such); 16 calibration prompts x 8
   steps with CFG, 4 eval prompts.
@@ -42,6 +44,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -712,6 +715,37 @@ def part_ptq_memory(n_forwards: int, reps: int) -> None:
     save()
 
 
+def part_gptq(reps: int = 2) -> None:
+    """GPTQ weight quantization time per 5B layer shape (random W, Hessian from 4,096 random correlated tokens),
+    NVFP4 with "mse" and "four_over_six" scales and FP8, extrapolated to the 300 block Linears (per block: 8 x
+    [3072, 3072], ffn.net.0 [14336, 3072], ffn.net.2 [3072, 14336])."""
+    from ptq.algorithms import gptq
+
+    shapes = {"3072x3072": (3072, 3072, 8), "ffn0_14336x3072": (14336, 3072, 1), "ffn2_3072x14336": (3072, 14336, 1)}
+    res: dict[str, Any] = {}
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    for key, (rows, cols, per_block) in shapes.items():
+        if SMOKE:
+            rows, cols = rows // 48, cols // 48 // 16 * 16
+        w = (torch.randn(rows, cols, device=DEVICE, generator=g) * 0.02).to(torch.bfloat16)
+        x = torch.randn(4096, cols, device=DEVICE, generator=g)
+        x = x + 0.5 * x.roll(1, dims=1)
+        h = x.t() @ x / x.shape[0]
+        del x
+        for name, fn, scales in (("nvfp4_mse", gptq.gptq_nvfp4, "mse"),
+                                 ("nvfp4_four_over_six", gptq.gptq_nvfp4, "four_over_six"),
+                                 ("fp8_mse", gptq.gptq_fp8, "mse")):
+            t = median([timed(partial(fn, w, h, scales=scales)) for _ in range(reps)])
+            res.setdefault(name, {})[key] = t
+            log(f"gptq {name} {key}: {t:.2f} s")
+        res.setdefault("per_block_count", {})[key] = per_block
+    for name in ("nvfp4_mse", "nvfp4_four_over_six", "fp8_mse"):
+        res[name]["total_300_linears_s"] = 30 * sum(res[name][k] * shapes[k][2] for k in shapes)
+        log(f"gptq {name}: ~{res[name]['total_300_linears_s']:.0f} s for the 300 block Linears")
+    RESULTS["gptq_5b"] = res
+    save()
+
+
 def part_modelopt_5b(n_forwards: int, reps: int) -> None:
     import modelopt.torch.quantization as mtq
 
@@ -920,7 +954,7 @@ def main() -> None:
     global OUT, SMOKE, DEVICE, LATENTS, TEXT
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--part", default="all", help="hooks,simfwd,quant_export,modelopt,tiny,ptqmem or all")
+    ap.add_argument("--part", default="all", help="hooks,simfwd,quant_export,modelopt,tiny,ptqmem,gptq or all")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/bench_wan5b"))
     ap.add_argument("--export-dir", default="/tmp/bench_wan5b_export")
     ap.add_argument("--reps-small", type=int, default=20, help="timed rounds at 1,440 tokens")
@@ -972,7 +1006,7 @@ def main() -> None:
         del model
         free()
     for name, fn in (("tiny", lambda: part_tiny(8)), ("modelopt", lambda: part_modelopt_5b(args.calib_forwards, 3)),
-                     ("ptqmem", lambda: part_ptq_memory(args.calib_forwards, 3))):
+                     ("ptqmem", lambda: part_ptq_memory(args.calib_forwards, 3)), ("gptq", part_gptq)):
         if name in parts:
             try:
                 fn()
