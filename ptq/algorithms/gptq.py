@@ -155,7 +155,7 @@ def gptq_nvfp4(
         col_group = torch.arange(cols, device=dev) // NVFP4_BLOCK
     hinv = inverse_cholesky_upper(H, damp)
     codes = torch.empty(rows, cols, dtype=torch.uint8, device=dev)
-    lut = ws._lut().to(dev)
+    lut = nvfp4_fmt.e2m1_lut(dev)
     bs = max(NVFP4_BLOCK, (block_size // NVFP4_BLOCK) * NVFP4_BLOCK)
     col_group_list = col_group.tolist()
 
@@ -311,17 +311,11 @@ def gptq_sequential_(
     return records
 
 
-def hessian_memory_bytes(in_features: list[int]) -> int:
-    """Bytes needed to hold float32 Hessians for layers with these input sizes at once."""
-    return int(sum(4 * k * k for k in in_features))
-
-
 __all__ = [
     "GPTQ_SCALE_METHODS",
     "gptq_fp8",
     "gptq_nvfp4",
     "gptq_sequential_",
-    "hessian_memory_bytes",
     "inverse_cholesky_upper",
     "layer_output_error",
     "plan_groups",

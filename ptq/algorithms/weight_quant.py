@@ -169,11 +169,12 @@ def quantize_weight_gptq_four_over_six(w: torch.Tensor, fmt: str, ctx: WeightCon
 def fmt_checks(w: torch.Tensor, ctx: WeightContext, nvfp4: bool = False) -> None:
     """The input checks of the "max" quantizers (float dtype, 2-D, finite; NVFP4: in % 16 == 0) with the same
     FormatError messages, so every method falls back the same way."""
-    from ptq.formats.checks import check_block_multiple, check_finite, check_float, check_rank
+    from ptq.formats.checks import check_finite, check_float, check_rank
 
     name = f"{ctx.name}.weight"
+    if nvfp4:
+        nvfp4_fmt.check_nvfp4_matrix(w, name)
+        return
     check_float(w, name)
     check_rank(w, 2, name)
-    if nvfp4:
-        check_block_multiple(w.shape[1], nvfp4_fmt.NVFP4_BLOCK, name, nvfp4_fmt.NVFP4_DEFAULT_FALLBACK)
     check_finite(w, name)

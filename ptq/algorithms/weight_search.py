@@ -61,10 +61,6 @@ def _e2m1_round(y: torch.Tensor) -> torch.Tensor:
     return nvfp4_fmt._encode_unchecked(torch.clamp(y, -E2M1_MAX, E2M1_MAX))
 
 
-def _lut() -> torch.Tensor:
-    return torch.tensor(list(nvfp4_fmt.E2M1_VALUES) + [-v for v in nvfp4_fmt.E2M1_VALUES], dtype=torch.float32)
-
-
 def _block_quant(xb: torch.Tensor, total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """codes uint8 and dequantized float32 values of blocks ``xb [..., 16]`` with per-block ``total [...]``
     (= global * block_scale, float32); a zero total gives zero codes (as comfy-kitchen)."""
@@ -72,7 +68,7 @@ def _block_quant(xb: torch.Tensor, total: torch.Tensor) -> tuple[torch.Tensor, t
     t = torch.where(zero, torch.ones_like(total), total).unsqueeze(-1)
     y = torch.where(zero.unsqueeze(-1), torch.zeros_like(xb), xb / t)
     codes = _e2m1_round(y)
-    vals = _lut().to(xb.device)[codes.to(torch.int32)] * total.unsqueeze(-1)
+    vals = nvfp4_fmt.e2m1_lut(xb.device)[codes.to(torch.int32)] * total.unsqueeze(-1)
     return codes, vals
 
 
@@ -100,7 +96,7 @@ def nvfp4_dequant(w_shape: tuple[int, int], codes: torch.Tensor, global_scale: t
                   block_scales: torch.Tensor) -> torch.Tensor:
     """float32 ``[out, in]`` value of unpacked codes: ``e2m1(code) * (global * block_scale)`` (loader arithmetic)."""
     rows, cols = w_shape
-    vals = _lut().to(codes.device)[codes.to(torch.int32)].reshape(rows, cols // NVFP4_BLOCK, NVFP4_BLOCK)
+    vals = nvfp4_fmt.e2m1_lut(codes.device)[codes.to(torch.int32)].reshape(rows, cols // NVFP4_BLOCK, NVFP4_BLOCK)
     total = global_scale.float().reshape(()) * block_scales.float()
     return (vals * total.unsqueeze(-1)).reshape(rows, cols)
 

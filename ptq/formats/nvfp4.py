@@ -87,8 +87,10 @@ class ScaleLayout(str, Enum):
 _LUT_CACHE: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
-def _lut(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The 16 code values in ``dtype`` (exact in every float dtype), code 8 = -0.0."""
+def e2m1_lut(device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The 16 E2M1 code values ``[16]`` in ``dtype`` on ``device`` (exact in every float dtype), code 8 = -0.0;
+    index with ``codes.to(torch.int32)`` to decode without validation (hot loops)."""
+    device = torch.device(device)
     t = _LUT_CACHE.get((device, dtype))
     if t is None:
         t = torch.tensor(list(E2M1_VALUES) + [-v for v in E2M1_VALUES], dtype=dtype, device=device)
@@ -129,7 +131,7 @@ def encode_e2m1(x: torch.Tensor) -> torch.Tensor:
 def decode_e2m1(codes: torch.Tensor) -> torch.Tensor:
     """E2M1 codes (uint8 0..15, any shape) -> float32 values, same shape (code 8 -> -0.0)."""
     _check_codes(codes, "decode_e2m1 codes")
-    return _lut(codes.device, torch.float32)[codes.to(torch.int32)]
+    return e2m1_lut(codes.device, torch.float32)[codes.to(torch.int32)]
 
 
 def _check_codes(codes: torch.Tensor, name: str) -> None:
@@ -265,6 +267,15 @@ def _quantize_blocks(x2d: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, 
     return _encode_unchecked(y).reshape(rows, cols), s8
 
 
+def check_nvfp4_matrix(x: torch.Tensor, name: str, fallback: str = NVFP4_DEFAULT_FALLBACK) -> None:
+    """The input checks of NVFP4 weight quantization: float dtype, 2-D, ``cols % 16 == 0`` (else
+    :class:`UnsupportedShapeError` quoting ``fallback``), finite; :class:`FormatError` naming ``name``."""
+    check_float(x, name)
+    check_rank(x, 2, name)
+    check_block_multiple(x.shape[1], NVFP4_BLOCK, name, fallback)
+    check_finite(x, name)
+
+
 def quantize_nvfp4(
     x: torch.Tensor,
     global_scale: torch.Tensor,
@@ -289,10 +300,7 @@ def quantize_nvfp4(
     stores the padded tensors; rows need no padding here. NaN/Inf, non-float dtypes and non-2-D inputs
     raise :class:`FormatError` naming ``name``.
     """
-    check_float(x, name)
-    check_rank(x, 2, name)
-    check_block_multiple(x.shape[1], NVFP4_BLOCK, name, fallback)
-    check_finite(x, name)
+    check_nvfp4_matrix(x, name, fallback)
     g = _as_global(global_scale, x.device, f"{name} global_scale", check=True)
     order = NibbleOrder(order)
 
@@ -389,7 +397,7 @@ def _dequant_codes(
 ) -> torch.Tensor:
     rows, cols = codes.shape
     cdt = dtype if mode == "ck_eager" else torch.float32
-    vals = _lut(codes.device, cdt)[codes.to(torch.int32)]
+    vals = e2m1_lut(codes.device, cdt)[codes.to(torch.int32)]
     total = g.to(cdt) * s8.to(cdt)
     out = vals.reshape(rows, cols // NVFP4_BLOCK, NVFP4_BLOCK) * total.unsqueeze(-1)
     return out.reshape(rows, cols).to(dtype)
@@ -423,7 +431,7 @@ def nvfp4_block_values(
 def _block_values(codes: torch.Tensor, s8: torch.Tensor) -> torch.Tensor:
     """float32 ``value(code) * float(scale)`` for codes ``[r, c]`` and scales ``[r, c/16]`` (exact)."""
     r, c = codes.shape
-    vals = _lut(codes.device, torch.float32)[codes.to(torch.int32)].reshape(r, c // NVFP4_BLOCK, NVFP4_BLOCK)
+    vals = e2m1_lut(codes.device, torch.float32)[codes.to(torch.int32)].reshape(r, c // NVFP4_BLOCK, NVFP4_BLOCK)
     return (vals * s8.to(torch.float32).unsqueeze(-1)).reshape(r, c)
 
 
