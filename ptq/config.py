@@ -28,6 +28,9 @@ class ModelConfig:
     # on CPU, run bf16/fp16 Linears as float32 GEMMs rounded once (ptq.models.cpu_matmul; 4-5x faster where the
     # CPU has no native bf16 GEMM); no effect on GPUs
     cpu_float32_linear: bool = True
+    # on CUDA, replay the transformer forward from CUDA graphs (ptq.calibration.cuda_graph) during the bf16
+    # baseline, max-calibration and the quantized evaluation: no host cost per kernel or per observer hook
+    cuda_graphs: bool = True
 
 
 @dataclass

@@ -149,10 +149,15 @@ def _load_images(paths: list[str], height: int, width: int) -> list[torch.Tensor
 
 
 def sample_all(comps, embeds: torch.Tensor, neg: torch.Tensor, cfg: SamplingConfig, *, desc: str,
-               progress: bool, keep_steps: bool, on_step_start=None) -> list[dict[str, Any]]:
-    """Denoise every prompt; returns per prompt {"final": latents, "steps": [latents per step]} on CPU float32."""
+               progress: bool, keep_steps: bool, on_step_start=None, cuda_graphs: bool = False
+               ) -> list[dict[str, Any]]:
+    """Denoise every prompt; returns per prompt {"final": latents, "steps": [latents per step]} on CPU float32.
+
+    ``cuda_graphs``: replay the transformer forward from CUDA graphs (CUDA only; hooks attached now are captured,
+    so attach them before and keep them until this returns)."""
     from tqdm.auto import tqdm
 
+    from ptq.calibration.cuda_graph import CudaGraphForward
     from ptq.models.wan import denoise, encode_image
 
     results = []
@@ -160,6 +165,8 @@ def sample_all(comps, embeds: torch.Tensor, neg: torch.Tensor, cfg: SamplingConf
     spec0 = _sample_spec(cfg, defaults, 0)
     images = _load_images(list(cfg.images), spec0.height, spec0.width) if cfg.images else []
     bar = tqdm(total=len(embeds) * spec0.num_steps, desc=desc, disable=not progress, leave=False)
+    on_cuda = next(comps.transformer.parameters()).is_cuda
+    runner = CudaGraphForward(comps.transformer) if cuda_graphs and on_cuda else None
     for i in range(len(embeds)):
         spec = _sample_spec(cfg, defaults, i)
         steps: list[torch.Tensor] = []
@@ -171,9 +178,12 @@ def sample_all(comps, embeds: torch.Tensor, neg: torch.Tensor, cfg: SamplingConf
 
         cond = encode_image(comps, images[i % len(images)]) if images else None
         final = denoise(comps, embeds[i : i + 1], neg, spec, condition_latents=cond,
-                        on_step_start=on_step_start, on_step_end=end)
+                        on_step_start=on_step_start, on_step_end=end, forward=runner)
         results.append({"final": final.float().cpu(), "steps": steps})
     bar.close()
+    if runner is not None:
+        log.info("%s: %d CUDA-graph replays, %d eager forwards", desc, runner.replays, runner.eager_calls)
+        runner.release()
     return results
 
 
@@ -244,7 +254,7 @@ def _run_pipeline(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
         else:
             with timer("baseline_eval"):
                 baseline = sample_all(comps, eval_emb, neg_eval, cfg.eval, desc="baseline (bf16)",
-                                      progress=cfg.progress, keep_steps=True)
+                                      progress=cfg.progress, keep_steps=True, cuda_graphs=cfg.model.cuda_graphs)
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
             torch.save(baseline, tmp)
@@ -266,8 +276,10 @@ def _run_pipeline(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
     recorder = ForwardInputRecorder(model, recipe.sensitivity_inputs, seed=cfg.calib.seed) if analyse else None
 
     def calibrate(obs) -> None:
+        # CUDA graphs capture the observer's kernels; host-side sampling, Hessians and recorded inputs need eager runs
+        graphs = cfg.model.cuda_graphs and obs.graph_safe and recorder is None
         sample_all(comps, calib_emb, neg_calib, cfg.calib, desc="calibrate", progress=cfg.progress,
-                   keep_steps=False, on_step_start=lambda i: setattr(obs, "step", i))
+                   keep_steps=False, on_step_start=lambda i: setattr(obs, "step", i), cuda_graphs=graphs)
 
     if not recipe.weight_only or gptq or analyse:
         observer = LinearInputObserver(model, targets, num_steps=calib_spec.num_steps,
@@ -297,7 +309,7 @@ def _run_pipeline(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
     if eval_prompts:
         with timer("quant_eval"):
             quant_results = sample_all(comps, eval_emb, neg_eval, cfg.eval, desc=f"eval ({recipe.format})",
-                                       progress=cfg.progress, keep_steps=True)
+                                       progress=cfg.progress, keep_steps=True, cuda_graphs=cfg.model.cuda_graphs)
 
     # 6. export (+ verify)
     with timer("export"):
@@ -309,6 +321,8 @@ def _run_pipeline(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
         "recipe": asdict(recipe), "calib_prompts": len(calib_prompts), "eval_prompts": len(eval_prompts),
         "calib_spec": asdict(calib_spec), "eval_spec": asdict(_sample_spec(cfg.eval, defaults, 0)) if eval_prompts
         else None, "baseline_cache": str(cache_file) if cache_file else None, "peak_gpu_gib": peak,
+        "peak_gpu_gib_by_phase": dict(timer.peak_gib) if device.type == "cuda" else None,
+        "cuda_graphs": cfg.model.cuda_graphs and device.type == "cuda",
     }
     with timer("report"):
         report = write_report(out_dir, run_info=run_info, records=records, stats=stats, baseline=baseline,

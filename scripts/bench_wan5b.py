@@ -8,6 +8,12 @@ Parts (``--part``, comma-separated; default all that the device supports):
   per-Linear ``x.abs().amax()`` hooks, ``LinearInputObserver`` with the torch and the fused Triton amax path.
 * ``simfwd``: the model after ``quantize_`` (NVFP4 W4A4, FP8 W8A8): the fused CUDA path (Triton activation
   quantization + one GEMM; FP8 via ``torch._scaled_mm`` and via bf16 ``addmm``), and the reference path.
+* ``graphs``: what ``ptq run`` does on CUDA: ``CudaGraphForward`` replays of the bf16 forward, of the forward
+  with ``LinearInputObserver`` hooks (batched launches; one launch per tensor; GELU tap) and of the simulated
+  NVFP4 / FP8 forwards, vs the eager and the graphed bf16 forward; GPU kernel profile; checks that replays equal
+  eager outputs and that graphed statistics equal eager ones (``--graphs-hooks-only``: skip the quantized part).
+* ``amax_kernel`` / ``amax_batch``: launch-shape searches for the per-tensor / batched amax kernels (cold L2),
+  the fastest is used for the rest of the run.
 * ``quant_export``: ``quantize_`` of the 300 block Linears to NVFP4 + ComfyUI export (safetensors write). On CPU
   the weights are generated and quantized block by block (the whole bf16 model plus its quantized copy would
   not fit in 24 GB at once).
@@ -421,6 +427,334 @@ def part_hooks(model: nn.Module, reps: dict[int, int]) -> dict[str, LinearInputS
     RESULTS["hooks"] = res
     save()
     return stats
+
+
+# ------------------------------------------------------------------------------------------------------------
+# CUDA graphs: ptq's CudaGraphForward for calibration and evaluation
+# ------------------------------------------------------------------------------------------------------------
+
+#: amax kernel launch shapes tried by ``--part amax_kernel`` (the best by GPU time per forward is then used).
+AMAX_CANDIDATES = {
+    "64x64_w4_p8_s1": {"bm": 64, "bk": 64, "num_warps": 4, "programs_per_sm": 8, "stages": 1},
+    "64x64_w4_p8_s3": {"bm": 64, "bk": 64, "num_warps": 4, "programs_per_sm": 8, "stages": 3},
+    "32x128_w4_p4_s1": {"bm": 32, "bk": 128, "num_warps": 4, "programs_per_sm": 4, "stages": 1},
+    "32x128_w4_p2_s3": {"bm": 32, "bk": 128, "num_warps": 4, "programs_per_sm": 2, "stages": 3},
+    "32x128_w4_p4_s3": {"bm": 32, "bk": 128, "num_warps": 4, "programs_per_sm": 4, "stages": 3},
+    "64x128_w8_p2_s3": {"bm": 64, "bk": 128, "num_warps": 8, "programs_per_sm": 2, "stages": 3},
+    "16x256_w4_p2_s4": {"bm": 16, "bk": 256, "num_warps": 4, "programs_per_sm": 2, "stages": 4},
+    "128x64_w8_p4_s2": {"bm": 128, "bk": 64, "num_warps": 8, "programs_per_sm": 4, "stages": 2},
+    "32x64_w2_p8_s3": {"bm": 32, "bk": 64, "num_warps": 2, "programs_per_sm": 8, "stages": 3},
+    "16x128_w4_p8_s1": {"bm": 16, "bk": 128, "num_warps": 4, "programs_per_sm": 8, "stages": 1},
+}
+
+
+def part_amax_kernel(tokens: int, launches: int = 48, reps: int = 10, buffers: int = 12) -> dict[str, int]:
+    """GPU time of one fused amax launch per 5B input shape and launch configuration, with a cold L2 (each launch
+    reads another of ``buffers`` inputs, > L2 in all): ``launches`` launches captured in one CUDA graph, replayed
+    ``reps`` times. Weighted by how often each shape runs in one forward with sibling sharing (per block: qkv
+    (3 destinations), to_out, attn2 to_q, ffn.net.0.proj, attn2.to_out at [tokens, 3072]; attn2 to_k/to_v
+    (2 destinations) at [512, 3072]; ffn.net.2 at [tokens, 14336])."""
+    from ptq.formats import triton_quant
+
+    blocks = 30
+    shapes = {"x3072_3dest": ((tokens, 3072), 3, blocks), "x3072": ((tokens, 3072), 1, 4 * blocks),
+              "text_2dest": ((TEXT[0], 3072), 2, blocks), "x14336": ((tokens, 14336), 1, blocks)}
+    saved = dict(triton_quant.AMAX_CONFIG)
+    res: dict[str, Any] = {"tokens": tokens, "launches_per_graph": launches, "buffers": buffers}
+    best, best_us = saved, float("inf")
+    xs = {s: [(torch.randn(shape, device=DEVICE) * 3).to(torch.bfloat16) for _ in range(buffers)]
+          for s, (shape, _, _) in shapes.items()}
+    for cname, cfg in AMAX_CANDIDATES.items():
+        triton_quant.AMAX_CONFIG.clear()
+        triton_quant.AMAX_CONFIG.update(cfg)
+        row: dict[str, Any] = {}
+        total = 0.0
+        try:
+            for sname, (shape, n_dest, count) in shapes.items():
+                dests = [(torch.zeros(shape[-1], device=DEVICE), torch.zeros(9, device=DEVICE))
+                         for _ in range(n_dest)]
+                idx = torch.tensor([2], device=DEVICE)
+
+                def launch(x: torch.Tensor, dests: list = dests, idx: torch.Tensor = idx) -> None:
+                    triton_quant.amax_update_(x, dests[0][0], dests[0][1], idx, more=dests[1:])
+
+                for x in xs[sname]:
+                    launch(x)
+                sync()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    for i in range(launches):
+                        launch(xs[sname][i % buffers])
+                g.replay()
+                ts = [timed(g.replay) for _ in range(reps)]
+                us = median(ts) / launches * 1e6
+                ref = torch.stack([x.float().abs().amax(0) for x in xs[sname]]).amax(0)
+                ok = torch.equal(dests[-1][0], ref)
+                row[sname] = {"us_per_launch": us, "gb_per_s": xs[sname][0].numel() * 2 / (us * 1e-6) / 1e9,
+                              "correct": ok}
+                total += us * count
+                del g
+            row["us_per_forward"] = total
+            if total < best_us and all(v["correct"] for v in row.values() if isinstance(v, dict)):
+                best, best_us = cfg, total
+        except Exception as exc:  # noqa: BLE001 - a launch shape a GPU cannot take
+            row["error"] = repr(exc)[:300]
+        res[cname] = row
+        log(f"amax kernel {cname}: " + ", ".join(f"{k} {v['us_per_launch']:.1f} us" for k, v in row.items()
+                                                   if isinstance(v, dict)) + f"; per forward {total / 1e3:.2f} ms"
+            + ("" if "error" not in row else f" ERROR {row['error'][:200]}"))
+    triton_quant.AMAX_CONFIG.clear()
+    triton_quant.AMAX_CONFIG.update(best)
+    res["chosen"] = best
+    RESULTS["amax_kernel"] = res
+    save()
+    log(f"amax kernel: chose {best} ({best_us / 1e3:.2f} ms per forward)")
+    return best
+
+
+AMAX_BATCH_CANDIDATES = [  # (rows_per_program, bm, bk, num_warps, stages)
+    (480, 32, 64, 2, 3), (480, 32, 128, 4, 3), (960, 32, 64, 2, 3), (240, 32, 64, 2, 3), (480, 64, 64, 4, 3),
+    (480, 16, 128, 2, 4), (480, 32, 256, 8, 3), (1440, 32, 64, 2, 4), (480, 32, 64, 4, 2), (320, 32, 128, 4, 3),
+    (960, 32, 128, 4, 4), (480, 32, 64, 1, 3),
+]
+
+
+def part_amax_batch(tokens: int, reps: int = 10) -> dict[str, int]:
+    """The batched amax launches of one whole 5B calibration forward (the observer's queue: sibling sharing, up
+    to ``AMAX_BATCH_ITEMS`` tensors / ``AMAX_BATCH_BYTES`` per launch) over distinct buffers for all 30 blocks
+    (a cold L2, as in the model), captured in one CUDA graph; GPU ms per forward for each launch configuration.
+    The fastest is kept for the rest of the run."""
+    from ptq.calibration.observers import AMAX_BATCH_BYTES
+    from ptq.formats import triton_quant
+
+    def t(shape: tuple[int, int]) -> torch.Tensor:
+        return (torch.randn(shape, device=DEVICE) * 3).to(torch.bfloat16)
+
+    groups = []  # (x, destinations) in forward order
+    text = t((TEXT[0], 3072))
+    for _ in range(30):
+        for shape, nd in (((tokens, 3072), 3), ((tokens, 3072), 1), ((tokens, 3072), 1), (None, 2),
+                          ((tokens, 3072), 1), ((tokens, 3072), 1), ((tokens, 14336), 1)):
+            x = text if shape is None else t(shape)
+            groups.append((x, [(torch.zeros(x.shape[-1], device=DEVICE), torch.zeros(9, device=DEVICE))
+                               for _ in range(nd)]))
+    launches, cur, nbytes = [], [], 0
+    for x, d in groups:
+        b = x.numel() * 2
+        if cur and (len(cur) >= triton_quant.AMAX_BATCH_ITEMS or nbytes + b > AMAX_BATCH_BYTES):
+            launches.append(cur)
+            cur, nbytes = [], 0
+        cur.append((x, d))
+        nbytes += b
+    launches.append(cur)
+    idx = torch.tensor([2], device=DEVICE)
+    saved = dict(triton_quant.AMAX_BATCH_CONFIG)
+    res: dict[str, Any] = {"tokens": tokens, "launches_per_forward": len(launches),
+                           "bytes_per_forward": sum(x.numel() * 2 for x, _ in groups)}
+    best, best_ms = saved, float("inf")
+    for rows, bm, bk, warps, stages in AMAX_BATCH_CANDIDATES:
+        cfg = {"bm": bm, "bk": bk, "num_warps": warps, "stages": stages, "rows_per_program": rows}
+        name = f"r{rows}_{bm}x{bk}_w{warps}_s{stages}"
+        triton_quant.AMAX_BATCH_CONFIG.clear()
+        triton_quant.AMAX_BATCH_CONFIG.update(cfg)
+        try:
+            for items in launches:
+                triton_quant.amax_update_batch_(items, idx)
+            sync()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for items in launches:
+                    triton_quant.amax_update_batch_(items, idx)
+            g.replay()
+            ms = median([timed(g.replay) for _ in range(reps)]) * 1e3
+            ok = all(torch.equal(d[0][0], x.float().abs().amax(0)) for x, d in groups[:7])
+            res[name] = {"ms_per_forward": ms, "tb_per_s": res["bytes_per_forward"] / (ms * 1e-3) / 1e12,
+                         "correct": ok}
+            del g
+            if ok and ms < best_ms:
+                best, best_ms = cfg, ms
+            log(f"amax batch {name}: {ms:.3f} ms per forward ({res[name]['tb_per_s']:.2f} TB/s), correct={ok}")
+        except Exception as exc:  # noqa: BLE001
+            res[name] = {"error": repr(exc)[:300]}
+            log(f"amax batch {name}: ERROR {exc!r}"[:300])
+    triton_quant.AMAX_BATCH_CONFIG.clear()
+    triton_quant.AMAX_BATCH_CONFIG.update(best)
+    res["chosen"] = best
+    RESULTS["amax_batch"] = res
+    save()
+    log(f"amax batch: chose {best} ({best_ms:.3f} ms per forward, {len(launches)} launches)")
+    return best
+
+
+def profile_kernels(fns: dict[str, Callable[[], Any]], calls: int = 3) -> dict[str, Any]:
+    """GPU kernel time per call of each function (torch.profiler, CUDA graph kernels included): total, and the
+    12 largest kernel names (us per call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out: dict[str, Any] = {}
+    for name, fn in fns.items():
+        fn()
+        sync()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            sync()
+        per: dict[str, float] = {}
+        for ev in prof.key_averages():
+            t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
+            if t:
+                per[ev.key] = per.get(ev.key, 0.0) + t / calls
+        top = sorted(per.items(), key=lambda kv: -kv[1])[:12]
+        out[name] = {"total_us": sum(per.values()), "kernels": len(per),
+                     "top_us": {k[:90]: round(v, 1) for k, v in top},
+                     "amax_us": round(sum(v for k, v in per.items() if "amax" in k), 1)}
+        log(f"profile {name}: total {out[name]['total_us'] / 1e3:.2f} ms GPU, amax kernels {out[name]['amax_us']} us")
+    return out
+
+
+def part_graphs(model: nn.Module, reps: dict[int, int], simfwd: bool = True) -> None:
+    """ptq's CUDA-graph calibration and evaluation (``CudaGraphForward``, what ``ptq run`` uses on CUDA) vs the
+    eager and the graphed bf16 forward: observer (fused, shared launches, device-side step) and the simulated
+    NVFP4 / FP8 forwards. Checks: graphed observer statistics == eager ones; replayed outputs == eager outputs."""
+    res: dict[str, Any] = RESULTS.setdefault("graphs", {})
+    names = block_targets(model, QuantRecipe(format="nvfp4"))
+    for tokens, n in reps.items():
+        _graphs_at(model, names, tokens, n, res, simfwd)
+        free()
+        save()
+
+
+def _graphs_at(model: nn.Module, names: list[str], tokens: int, n: int, res: dict[str, Any],
+               simfwd: bool = True) -> None:
+    from ptq.calibration.cuda_graph import CudaGraphForward
+
+    inputs = [make_inputs(tokens, DEVICE, s) for s in range(4)]
+    state = {"round": 0}
+
+    def cur() -> dict[str, Any]:
+        return inputs[state["round"] % len(inputs)]
+
+    bf16_graph = CudaGraphForward(model)
+    obs_eager = LinearInputObserver(model, names, num_steps=8)
+    obs_graph = LinearInputObserver(model, names, num_steps=8)  # batched launches (defaults)
+    obs_batch = LinearInputObserver(model, names, num_steps=8, fuse_producers=True)  # + GELU tap
+    obs_serial = LinearInputObserver(model, names, num_steps=8, amax_batch=1, fuse_producers=False)
+    obs_runner, batch_runner, serial_runner = CudaGraphForward(model), CudaGraphForward(model), CudaGraphForward(model)
+    for obs, runner in ((obs_graph, obs_runner), (obs_batch, batch_runner), (obs_serial, serial_runner)):
+        with obs:  # captured with the hooks; the graph keeps their kernels after detach
+            obs.step = 0
+            runner(**inputs[0])
+            runner(**inputs[0])
+    bf16_graph(**inputs[0])
+    y_eager = model(**inputs[1])[0]
+    y_graph = bf16_graph(**inputs[1])[0]
+    row: dict[str, Any] = {"bf16_graph_equals_eager": bool(torch.equal(y_eager, y_graph))}
+    del y_eager, y_graph
+
+    def observed_eager() -> float:
+        with obs_eager:
+            obs_eager.step = state["round"] % 8
+            return timed(lambda: model(**cur()))
+
+    def observed_graph() -> float:
+        obs_graph.step = state["round"] % 8
+        return timed(lambda: obs_runner(**cur()))
+
+    def observed_batch() -> float:
+        obs_batch.step = state["round"] % 8
+        return timed(lambda: batch_runner(**cur()))
+
+    def observed_serial() -> float:
+        obs_serial.step = state["round"] % 8
+        return timed(lambda: serial_runner(**cur()))
+
+    variants = {"bf16": lambda: timed(lambda: model(**cur())),
+                "bf16_graph": lambda: timed(lambda: bf16_graph(**cur())),
+                "observer": observed_eager, "observer_graph": observed_graph,
+                "observer_graph_gelu_tap": observed_batch, "observer_graph_unbatched": observed_serial}
+    reset_peak()
+    t = rounds(variants, reps=n, warmup=2, state=state)
+    base, gbase = median(t["bf16"]), median(t["bf16_graph"])
+    for k, v in t.items():
+        row[k] = {"median_s": median(v), "all_s": v, "vs_bf16_eager_pct": 100 * (median(v) / base - 1),
+                  "vs_bf16_graph_pct": 100 * (median(v) / gbase - 1)}
+    row["peak_gib"] = peak_gib()
+    a, b = obs_eager.stats(), obs_graph.stats()
+    row["observer_graph_stats_identical"] = all(set(a) == set(o) and all(
+        torch.equal(a[k].channel_amax, o[k].channel_amax) and torch.equal(a[k].step_amax, o[k].step_amax)
+        for k in a) for o in (b, obs_batch.stats(), obs_serial.stats()))
+    row["gelu_taps"] = len(obs_batch._patched)
+    row["observer_graph_replays"] = obs_runner.replays
+    if tokens == min(LATENTS) and not SMOKE:
+        row["kernel_profile"] = profile_kernels({"bf16_graph": lambda: bf16_graph(**cur()),
+                                                 "observer_graph": lambda: obs_runner(**cur()),
+                                                 "observer_graph_gelu_tap": lambda: batch_runner(**cur()),
+                                                 "observer_graph_unbatched": lambda: serial_runner(**cur())})
+    serial_runner.release()
+    batch_runner.release()
+    res[f"hooks_{tokens}"] = row
+    log(f"graphs hooks @{tokens}: " + ", ".join(
+        f"{k} {row[k]['median_s'] * 1e3:.1f} ms ({row[k]['vs_bf16_graph_pct']:+.1f}% vs bf16 graph, "
+        f"{row[k]['vs_bf16_eager_pct']:+.1f}% vs eager)" for k in variants)
+        + f"; stats identical={row['observer_graph_stats_identical']}, "
+          f"bf16 replay exact={row['bf16_graph_equals_eager']}")
+    obs_runner.release()
+    save()
+    for fmt, gemms in (("nvfp4", ("bf16",)), ("fp8", ("bf16", "scaled_mm"))) if simfwd else ():
+        res[f"simfwd_{fmt}_{tokens}"] = _graphs_simfwd(model, b, fmt, gemms, inputs, state, bf16_graph, n, tokens)
+        free()
+        save()
+    bf16_graph.release()
+
+
+def _graphs_simfwd(model: nn.Module, stats: dict[str, LinearInputStats], fmt: str, gemms: tuple[str, ...],
+                   inputs: list[dict[str, Any]], state: dict[str, int], bf16_graph: Any, n: int,
+                   tokens: int) -> dict[str, Any]:
+    from ptq.calibration.cuda_graph import CudaGraphForward
+
+    def cur() -> dict[str, Any]:
+        return inputs[state["round"] % len(inputs)]
+
+    qm = copy.deepcopy(model)
+    quantize_(qm, QuantRecipe(format=fmt), stats, progress=False)
+    runners = {}
+    qrow: dict[str, Any] = {}
+    for gemm in gemms:
+        QuantLinear.fast_path, QuantLinear.fp8_gemm = True, gemm
+        r = runners[gemm] = CudaGraphForward(qm)
+        r(**inputs[0])
+        y_e = qm(**inputs[1])[0]
+        y_g = r(**inputs[1])[0]
+        qrow[f"{gemm}_graph_equals_eager"] = bool(torch.equal(y_e, y_g))
+        del y_e, y_g
+
+    def q_eager(gemm: str) -> float:
+        QuantLinear.fp8_gemm = gemm
+        return timed(lambda: qm(**cur()))
+
+    def q_graph(gemm: str) -> float:
+        return timed(lambda: runners[gemm](**cur()))
+
+    qvariants = {"bf16": lambda: timed(lambda: model(**cur())),
+                 "bf16_graph": lambda: timed(lambda: bf16_graph(**cur()))}
+    for gemm in gemms:
+        qvariants[f"{fmt}_{gemm}"] = partial(q_eager, gemm)
+        qvariants[f"{fmt}_{gemm}_graph"] = partial(q_graph, gemm)
+    reset_peak()
+    t = rounds(qvariants, reps=n, warmup=2, state=state)
+    base, gbase = median(t["bf16"]), median(t["bf16_graph"])
+    for k, v in t.items():
+        qrow[k] = {"median_s": median(v), "all_s": v, "ratio_vs_bf16_eager": median(v) / base,
+                   "ratio_vs_bf16_graph": median(v) / gbase}
+    qrow["peak_gib"] = peak_gib()
+    log(f"graphs simfwd {fmt} @{tokens}: " + ", ".join(
+        f"{k} {qrow[k]['median_s'] * 1e3:.1f} ms (x{qrow[k]['ratio_vs_bf16_graph']:.3f} vs bf16 graph, "
+        f"x{qrow[k]['ratio_vs_bf16_eager']:.3f} vs eager)" for k in qvariants)
+        + "; replay exact: " + str({g: qrow[f"{g}_graph_equals_eager"] for g in gemms}))
+    QuantLinear.fp8_gemm = "bf16"
+    for r in runners.values():
+        r.release()
+    return qrow
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -954,12 +1288,14 @@ def main() -> None:
     global OUT, SMOKE, DEVICE, LATENTS, TEXT
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--part", default="all", help="hooks,simfwd,quant_export,modelopt,tiny,ptqmem,gptq or all")
+    ap.add_argument("--part", default="all",
+                    help="hooks,simfwd,quant_export,modelopt,tiny,ptqmem,gptq,amax_kernel,amax_batch,graphs or all")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/bench_wan5b"))
     ap.add_argument("--export-dir", default="/tmp/bench_wan5b_export")
     ap.add_argument("--reps-small", type=int, default=20, help="timed rounds at 1,440 tokens")
     ap.add_argument("--reps-large", type=int, default=5, help="timed rounds at 27,280 tokens (0: skip)")
     ap.add_argument("--calib-forwards", type=int, default=8)
+    ap.add_argument("--graphs-hooks-only", action="store_true", help="part graphs: skip the simulated forwards")
     ap.add_argument("--smoke", action="store_true", help="run the GPU flow on CPU with a 2-block model")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args()
@@ -986,6 +1322,27 @@ def main() -> None:
     reps = {small: args.reps_small, **({large: args.reps_large} if args.reps_large > 0 else {})}
     QuantLinear.fast_path = True
     stats: dict[str, LinearInputStats] = {}
+    if "amax_batch" in parts:
+        try:
+            part_amax_batch(small)
+        except Exception:  # noqa: BLE001
+            RESULTS["amax_batch_error"] = traceback.format_exc()
+            log(RESULTS["amax_batch_error"])
+    if "amax_kernel" in parts:
+        try:
+            part_amax_kernel(small)
+        except Exception:  # noqa: BLE001
+            RESULTS["amax_kernel_error"] = traceback.format_exc()
+            log(RESULTS["amax_kernel_error"])
+    if "graphs" in parts:
+        model = build_5b()
+        try:
+            part_graphs(model, reps, simfwd=not args.graphs_hooks_only)
+        except Exception:  # noqa: BLE001
+            RESULTS["graphs_error"] = traceback.format_exc()
+            log(RESULTS["graphs_error"])
+        del model
+        free()
     if parts & {"hooks", "simfwd", "quant_export"}:
         model = build_5b()
         if "hooks" in parts:

@@ -113,6 +113,80 @@ def check_fp8_kernel(device: str) -> None:
                 got = tq.fp8_activation_codes(x, s, mode=mode).cpu()
                 assert got.dtype == fp8.FP8_DTYPE
                 assert _same_bits(ref, got), f"fp8 mismatch dtype={x.dtype} mode={mode} frac={frac}"
+                for out_dtype in (torch.bfloat16, torch.float32):  # the values kernel: codes.to(out_dtype)
+                    vals = tq.fp8_activation_values(x, s, mode=mode, out_dtype=out_dtype).cpu()
+                    assert _same_bits(ref.to(out_dtype), vals), f"fp8 values mismatch {x.dtype} {mode} {frac}"
+
+
+def check_amax_kernel(device: str) -> None:
+    """Fused amax update == torch: per channel and per step, up to four destinations, step read from a tensor."""
+    from ptq.formats import triton_quant as tq
+
+    for shape in ((1440, 3072), (3, 517, 304), (5, 48), (100, 300)):
+        g = torch.Generator().manual_seed(shape[-1])
+        x = (torch.randn(shape, generator=g) * torch.logspace(-2, 2, shape[-1])).to(torch.bfloat16)
+        ref_ch = x.float().abs().reshape(-1, shape[-1]).amax(0)
+        x = x.to(device)
+        for n_dest in (1, 2, 4):
+            ch0 = [torch.rand(shape[-1], generator=g).to(device) for _ in range(n_dest)]
+            chs = [c.clone() for c in ch0]
+            steps = [torch.zeros(5, device=device) for _ in range(n_dest)]
+            idx = torch.tensor([3], device=device)
+            tq.amax_update_(x, chs[0], steps[0], idx, more=list(zip(chs[1:], steps[1:])))
+            for c, c0, st in zip(chs, ch0, steps):
+                assert torch.equal(c.cpu(), torch.maximum(c0.cpu(), ref_ch))
+                assert torch.equal(st.cpu(), torch.tensor([0, 0, 0, float(ref_ch.max()), 0]))
+        ch, st = torch.zeros(shape[-1], device=device), torch.zeros(4, device=device)
+        tq.amax_update_(x, ch, st, 1)  # step as an int; out-of-range ints leave step_amax alone
+        tq.amax_update_(x, ch, st, 7)
+        assert torch.equal(ch.cpu(), ref_ch) and torch.equal(st.cpu(), torch.tensor([0, float(ref_ch.max()), 0, 0]))
+    with pytest.raises(ValueError, match="at most"):
+        tq.amax_update_(x, ch, None, more=[(ch, None)] * 4)
+    # batched: up to four tensors of different shapes (and destination counts) in one launch
+    g = torch.Generator().manual_seed(5)
+    xs = [(torch.randn(shape, generator=g) * 3).to(torch.bfloat16) for shape in
+          ((1000, 192), (2, 37, 64), (1, 96), (517, 320))]
+    for n_items in (1, 3, 4):
+        items, refs = [], []
+        for i, xb in enumerate(xs[:n_items]):
+            dests = [(torch.rand(xb.shape[-1], generator=g).to(device), torch.zeros(3, device=device))
+                     for _ in range(1 + i % 3)]
+            refs.append([(torch.maximum(c.cpu(), xb.float().abs().reshape(-1, xb.shape[-1]).amax(0)),
+                          float(xb.float().abs().max())) for c, _ in dests])
+            items.append((xb.to(device), dests))
+        tq.amax_update_batch_(items, torch.tensor([1], device=device))
+        for (_, dests), ref in zip(items, refs):
+            for (c, st), (rc, rmax) in zip(dests, ref):
+                assert torch.equal(c.cpu(), rc) and st.cpu().tolist() == [0.0, rmax, 0.0]
+    c = torch.zeros(192, device=device)
+    tq.amax_update_batch_([(xs[0].to(device), [(c, None)])])  # no step statistics
+    assert torch.equal(c.cpu(), xs[0].float().abs().amax(0))
+
+
+def check_observer_fused(device: str) -> None:
+    """The fused observer path (shared launches for siblings, device-side step) == the torch path."""
+    from ptq.calibration.observers import LinearInputObserver
+
+    model = _sibling_model().to(device)
+    g = torch.Generator().manual_seed(1)
+    xs = [(torch.randn(2, 33, 256, generator=g) * (i + 1)).to(torch.bfloat16).to(device) for i in range(4)]
+    stats = {}
+    for backend, batch in (("torch", 4), ("triton", 4), ("triton", 1)):
+        obs = LinearInputObserver(model, num_steps=2, amax_backend=backend, amax_batch=batch)
+        with obs, torch.no_grad():
+            for i, x in enumerate(xs):
+                obs.step = (0, 1, 5, 1)[i]  # step 5 is outside the schedule: channel maxima only
+                model(x)
+        stats[backend, batch] = obs.stats()
+    a_all = stats["torch", 4]
+    for key in (("triton", 4), ("triton", 1)):
+        assert set(a_all) == set(stats[key]) == {"to_q", "to_k", "out"}
+        for name, a in a_all.items():
+            b = stats[key][name]
+            assert torch.equal(a.channel_amax, b.channel_amax) and torch.equal(a.step_amax, b.step_amax), name
+            assert (a.calls, a.tokens) == (b.calls, b.tokens) == (4, 4 * 66)
+    ref = max(float(x.float().abs().max()) for x in xs[1::2])
+    assert float(stats["triton", 4]["to_q"].step_amax[1]) == ref
 
 
 # --------------------------------------------------------------------------------------------------
@@ -122,8 +196,9 @@ def check_fp8_kernel(device: str) -> None:
 _INTERPRET_SNIPPET = """
 import sys
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
-from test_gpu_kernels import check_fp8_kernel, check_nvfp4_kernel
-check_nvfp4_kernel("cpu"); check_fp8_kernel("cpu"); print("interpreter-ok")
+from test_gpu_kernels import check_amax_kernel, check_fp8_kernel, check_nvfp4_kernel, check_observer_fused
+check_nvfp4_kernel("cpu"); check_fp8_kernel("cpu"); check_amax_kernel("cpu"); check_observer_fused("cpu")
+print("interpreter-ok")
 """
 
 
@@ -237,6 +312,19 @@ def test_quantlinear_cuda_fast_path_matches_cpu(fmt: str, per_channel: bool, gem
     assert (got.float() - slow.float()).abs().max() <= 2**-6 * scale
     if gemm == "scaled_mm" and not per_channel:  # per-tensor FP8 must really run torch._scaled_mm on Hopper
         assert not any(getattr(m, "_no_scaled_mm", False) for m in model.modules())
+
+
+@pytest.mark.gpu
+def test_gelu_tanh_amax_bit_exact() -> None:
+    from ptq.formats import triton_quant as tq
+
+    assert tq.gelu_tanh_exact("cuda")  # every finite bf16 value, against F.gelu(approximate="tanh")
+    y = (torch.randn(3, 517, 1000, device="cuda") * 4).to(torch.bfloat16)
+    ch, st = torch.zeros(1000, device="cuda"), torch.zeros(3, device="cuda")
+    out = tq.gelu_tanh_amax(y, ch, st, torch.tensor([1], device="cuda"))
+    ref = torch.nn.functional.gelu(y, approximate="tanh")
+    assert torch.equal(out, ref) and torch.equal(ch, ref.float().abs().reshape(-1, 1000).amax(0))
+    assert st.tolist() == [0.0, float(ref.float().abs().max()), 0.0]
 
 
 @pytest.mark.gpu

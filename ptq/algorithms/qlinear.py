@@ -12,10 +12,10 @@ FP4/FP8 kernels do).
 CUDA fast path (bf16 activations, W+A): one fused Triton kernel quantizes the activation
 (:mod:`ptq.formats.triton_quant`, bit-exact with the torch reference), then one GEMM whose fp32 epilogue applies
 the global scales and the bias with a single rounding to bf16: NVFP4 ``torch.addmm(bias, Xv, Wv^T, alpha=alpha)``
-with ``alpha = input_scale * weight_scale_2`` fixed at construction; FP8 ``torch._scaled_mm`` on the real FP8
-operands (``QuantLinear.fp8_gemm = "scaled_mm"``, the default) or the same bf16 ``addmm`` on their exact bf16 values
-(``"bf16"``). Sibling layers reading the same input with the same input scale (to_q/to_k/to_v) reuse one quantized
-activation. The CPU path (fp32 matmul) and non-bf16 inputs keep the reference arithmetic below.
+with ``alpha = input_scale * weight_scale_2`` fixed at construction; FP8 the same bf16 ``addmm`` on the exact bf16
+values of the FP8 operands (``QuantLinear.fp8_gemm = "bf16"``, the default: the activation kernel writes those
+values directly) or ``torch._scaled_mm`` on the real FP8 operands (``"scaled_mm"``). Sibling layers reading the
+same input with the same input scale (to_q/to_k/to_v) reuse one quantized activation. The CPU path (fp32 matmul) and non-bf16 inputs keep the reference arithmetic below.
 """
 
 from __future__ import annotations
@@ -167,12 +167,18 @@ class QuantLinear(nn.Module):
         return (self.fast_path and x.is_cuda and x.dtype == torch.bfloat16 and not self.weight_only
                 and self._act_key is not None and triton_quant.triton_available(x.device))
 
+    def _fp8_scaled_mm(self) -> bool:
+        return QuantLinear.fp8_gemm == "scaled_mm" and not getattr(self, "_no_scaled_mm", False)
+
     def _quantized_input(self, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        """Quantized activation of ``x2`` = ``x`` as ``[m, in]`` (bf16 block values for NVFP4, FP8 codes for FP8),
-        reusing the one computed by the previous layer when it saw the same tensor object ``x`` (same version) with
-        the same input scale. The cache entry dies with ``x``, so it never extends the lifetime of memory much."""
+        """Quantized activation of ``x2`` = ``x`` as ``[m, in]`` (bf16 block values for NVFP4; FP8 codes for
+        ``torch._scaled_mm``, else their exact bf16 values), reusing the one computed by the previous layer when it
+        saw the same tensor object ``x`` (same version) with the same input scale and representation. The cache
+        entry dies with ``x``, so it never extends the lifetime of memory much."""
+        codes = self.format == "fp8" and self._fp8_scaled_mm()
+        key = (self._act_key, codes)
         cache = QuantLinear._act_cache
-        if cache is not None and cache[0]() is x and cache[1] == x._version and cache[2] == self._act_key:
+        if cache is not None and cache[0]() is x and cache[1] == x._version and cache[2] == key:
             return cache[3]
         if self.format == "nvfp4":
             q = triton_quant.nvfp4_activation_values(x2, self.input_scale)
@@ -181,8 +187,11 @@ class QuantLinear(nn.Module):
             if mult is None or mult.device != x2.device:
                 mult = self._fp8_mult = triton_quant.fp8_multiplier(self.input_scale.to(x2.device), x2.dtype,
                                                                     self.fp8_act_mode)
-            q = triton_quant.fp8_activation_codes(x2, mode=self.fp8_act_mode, mult=mult)
-        QuantLinear._act_cache = (weakref.ref(x, _drop_act_cache), x._version, self._act_key, q)
+            if codes:
+                q = triton_quant.fp8_activation_codes(x2, mode=self.fp8_act_mode, mult=mult)
+            else:  # the bf16 GEMM reads the FP8 values: one kernel instead of codes + a cast
+                q = triton_quant.fp8_activation_values(x2, mode=self.fp8_act_mode, mult=mult)
+        QuantLinear._act_cache = (weakref.ref(x, _drop_act_cache), x._version, key, q)
         return q
 
     def _bias_for(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -201,16 +210,16 @@ class QuantLinear(nn.Module):
         bias = self._bias_for(torch.bfloat16, x.device)
         if self.format == "nvfp4":
             y = torch.addmm(bias, q, self.weight_values.t(), beta=1, alpha=self._alpha)
-        elif QuantLinear.fp8_gemm == "scaled_mm" and not getattr(self, "_no_scaled_mm", False):
+        elif self._fp8_scaled_mm():
             try:
                 y = self._scaled_mm(q, bias)
             except RuntimeError:  # no FP8 GEMM for this GPU / scaling mode: the bf16-value GEMM below instead
                 self._no_scaled_mm = True
                 return self._forward_fast(x)
         elif self._alpha is not None:
-            y = torch.addmm(bias, q.to(torch.bfloat16), self.weight_values.t(), beta=1, alpha=self._alpha)
+            y = torch.addmm(bias, q, self.weight_values.t(), beta=1, alpha=self._alpha)
         else:  # per-channel FP8 weight scale: per-column epilogue in fp32
-            acc = _exact_matmul(q.to(torch.bfloat16), self.weight_values)
+            acc = _exact_matmul(q, self.weight_values)
             y = (acc * (self.input_scale * self.weight_scale.reshape(1, -1)) + bias.float()).to(torch.bfloat16)
         return y.reshape(*x.shape[:-1], self.out_features)
 

@@ -313,14 +313,18 @@ def denoise(
     condition_latents: torch.Tensor | None = None,
     on_step_start: Callable[[int], None] | None = None,
     on_step_end: StepCallback | None = None,
+    forward: Callable[..., Any] | None = None,
 ) -> torch.Tensor:
     """Sample one video; returns the final latents ``[1, C, F, H, W]`` float32 on the transformer's device.
 
     prompt_embeds / negative_embeds: ``[1, L, text_dim]``. ``condition_latents`` (``[1, C, 1, H, W]``, normalised)
     switches to image-to-video: the first latent frame is pinned to it and gets timestep 0, as in TI2V.
     ``on_step_start(i)`` runs before step i's forwards (cond then uncond); ``on_step_end(i, t, latents)`` after it.
+    ``forward``: called instead of the transformer with the same arguments (e.g. a
+    :class:`ptq.calibration.cuda_graph.CudaGraphForward` of it).
     """
     transformer = components.transformer
+    call = forward if forward is not None else transformer
     device = next(transformer.parameters()).device
     tdtype = transformer.dtype
     scheduler = type(components.scheduler).from_config(components.scheduler.config)
@@ -343,11 +347,11 @@ def denoise(
         x = latents if condition_latents is None else (1 - mask) * condition_latents + mask * latents
         x = x.to(tdtype)
         timestep = (mask[0][0][:: p[0], :: p[1], :: p[2]] * t).flatten().unsqueeze(0)
-        noise_pred = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=cond,
-                                 return_dict=False)[0].float()
+        noise_pred = call(hidden_states=x, timestep=timestep, encoder_hidden_states=cond,
+                          return_dict=False)[0].float()
         if do_cfg:
-            noise_uncond = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=uncond,
-                                       return_dict=False)[0].float()
+            noise_uncond = call(hidden_states=x, timestep=timestep, encoder_hidden_states=uncond,
+                                return_dict=False)[0].float()
             noise_pred = noise_uncond + spec.guidance_scale * (noise_pred - noise_uncond)
         latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
         if on_step_end is not None:
