@@ -80,6 +80,12 @@ def _need(x: torch.Tensor, name: str) -> ModuleType:
     return k
 
 
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x [..., k]`` as ``[m, k]`` with unit stride along k (a view when possible) for the row-tiled kernels."""
+    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
 def _scalar(t: torch.Tensor | float, device: torch.device) -> torch.Tensor:
     t = torch.as_tensor(t, device=device)
     if t.dtype != torch.float32:
@@ -208,9 +214,7 @@ def amax_update_(
         raise ValueError(f"amax_update_: {len(dests)} destinations, at most {AMAX_MAX_DESTINATIONS} per launch")
     if any((s is None) != (step_amax is None) for _, s in dests):
         raise ValueError("amax_update_: give step_amax for every destination or for none")
-    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = _as_rows(x)
     m, kdim = x2.shape
     if m == 0 or kdim == 0:
         return
@@ -270,9 +274,7 @@ def amax_update_batch_(
             raise ValueError(f"amax_update_batch_: 1-{AMAX_MAX_DESTINATIONS} destinations per item, got {len(dests)}")
         if any((s is None) == has_step for _, s in dests):
             raise ValueError("amax_update_batch_: give step_amax for every destination or for none")
-        x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
+        x2 = _as_rows(x)
         m, kdim = x2.shape
         if m == 0 or kdim == 0:
             continue
@@ -310,9 +312,7 @@ def gelu_tanh_amax(
         raise TypeError(f"gelu_tanh_amax: expected bfloat16, got {y.dtype}")
     if step_amax is not None and step is None:
         raise ValueError("gelu_tanh_amax: step_amax given without a step index tensor")
-    y2 = y.reshape(-1, y.shape[-1]) if y.dim() != 2 else y
-    if y2.stride(-1) != 1:
-        y2 = y2.contiguous()
+    y2 = _as_rows(y)
     out = torch.empty(y.shape, dtype=y.dtype, device=y.device)
     m, kdim = y2.shape
     if m and kdim:
