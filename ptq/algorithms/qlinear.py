@@ -15,7 +15,8 @@ the global scales and the bias with a single rounding to bf16: NVFP4 ``torch.add
 with ``alpha = input_scale * weight_scale_2`` fixed at construction; FP8 the same bf16 ``addmm`` on the exact bf16
 values of the FP8 operands (``QuantLinear.fp8_gemm = "bf16"``, the default: the activation kernel writes those
 values directly) or ``torch._scaled_mm`` on the real FP8 operands (``"scaled_mm"``). Sibling layers reading the
-same input with the same input scale (to_q/to_k/to_v) reuse one quantized activation. The CPU path (fp32 matmul) and non-bf16 inputs keep the reference arithmetic below.
+same input with the same input scale (to_q/to_k/to_v) reuse one quantized activation. The CPU path (fp32 matmul)
+and non-bf16 inputs keep the reference arithmetic below.
 """
 
 from __future__ import annotations
