@@ -313,7 +313,9 @@ def _run_pipeline(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
 
     # 6. export (+ verify)
     with timer("export"):
-        exports = export_model(model, cfg.export, out_dir, model_root=root, progress=cfg.progress)
+        source = {"ptq_source_model": wan.model_display_name(cfg.model.path, root),
+                  "ptq_source_sha256": wan.transformer_content_hash(root, Path(cfg.eval.cache_dir))}
+        exports = export_model(model, cfg.export, out_dir, progress=cfg.progress, metadata=source)
 
     peak = timer.peak() if device.type == "cuda" else None
     run_info = {

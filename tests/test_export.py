@@ -146,3 +146,34 @@ def test_verify_detects_swapped_nibbles(nvfp4_export, tmp_path: Path) -> None:
     plain, quant = split_model_state(model)
     ok, detail = verify_export("comfyui", bad, plain, quant)
     assert not ok and "blocks.1.ffn.2: dequantized weight differs" in detail
+
+
+def test_same_tensors_give_the_same_bytes(tmp_path: Path) -> None:
+    """Header metadata order is canonical: writing the same tensors twice (in any dict order) gives identical files,
+    readable by safetensors; a stale temp file of a killed writer is removed, a live one is kept."""
+    import hashlib
+    import os
+
+    from safetensors.torch import load_file
+
+    from ptq.export.safetensors_io import remove_stale_temp_files, save_safetensors
+
+    tensors = {"b": torch.arange(6, dtype=torch.float32).reshape(2, 3), "a": torch.ones(3, dtype=torch.bfloat16),
+               "c": torch.tensor([1, 2], dtype=torch.uint8), "d": torch.zeros(()), "e": torch.zeros(0)}
+    meta = {f"k{i}": str(i) for i in range(20)}
+    p1, p2 = tmp_path / "x.safetensors", tmp_path / "y.safetensors"
+    save_safetensors(tensors, p1, meta)
+    save_safetensors(dict(reversed(list(tensors.items()))), p2, dict(reversed(list(meta.items()))))
+    assert hashlib.sha256(p1.read_bytes()).digest() == hashlib.sha256(p2.read_bytes()).digest()
+    loaded = load_file(p1)
+    assert set(loaded) == set(tensors) and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    with safe_open(str(p1), "pt") as f:
+        assert f.metadata() == meta
+    head = int.from_bytes(p1.read_bytes()[:8], "little")
+    assert head % 8 == 0
+    dead = tmp_path / ".model_comfyui.safetensors.999999999.tmp"
+    live = tmp_path / f".model_comfyui.safetensors.{os.getpid()}.tmp"
+    dead.write_bytes(b"x")
+    live.write_bytes(b"x")
+    assert remove_stale_temp_files(tmp_path) == [dead]
+    assert live.exists() and not dead.exists()

@@ -32,8 +32,8 @@ def _diffusers(plain, quant, out_dir: Path, cfg: Any, model: nn.Module, meta: di
 EXPORTERS: dict[str, Callable[..., ExportResult]] = {"comfyui": _comfyui, "diffusers": _diffusers}
 
 
-def export_model(model: nn.Module, cfg: Any, out_dir: Path, *, model_root: Path | None = None,
-                 progress: bool = True, metadata: dict | None = None) -> list[ExportResult]:
+def export_model(model: nn.Module, cfg: Any, out_dir: Path, *, progress: bool = True,
+                 metadata: dict | None = None) -> list[ExportResult]:
     """Run every exporter in ``cfg.targets``; verify each file against the in-memory model when ``cfg.verify``.
 
     An exporter that cannot represent the recipe (e.g. weight-only NVFP4 for diffusers) is skipped with the reason.
@@ -45,8 +45,12 @@ def export_model(model: nn.Module, cfg: Any, out_dir: Path, *, model_root: Path 
     unknown = [t for t in cfg.targets if t not in EXPORTERS]
     if unknown:
         raise ValueError(f"export.targets: unknown {unknown}; known: {sorted(EXPORTERS)}")
+    from ptq.export.safetensors_io import remove_stale_temp_files
+
+    for stale in remove_stale_temp_files(out_dir):
+        log.warning("removed %s, a temp file left by an interrupted export", stale)
     plain, quant = split_model_state(model)
-    meta = {"ptq_version": "0.1.0", "ptq_source_model": str(model_root) if model_root else "", **(metadata or {})}
+    meta = {"ptq_version": "0.1.0", **(metadata or {})}
     results = []
     for target in tqdm(list(cfg.targets), desc="export", disable=not progress, leave=False):
         try:

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from ptq.algorithms.qlinear import QuantizedLinearState, QuantLinear
+from ptq.export.safetensors_io import save_safetensors, write_text_atomic
 
 UNQUANTIZED_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -34,28 +32,13 @@ class ExportResult:
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> int:
-    """Write ``tensors`` to ``path`` via a temp file in the same folder + rename; returns the file size in bytes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path.stat().st_size
+    """Write ``tensors`` to ``path`` deterministically and atomically; returns the file size in bytes."""
+    return save_safetensors(tensors, path, metadata)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a small text file atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def split_model_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedLinearState]]:

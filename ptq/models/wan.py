@@ -152,6 +152,50 @@ def resolve_model_path(path: str | os.PathLike[str] | None) -> Path:
     raise ModelLoadError(f"model.path={path!r} does not exist")
 
 
+def model_display_name(path: str | os.PathLike[str] | None, root: Path) -> str:
+    """What an export records as its source model: the hub id as given, the packaged model's name, or the local
+    folder's name (never an absolute local path)."""
+    if path is None or str(path) in {"", "tiny", "tiny_wan"}:
+        return "tiny_wan"
+    p = Path(os.path.expanduser(str(path)))
+    if not p.exists() and str(path).count("/") == 1:
+        return str(path)
+    return root.resolve().name
+
+
+def transformer_content_hash(root: Path, cache_dir: Path | None = None) -> str:
+    """sha256 (hex) of the transformer's files (``transformer/*`` in name order, name and bytes), cached in
+    ``cache_dir/model_hashes.json`` by path, size and modification time so a multi-GB model is read once."""
+    import hashlib
+
+    files = sorted(f for f in (root / "transformer").iterdir() if f.is_file())
+    key = hashlib.sha256(json.dumps([[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+                         .encode()).hexdigest()[:24]
+    cache_file = None if cache_dir is None else Path(cache_dir).expanduser() / "model_hashes.json"
+    cached: dict[str, str] = {}
+    if cache_file is not None and cache_file.is_file():
+        try:
+            cached = json.loads(cache_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            cached = {}
+        if key in cached:
+            return cached[key]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    digest = h.hexdigest()
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        cached[key] = digest
+        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cached, indent=1, sort_keys=True))
+        os.replace(tmp, cache_file)
+    return digest
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
