@@ -1,108 +1,30 @@
-"""Hydra structured configs (dataclasses registered in a ConfigStore): a typo in an override is an error.
+"""Hydra structured configs: a typo in an override is an error.
 
-Groups: ``config`` (presets in ``configs/config/*.yaml``, package _global_), ``quant`` (recipes in
-``configs/quant/*.yaml``) and ``model`` (``configs/model/*.yaml``). ``validate_config`` checks value ranges.
+Groups: ``config`` (presets in ``ptq/configs/config/*.yaml``, package _global_), ``model`` (``configs/model``),
+``quant`` (recipes, ``configs/quant``) and, per part of a recipe, ``quant/weight`` and ``quant/activation`` (one
+option per named method of ``ptq.algorithms.recipe``, each its own structured schema). The schemas themselves are
+the dataclasses of :mod:`ptq.pipeline.settings`. ``validate_config`` checks value ranges.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from ptq.algorithms.recipe import QuantRecipe
+from ptq.algorithms.recipe import ACTIVATION_METHODS, WEIGHT_METHODS, QuantRecipe
+from ptq.pipeline.settings import (
+    CalibConfig,
+    DatasetConfig,
+    EvalConfig,
+    ExportConfig,
+    ModelConfig,
+    RunConfig,
+    SamplingConfig,
+)
 
-
-@dataclass
-class ModelConfig:
-    """Which model to load. path: local diffusers folder, hub id (read from the HF cache offline) or null for the
-    packaged tiny WAN model. device: "auto" = cuda if available."""
-
-    name: str = "tiny_wan"
-    adapter: str = "wan"
-    path: str | None = None
-    dtype: str = "bfloat16"
-    device: str = "auto"
-    vae_device: str = "cpu"
-    # on CPU, run bf16/fp16 Linears as float32 GEMMs rounded once (ptq.models.cpu_matmul; 4-5x faster where the
-    # CPU has no native bf16 GEMM); no effect on GPUs
-    cpu_float32_linear: bool = True
-    # on CUDA, replay the transformer forward from CUDA graphs (ptq.calibration.cuda_graph) during the bf16
-    # baseline, max-calibration and the quantized evaluation: no host cost per kernel or per observer hook
-    cuda_graphs: bool = True
-
-
-@dataclass
-class DatasetConfig:
-    """Prompts from a `datasets` dataset instead of a text file (name/split/column); empty name = unused.
-    name: a hub dataset (read from the HF cache offline) or a builder such as "csv"/"json" with ``data_files``."""
-
-    name: str = ""
-    split: str = "train"
-    column: str = "text"
-    config_name: str | None = None
-    data_files: str | None = None
-
-
-@dataclass
-class SamplingConfig:
-    """Prompts and sampler settings shared by calibration and evaluation. null fields take the model's defaults."""
-
-    prompts_file: str = "calibration_data/tiny_calib.txt"
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    num_prompts: int = 16
-    height: int | None = None
-    width: int | None = None
-    num_frames: int | None = None
-    num_steps: int | None = None
-    guidance_scale: float | None = None
-    negative_prompt: str = ""
-    seed: int = 0
-    images: list[str] = field(default_factory=list)  # optional conditioning images (image-to-video)
-
-
-@dataclass
-class CalibConfig(SamplingConfig):
-    """Calibration run: hooks on every Linear over the whole denoising schedule, cond + uncond (CFG)."""
-
-    samples_per_call: int = 0  # >0 keeps random |x| samples (needed for activation=percentile/mse)
-
-
-@dataclass
-class EvalConfig(SamplingConfig):
-    """Held-out evaluation: bf16 baseline vs quantized model, identical seeds."""
-
-    prompts_file: str = "calibration_data/tiny_eval.txt"
-    num_prompts: int = 4
-    seed: int = 1000
-    decode: bool = True
-    cache_dir: str = "${oc.env:PTQ_CACHE_DIR,.ptq_cache}"  # bf16 reference outputs, shared by sweeps
-    enabled: bool = True
-
-
-@dataclass
-class ExportConfig:
-    """targets: exporter names (see ptq.export.EXPORTERS). unquantized_dtype: bfloat16 or float32."""
-
-    targets: list[str] = field(default_factory=lambda: ["comfyui", "diffusers"])
-    unquantized_dtype: str = "bfloat16"
-    filename: str = "model"
-    verify: bool = True
-
-
-@dataclass
-class RunConfig:
-    """The whole job: ``python -m ptq run config=NAME key=value ...``."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    quant: QuantRecipe = field(default_factory=QuantRecipe)
-    calib: CalibConfig = field(default_factory=CalibConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
-    preset: str = "custom"
-    progress: bool = True
-    log_level: str = "INFO"
+__all__ = ["CalibConfig", "DatasetConfig", "EvalConfig", "ExportConfig", "ModelConfig", "RunConfig",
+           "SamplingConfig", "register_configs", "validate_config"]
 
 
 def register_configs() -> None:
@@ -111,6 +33,10 @@ def register_configs() -> None:
     cs.store(name="ptq_schema", node=RunConfig)
     cs.store(group="quant", name="quant_schema", node=QuantRecipe)
     cs.store(group="model", name="model_schema", node=ModelConfig)
+    for name, node in WEIGHT_METHODS.items():
+        cs.store(group="quant/weight", name=name, node=node)
+    for name, node in ACTIVATION_METHODS.items():
+        cs.store(group="quant/activation", name=name, node=node)
 
 
 def _check_sampling(prefix: str, s: Any) -> None:
@@ -134,5 +60,5 @@ def validate_config(cfg: RunConfig) -> None:
     if cfg.export.unquantized_dtype not in ("bfloat16", "float32"):
         raise ValueError(f"export.unquantized_dtype={cfg.export.unquantized_dtype!r}: expected bfloat16 or float32 "
                          "(float16 breaks WAN: ComfyUI/diffusers expect bf16/fp32 for unquantized tensors)")
-    if cfg.quant.activation != "max" and cfg.calib.samples_per_call <= 0:
-        raise ValueError(f"quant.activation={cfg.quant.activation!r} needs calib.samples_per_call > 0")
+    if cfg.quant.needs().samples and cfg.calib.samples_per_call <= 0:
+        raise ValueError(f"quant.activation={cfg.quant.activation.label!r} needs calib.samples_per_call > 0")

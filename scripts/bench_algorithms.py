@@ -2,9 +2,10 @@
 
 Same calibration prompts, same eval prompts and seeds for every recipe; the model is calibrated once (activation
 statistics with block samples, input Hessians, recorded transformer inputs for the sensitivity analysis) and each
-recipe then quantizes a fresh copy and runs the held-out evaluation, exactly as ``ptq run`` does for that recipe
-(``python -m ptq run config=tiny_nvfp4 quant=NAME`` gives the same numbers one run at a time). Prints a markdown
-table (recipe, bits per weight, final-latent rel. L2 / cosine / PSNR, ratio to max RTN, time) and writes JSON.
+recipe then quantizes a freshly loaded model and runs the held-out evaluation with the stages ``ptq run`` uses
+(``ptq.pipeline.stages``; ``python -m ptq run config=tiny_nvfp4 quant=NAME`` gives the same numbers one run at a
+time). Prints a markdown table (recipe, bits per weight, final-latent rel. L2 / cosine / PSNR, ratio to max RTN,
+time) and writes JSON.
 
     python scripts/bench_algorithms.py --recipes nvfp4 nvfp4_mse nvfp4_gptq nvfp4_mixed fp8 fp8_gptq
 """
@@ -14,15 +15,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 DEFAULT_RECIPES = ["nvfp4", "nvfp4_act_mse", "nvfp4_mse", "nvfp4_four_over_six", "nvfp4_gptq", "nvfp4_mixed",
                    "fp8", "fp8_mse", "fp8_gptq"]
@@ -51,36 +47,34 @@ def compose_cfg(overrides: list[str]):
     from omegaconf import OmegaConf
 
     from ptq.config import register_configs
+    from ptq.run import CONFIG_DIR
 
     register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         return OmegaConf.to_object(compose("ptq", overrides=overrides))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES,
-                    help="quant presets (configs/quant/*.yaml), optionally with overrides: "
-                    "'nvfp4_gptq:quant.gptq_damp=0.1'; prefix act_only/ for the activation-only diagnostic")
+                    help="quant presets (ptq/configs/quant/*.yaml), optionally with overrides: "
+                    "'nvfp4_gptq:quant.weight.damp=0.1'; prefix act_only/ for the activation-only diagnostic")
     ap.add_argument("--preset", default="tiny_nvfp4")
     ap.add_argument("--calib-prompts", type=int, default=8)
     ap.add_argument("--eval-prompts", type=int, default=4)
     ap.add_argument("--samples-per-call", type=int, default=4096)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    ap.add_argument("--json", type=str, default=None, help="write the results here")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. calib.num_steps=20")
     args = ap.parse_args()
 
-    from ptq.algorithms.gptq import gptq_sequential_
-    from ptq.algorithms.mixed_precision import analyse_and_plan
-    from ptq.algorithms.quantize import quantize_
-    from ptq.algorithms.sensitivity import ForwardInputRecorder
-    from ptq.calibration.observers import LinearInputObserver
+    from ptq.calibration.needs import CalibrationNeeds
     from ptq.eval.metrics import latent_metrics
     from ptq.eval.report import bits_per_weight
-    from ptq.models import wan
     from ptq.models.cpu_matmul import Float32LinearOnCPU
-    from ptq.run import _DTYPES, _sample_spec, load_prompts, pick_device, sample_all
+    from ptq.pipeline import stages
+    from ptq.pipeline.job import _prompt_set, open_adapter, pick_device
+    from ptq.pipeline.prompts import load_prompts
 
     base = [f"config={args.preset}", f"calib.num_prompts={args.calib_prompts}",
             f"eval.num_prompts={args.eval_prompts}", f"model.device={args.device}", "progress=false",
@@ -92,73 +86,58 @@ def main() -> None:
         name = name.removeprefix(ACT_ONLY)
         recipes[spec] = compose_cfg([*base, f"quant={name}", *[o for o in extra.split(",") if o]]).quant
     device = pick_device(cfg.model.device)
-    dtype = _DTYPES[cfg.model.dtype]
     mode = Float32LinearOnCPU() if device.type == "cpu" and cfg.model.cpu_float32_linear else contextlib.nullcontext()
     torch.manual_seed(0)
     with mode:
-        root = wan.resolve_model_path(cfg.model.path)
-        defaults = wan.read_sample_defaults(root)
-        te, tok = wan.load_text_encoder(root, dtype=dtype, device=device)
-        enc = wan.WanComponents(None, None, None, te, tok, defaults=defaults)
-        calib_emb = wan.encode_prompts(enc, load_prompts(cfg.calib, "calib"))
-        eval_emb = wan.encode_prompts(enc, load_prompts(cfg.eval, "eval"))
-        neg_c = wan.encode_prompts(enc, [cfg.calib.negative_prompt])
-        neg_e = wan.encode_prompts(enc, [cfg.eval.negative_prompt])
-        del te, enc
-
-        def fresh() -> wan.WanComponents:
-            return wan.WanComponents(wan.load_transformer(root, dtype=dtype, device=device), wan.load_scheduler(root),
-                                     None, None, None, defaults=defaults, path=str(root))
-
-        comps = fresh()
+        adapter = open_adapter(cfg)
+        calib_prompts, eval_prompts = load_prompts(cfg.calib, "calib"), load_prompts(cfg.eval, "eval")
+        calib_emb, neg_c = stages.encode(adapter, calib_prompts, cfg.calib.negative_prompt)
+        eval_emb, neg_e = stages.encode(adapter, eval_prompts, cfg.eval.negative_prompt)
+        adapter.free_text_encoder()
+        adapter.load(decoder=False)
+        calib = _prompt_set(adapter, calib_prompts, calib_emb, neg_c, cfg.calib)
+        evals = _prompt_set(adapter, eval_prompts, eval_emb, neg_e, cfg.eval)
         t0 = time.perf_counter()
-        baseline = sample_all(comps, eval_emb, neg_e, cfg.eval, desc="baseline", progress=False, keep_steps=False)
+        baseline, _ = stages.bf16_baseline(adapter, evals, None, progress=False, cuda_graphs=False)
         t_base = time.perf_counter() - t0
-        spec = _sample_spec(cfg.calib, defaults, 0)
-        sens_inputs = max(r.sensitivity_inputs for r in recipes.values())
-        obs = LinearInputObserver(comps.transformer, num_steps=spec.num_steps, samples_per_call=args.samples_per_call,
-                                  seed=cfg.calib.seed, sample_block=16, hessian=True)
-        rec = ForwardInputRecorder(comps.transformer, sens_inputs, seed=cfg.calib.seed)
+        needs = CalibrationNeeds(amax=True, samples=True, hessians=True,
+                                 inputs=max(r.mixed.sensitivity_inputs for r in recipes.values()))
+        union = next(iter(recipes.values()))
         t0 = time.perf_counter()
-        with obs, rec:
-            sample_all(comps, calib_emb, neg_c, cfg.calib, desc="calibrate", progress=False, keep_steps=False,
-                       on_step_start=lambda i: setattr(obs, "step", i))
+        cal = stages.calibrate(adapter, union, calib, samples_per_call=args.samples_per_call, seed=cfg.calib.seed,
+                               progress=False, cuda_graphs=False, needs=needs)
         t_calib = time.perf_counter() - t0
-        stats, hessians = obs.stats(), obs.hessians()
         print(f"baseline {t_base:.1f} s, calibration {t_calib:.1f} s ({args.calib_prompts} prompts x "
-              f"{spec.num_steps} steps, CFG), device {device}", flush=True)
+              f"{calib.specs[0].num_steps} steps, CFG), device {device}", flush=True)
 
         rows = []
         for name, recipe in recipes.items():
-            comps = fresh()
-            model = comps.transformer
+            adapter.load(decoder=False)
             t0 = time.perf_counter()
             plan = None
-            if recipe.mixed_precision or recipe.sensitivity:
-                recipe, analysis = analyse_and_plan(model, recipe, stats, rec.inputs[: recipe.sensitivity_inputs],
-                                                    hessians, progress=False)
-                plan = analysis["plan"]
-            if recipe.weight.startswith("gptq") and recipe.gptq_blocks_per_pass > 0:
-                def calibrate(o, _c=comps) -> None:
-                    sample_all(_c, calib_emb, neg_c, cfg.calib, desc="calibrate", progress=False,
-                               keep_steps=False, on_step_start=lambda i: setattr(o, "step", i))
-
-                records = gptq_sequential_(model, recipe, stats, calibrate, progress=False)
-            else:
-                records = quantize_(model, recipe, stats,
-                                    hessians=hessians if recipe.weight.startswith("gptq") else None, progress=False)
+            per_target = {k: recipe for k in adapter.targets()}
+            if recipe.mixed.analyse:
+                trimmed = stages.Calibration(cal.needs, cal.stats, cal.hessians,
+                                             {k: v[: recipe.mixed.sensitivity_inputs] for k, v in cal.inputs.items()},
+                                             cal.rerun)
+                per_target, analyses = stages.analyse(adapter, recipe, trimmed, progress=False)
+                plan = analyses["transformer"]["plan"]
+            records = stages.quantize(adapter, per_target, cal, progress=False)["transformer"]
+            model = adapter.targets()["transformer"].module
             if name.startswith(ACT_ONLY):
-                exact_weights(model, wan.load_transformer(root, dtype=dtype, device=device))
+                from ptq.models.wan.loading import load_transformer
+
+                exact_weights(model, load_transformer(adapter.root, dtype=adapter.dtype, device=adapter.device))
             t_quant = time.perf_counter() - t0
-            out = sample_all(comps, eval_emb, neg_e, cfg.eval, desc=name, progress=False, keep_steps=False)
+            out = stages.evaluate(adapter, evals, desc=name, progress=False, cuda_graphs=False)
             ms = [latent_metrics(b["final"], q["final"]) for b, q in zip(baseline, out)]
             mean = {k: sum(m[k] for m in ms) / len(ms) for k in ms[0]}
             q = [r for r in records if r.format != "bf16"]
             bpw_q = (sum(r.bits_per_weight * r.in_features * r.out_features for r in q)
                      / max(sum(r.in_features * r.out_features for r in q), 1))
-            rows.append({"recipe": name, "format": recipe.format, "weight_only": recipe.weight_only,
-                         "activation": recipe.activation,
-                         "weight": recipe.weight, "bits_all": bits_per_weight(records), "bits_quantized": bpw_q,
+            summary = recipe.summary()
+            rows.append({"recipe": name, **{k: summary[k] for k in ("format", "weight_only", "activation", "weight")},
+                         "bits_all": bits_per_weight(records), "bits_quantized": bpw_q,
                          "counts": {f: sum(r.format == f for r in records) for f in ("nvfp4", "fp8", "bf16")},
                          **mean, "per_prompt_rel_l2": [m["rel_l2"] for m in ms], "seconds": t_quant,
                          "plan": plan and {k: plan[k] for k in ("bits_per_weight", "counts", "predicted_error")}})
@@ -175,8 +154,9 @@ def main() -> None:
         print(f"| {r['recipe']} | {r['bits_quantized']:.3f} | {r['bits_all']:.3f} | {r['rel_l2']:.4f} | "
               f"{ratio:.3f}x | {r['cosine']:.5f} | {r['psnr']:.2f} | {r['seconds']:.1f} |")
     if args.json:
-        args.json.write_text(json.dumps({"config": asdict(cfg), "calib_seconds": t_calib, "rows": rows}, indent=1,
-                                        default=str) + "\n")
+        with open(args.json, "w") as fh:
+            fh.write(json.dumps({"config": asdict(cfg), "calib_seconds": t_calib, "rows": rows}, indent=1,
+                                default=str) + "\n")
 
 
 if __name__ == "__main__":

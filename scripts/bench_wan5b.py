@@ -61,8 +61,9 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from ptq.algorithms.layers import LayerPlanner  # noqa: E402
 from ptq.algorithms.qlinear import QuantLinear  # noqa: E402
-from ptq.algorithms.quantize import num_blocks, plan_layer_format, quantize_  # noqa: E402
+from ptq.algorithms.quantize import quantize_  # noqa: E402
 from ptq.algorithms.recipe import QuantRecipe  # noqa: E402
 from ptq.calibration.observers import LinearInputObserver, LinearInputStats  # noqa: E402
 
@@ -183,9 +184,7 @@ def make_inputs(tokens: int, device: str, seed: int) -> dict[str, Any]:
 
 
 def block_targets(model: nn.Module, recipe: QuantRecipe) -> list[str]:
-    nb = num_blocks(model)
-    return [n for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and plan_layer_format(n, m, recipe, nb)[0] != "bf16"]
+    return LayerPlanner.for_model(model, recipe).targets(model)
 
 
 def synthetic_stats(model: nn.Module, names: list[str], amax: float = 8.0) -> dict[str, LinearInputStats]:
@@ -1142,7 +1141,6 @@ def part_tiny(calib_steps: int, n_eval: int = 16) -> None:
     perturbed model) and teacher-forced per-step error (each step's CFG prediction on the bf16 trajectory's latents,
     robust to trajectory divergence)."""
     import modelopt.torch.quantization as mtq
-    from diffusers import UniPCMultistepScheduler
 
     from ptq.models import tiny_wan
 
@@ -1153,8 +1151,8 @@ def part_tiny(calib_steps: int, n_eval: int = 16) -> None:
         comps = tiny_wan.build_random_tiny_wan(seed=0)
         comps.transformer = _cast_keep_fp32(comps.transformer, torch.bfloat16)
     base = comps.transformer.to(DEVICE).eval().requires_grad_(False)
-    calib = _tiny_prompts(16, 1, REPO / "calibration_data" / "tiny_calib.txt")
-    evalp = _tiny_prompts(n_eval, 2, REPO / "calibration_data" / "tiny_eval.txt")
+    calib = _tiny_prompts(16, 1, REPO / "ptq" / "data" / "tiny_calib.txt")
+    evalp = _tiny_prompts(n_eval, 2, REPO / "ptq" / "data" / "tiny_eval.txt")
     emb_c, emb_e = tiny_wan.encode_prompts(comps, calib), tiny_wan.encode_prompts(comps, evalp)
     neg_c = tiny_wan.encode_prompts(comps, [""] * len(calib))
     neg_e = tiny_wan.encode_prompts(comps, [""] * len(evalp))
@@ -1162,28 +1160,27 @@ def part_tiny(calib_steps: int, n_eval: int = 16) -> None:
 
     def sample(model: nn.Module, emb: torch.Tensor, neg: torch.Tensor, steps: int, seed: int,
                forced: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list, list]:
-        """generate_latents' loop; returns (final latents, per-step inputs, per-step CFG predictions). ``forced``:
+        """WAN's denoising loop; returns (final latents, per-step inputs, per-step CFG predictions). ``forced``:
         feed these per-step latents instead of the model's own (teacher forcing)."""
-        s = comps.vae.config.spatial_factor
-        shape = (emb.shape[0], comps.vae.z_dim, d["num_frames"], d["height"] // s, d["width"] // s)
-        latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
-        sched = UniPCMultistepScheduler.from_config(comps.scheduler.config)
-        sched.set_timesteps(steps, device=DEVICE)
-        sched.set_begin_index(0)
-        e, n = emb.to(DEVICE, torch.bfloat16), neg.to(DEVICE, torch.bfloat16)
-        xs, preds = [], []
-        with torch.no_grad():
-            for i, t in enumerate(sched.timesteps):
-                xin = latents if forced is None else forced[i]
-                x = xin.to(torch.bfloat16)
-                ts = tiny_wan.expand_timestep(t, x, model.config.patch_size)
-                c = model(hidden_states=x, timestep=ts, encoder_hidden_states=e, return_dict=False)[0].float()
-                u = model(hidden_states=x, timestep=ts, encoder_hidden_states=n, return_dict=False)[0].float()
-                pred = u + d["guidance_scale"] * (c - u)
-                xs.append(xin)
-                preds.append(pred)
-                latents = sched.step(pred, t, latents, return_dict=False)[0]
-        return latents, xs, preds
+        from ptq.models.base import SampleSpec
+        from ptq.models.wan.loading import WanComponents
+        from ptq.models.wan.sampling import denoise
+
+        comps_m = WanComponents(model, comps.scheduler, comps.vae, None, None,
+                                defaults={**d, "vae_scale_factor_spatial": comps.vae.config.spatial_factor,
+                                          "vae_scale_factor_temporal": 1})
+        spec = SampleSpec(d["height"], d["width"], d["num_frames"], steps, float(d["guidance_scale"]), seed)
+        inputs: list[torch.Tensor] = []
+        preds: list[torch.Tensor] = []
+
+        def forward(**kw: Any) -> Any:  # records each step's input (cond forward, then uncond)
+            inputs.append(kw["hidden_states"])
+            return model(**kw)
+
+        latents = denoise(comps_m, emb, neg, spec, forward=forward,
+                          latents_at=None if forced is None else forced.__getitem__,
+                          on_prediction=lambda i, p: preds.append(p))
+        return latents, inputs[::2], preds
 
     steps = int(d["num_inference_steps"])
     ref, ref_xs, ref_preds = sample(base, emb_e, neg_e, steps, 123)

@@ -30,8 +30,8 @@ if DEV == "cpu":
 out = {}
 comps = tiny_wan.load_tiny_wan(tiny_wan.TINY_WAN_PATH, dtype=torch.bfloat16, device="cpu")
 tr = comps.transformer.to(DEV)
-calib = tiny_wan.read_prompts("calibration_data/tiny_calib.txt")[:16]
-evalp = tiny_wan.read_prompts("calibration_data/tiny_eval.txt")[:4]
+calib = tiny_wan.read_prompts("ptq/data/tiny_calib.txt")[:16]
+evalp = tiny_wan.read_prompts("ptq/data/tiny_eval.txt")[:4]
 emb_c, emb_e = tiny_wan.encode_prompts(comps, calib), tiny_wan.encode_prompts(comps, evalp)
 neg_c, neg_e = tiny_wan.encode_prompts(comps, [""] * 16), tiny_wan.encode_prompts(comps, [""] * 4)
 names = [n for n, m in tr.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("blocks.")]

@@ -58,7 +58,7 @@ def main() -> None:
 
     words = set()
     for f in ("wan_calib.txt", "wan_eval.txt"):
-        p = REPO / "calibration_data" / f
+        p = REPO / "ptq" / "data" / f
         if p.exists():
             words |= {w.lower() for w in re.findall(r"\w+", p.read_text())}
     build_tokenizer(sorted(words), model_max_length=512).save_pretrained(out / "tokenizer")

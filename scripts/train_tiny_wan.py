@@ -3,7 +3,7 @@
 
 Subcommands:
 
-- ``prompts``: write ``calibration_data/tiny_calib.txt`` and ``tiny_eval.txt`` (deterministic, disjoint).
+- ``prompts``: write ``ptq/data/tiny_calib.txt`` and ``tiny_eval.txt`` (deterministic, disjoint).
 - ``train``: rectified-flow training of transformer + text encoder (jointly), bf16 autocast on CUDA, a
   wall-clock budget with a cosine LR over that budget, EMA weights saved with :func:`save_tiny_wan`.
   Runs on CPU too (``--device cpu --max-steps 3 --batch 4`` as a smoke test).
@@ -54,8 +54,8 @@ from ptq.models.tiny_wan import (  # noqa: E402
 )
 
 REPO = Path(__file__).resolve().parents[1]
-CALIB_PATH = REPO / "calibration_data" / "tiny_calib.txt"
-EVAL_PATH = REPO / "calibration_data" / "tiny_eval.txt"
+CALIB_PATH = REPO / "ptq" / "data" / "tiny_calib.txt"
+EVAL_PATH = REPO / "ptq" / "data" / "tiny_eval.txt"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -11,11 +11,12 @@ from torch import nn
 from ptq.algorithms import gptq
 from ptq.algorithms import weight_search as ws
 from ptq.algorithms.qlinear import QuantizedLinearState
-from ptq.algorithms.quantize import quantize_
-from ptq.algorithms.recipe import QuantRecipe
+from ptq.algorithms.quantize import plan_groups, quantize_
+from ptq.algorithms.recipe import GPTQWeight, QuantRecipe
 from ptq.calibration.observers import LinearInputObserver
 from ptq.formats import fp8 as fp8_fmt
 from ptq.formats import nvfp4 as nf
+from ptq.models.wan import WAN_LAYER_RULES
 
 
 def correlated_inputs(n: int, dim: int, seed: int) -> torch.Tensor:
@@ -121,14 +122,14 @@ def test_observer_hessian_is_xtx_over_tokens() -> None:
 
 def test_plan_groups() -> None:
     names = ["condition_embedder.x", "blocks.0.a", "blocks.0.b", "blocks.1.a", "blocks.2.a", "proj_out"]
-    assert gptq.plan_groups(names, 2) == [["condition_embedder.x", "blocks.0.a", "blocks.0.b", "blocks.1.a"],
+    assert plan_groups(names, 2, WAN_LAYER_RULES) == [["condition_embedder.x", "blocks.0.a", "blocks.0.b", "blocks.1.a"],
                                           ["blocks.2.a", "proj_out"]]
-    assert gptq.plan_groups(names, 0) == [names]
+    assert plan_groups(names, 0, WAN_LAYER_RULES) == [names]
 
 
 def test_sequential_gptq_on_tiny_wan(random_tiny_dir) -> None:
     """gptq_blocks_per_pass=1: one calibration pass per block, Hessians of one block at a time, all layers done."""
-    from ptq.algorithms.gptq import gptq_sequential_
+    from ptq.algorithms.quantize import gptq_sequential_
     from ptq.models import wan
 
     model = wan.load_transformer(random_tiny_dir)
@@ -148,7 +149,7 @@ def test_sequential_gptq_on_tiny_wan(random_tiny_dir) -> None:
         passes.append(len(observer.names))
         forward()
 
-    recipe = QuantRecipe(format="nvfp4", weight="gptq", gptq_blocks_per_pass=1)
+    recipe = QuantRecipe(format="nvfp4", weight=GPTQWeight(blocks_per_pass=1))
     records = gptq_sequential_(model, recipe, obs.stats(), calibrate, progress=False)
     nblocks = len(model.blocks)
     assert len(passes) == nblocks and sum(passes) == sum(r.format == "nvfp4" for r in records) == 50

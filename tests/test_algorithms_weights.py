@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from ptq.algorithms import weight_search as ws
+from ptq.algorithms.methods import WEIGHT_METHODS, quantize_weight
 from ptq.algorithms.qlinear import QuantizedLinearState
 from ptq.algorithms.quantize import quantize_, quantized_layers
-from ptq.algorithms.recipe import QuantRecipe
-from ptq.algorithms.weight_quant import WEIGHT_METHODS, WeightContext, quantize_weight
+from ptq.algorithms.recipe import LayerSelection, QuantRecipe
+from ptq.algorithms.weight_quant import WeightContext
 from ptq.calibration.observers import LinearInputObserver
 from ptq.formats import nvfp4 as nf
 
@@ -123,7 +124,8 @@ def test_shape_errors_fall_back_like_max() -> None:
     with LinearInputObserver(model) as obs:
         model(x)
     for method in ("mse", "four_over_six"):
-        recs = quantize_(model, QuantRecipe(format="nvfp4", weight=method, exclude=[], fallback="bf16"),
+        recs = quantize_(model, QuantRecipe(format="nvfp4", weight=method,
+                                                     layers=LayerSelection(exclude=[], fallback="bf16")),
                          obs.stats(), progress=False)
         assert recs[0].format == "bf16" and "multiple of 16" in recs[0].reason
 

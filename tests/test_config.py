@@ -57,11 +57,11 @@ def test_wrong_type_is_an_error() -> None:
     ("calib.num_prompts=0", "calib.num_prompts"),
     ("eval.num_steps=-2", "eval.num_steps"),
     ("export.unquantized_dtype=float16", "export.unquantized_dtype"),
-    ("quant.activation=mse", "samples_per_call"),
-    ("quant.percentile=120", "quant.percentile"),
+    ("quant/activation=mse", "samples_per_call"),
+    ("quant/activation=percentile quant.activation.percentile=120", "quant.activation.percentile"),
 ])
 def test_out_of_range_values_name_the_key(override: str, match: str) -> None:
-    cfg = _compose(override)
+    cfg = _compose(*override.split())
     with pytest.raises(ValueError, match=match.replace(".", r"\.")):
         validate_config(cfg)
 

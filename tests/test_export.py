@@ -14,10 +14,10 @@ from safetensors import safe_open
 from ptq.algorithms.quantize import quantize_, quantized_layers
 from ptq.algorithms.recipe import QuantRecipe
 from ptq.calibration.observers import LinearInputObserver
-from ptq.export import export_model
+from ptq.export import EXPORTERS, export_model
 from ptq.export.roundtrip import verify_export
 from ptq.models import wan
-from ptq.models.wan_names import diffusers_to_original
+from ptq.models.wan.names import diffusers_to_original
 
 ck = pytest.importorskip("comfy_kitchen")
 
@@ -119,7 +119,7 @@ def test_fp8_export_round_trip(random_tiny_dir: Path, tmp_path: Path) -> None:
 
 
 def test_weight_only_marks_full_precision_and_skips_bfl(random_tiny_dir: Path, tmp_path: Path) -> None:
-    model = _quantized_tiny(random_tiny_dir, QuantRecipe(format="nvfp4", weight_only=True))
+    model = _quantized_tiny(random_tiny_dir, QuantRecipe(format="nvfp4", activation="none"))
     cfg = SimpleNamespace(targets=["comfyui", "diffusers"], unquantized_dtype="float32", filename="m", verify=True)
     res = {r.target: r for r in export_model(model, cfg, tmp_path, progress=False)}
     assert res["comfyui"].verified and "requires input_scale" in res["diffusers"].skipped
@@ -144,7 +144,7 @@ def test_verify_detects_swapped_nibbles(nvfp4_export, tmp_path: Path) -> None:
     bad = tmp_path / "bad.safetensors"
     save_file(sd, str(bad), metadata=meta)
     plain, quant = split_model_state(model)
-    ok, detail = verify_export("comfyui", bad, plain, quant)
+    ok, detail = verify_export(EXPORTERS["comfyui"], bad, plain, quant, diffusers_to_original)
     assert not ok and "blocks.1.ffn.2: dequantized weight differs" in detail
 
 

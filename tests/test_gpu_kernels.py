@@ -280,14 +280,15 @@ def _sibling_model() -> nn.Module:
 def test_quantlinear_cuda_fast_path_matches_cpu(fmt: str, per_channel: bool, gemm: str) -> None:
     from ptq.algorithms.qlinear import QuantLinear
     from ptq.algorithms.quantize import quantize_
-    from ptq.algorithms.recipe import QuantRecipe
+    from ptq.algorithms.recipe import LayerSelection, QuantRecipe, WeightMethod
     from ptq.calibration.observers import LinearInputObserver
 
     model = _sibling_model()
     x = (torch.randn(4, 300, 256) * torch.linspace(0.1, 4, 256)).to(torch.bfloat16)
     with LinearInputObserver(model) as obs:
         model(x)
-    quantize_(model, QuantRecipe(format=fmt, exclude=[], fp8_per_channel=per_channel), obs.stats(), progress=False)
+    quantize_(model, QuantRecipe(format=fmt, weight=WeightMethod(fp8_per_channel=per_channel),
+                                   layers=LayerSelection(exclude=[])), obs.stats(), progress=False)
     ref = model(x)  # CPU reference path
     model.cuda()
     for m in model.modules():

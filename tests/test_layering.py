@@ -1,15 +1,17 @@
-"""Lower layers never import higher ones: formats -> calibration -> algorithms -> models -> export -> eval -> tools
--> run/cli/config. Checked on every import statement (also the lazy ones inside functions)."""
+"""Lower layers never import higher ones: formats -> calibration -> algorithms -> models -> export -> eval ->
+pipeline -> tools -> run/cli/config. Checked on every import statement (also the lazy ones inside functions). No
+model family's names appear below ``ptq/models``."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "ptq"
-LAYERS = ["formats", "calibration", "algorithms", "models", "export", "eval", "tools"]
+LAYERS = ["formats", "calibration", "algorithms", "models", "export", "eval", "pipeline", "tools"]
 TOP = len(LAYERS)  # ptq/run.py, ptq/cli.py, ptq/config.py, ptq/__main__.py
 
 
@@ -48,3 +50,50 @@ def test_layer_imports_only_lower_layers(layer: str) -> None:
 def test_every_layer_exists() -> None:
     for layer in LAYERS:
         assert (PKG / layer / "__init__.py").is_file()
+
+
+#: Names that belong to the WAN family (its modules, block numbering, classes): only ``ptq/models`` may use them.
+WAN_NAMES = re.compile(r"blocks\\?\.|\battn[12]\b|\bto_[qkv]\b|to_out|ffn\.net|condition_embedder|patch_embedding|"
+                       r"proj_out|scale_shift_table|\bWan[A-Z]\w*|\bwan\b|\bWAN\b", re.IGNORECASE)
+
+
+@pytest.mark.parametrize("layer", LAYERS[: LAYERS.index("models")])
+def test_no_model_names_below_the_model_layer(layer: str) -> None:
+    bad = []
+    for path in sorted((PKG / layer).rglob("*.py")):
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if WAN_NAMES.search(line):
+                bad.append(f"{path.relative_to(PKG.parent)}:{i}: {line.strip()}")
+    assert not bad, "\n".join(bad)
+
+
+def test_no_import_circle() -> None:
+    """No module of ptq imports (directly or through others) itself."""
+    graph: dict[str, set[str]] = {}
+    for path in sorted(PKG.rglob("*.py")):
+        mod = ".".join(path.relative_to(PKG.parent).with_suffix("").parts).removesuffix(".__init__")
+        graph[mod] = set()
+        for name in _imports(path):
+            if name.startswith("ptq"):
+                parts = name.split(".")
+                while parts and ".".join(parts) not in graph and not (PKG.parent / Path(*parts)).with_suffix(".py").exists() \
+                        and not (PKG.parent / Path(*parts) / "__init__.py").exists():
+                    parts.pop()
+                if parts:
+                    graph[mod].add(".".join(parts))
+    seen: dict[str, int] = {}
+
+    def visit(m: str, stack: list[str]) -> None:
+        seen[m] = 1
+        for n in sorted(graph.get(m, ())):
+            if n == m or n.startswith(m + "."):  # a package importing its own submodules
+                continue
+            if seen.get(n) == 1:
+                raise AssertionError("import circle: " + " -> ".join([*stack[stack.index(n):], n]))
+            if n not in seen:
+                visit(n, [*stack, n])
+        seen[m] = 2
+
+    for m in sorted(graph):
+        if m not in seen:
+            visit(m, [m])

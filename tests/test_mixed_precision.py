@@ -17,9 +17,10 @@ import torch
 from ptq.algorithms.mixed_precision import choose_formats, layer_bits, plan_mixed_precision
 from ptq.algorithms.qlinear import QuantizedLinearState
 from ptq.algorithms.quantize import quantize_
-from ptq.algorithms.recipe import QuantRecipe
-from ptq.algorithms.sensitivity import ForwardInputRecorder, _Evaluator
+from ptq.algorithms.recipe import LayerSelection, MixedPrecision, QuantRecipe
+from ptq.algorithms.sensitivity import _Evaluator
 from ptq.calibration.observers import LinearInputObserver
+from ptq.calibration.recorder import ForwardInputRecorder
 from ptq.formats import nvfp4 as nf
 from ptq.models.cpu_matmul import Float32LinearOnCPU
 
@@ -87,9 +88,9 @@ def calibrated(random_tiny_dir: Path):
     model = wan.load_transformer(random_tiny_dir)
     torch.manual_seed(0)
     text = torch.randn(1, 32, model.config.text_dim).to(torch.bfloat16)
-    recipe = QuantRecipe(format="nvfp4", include=["blocks.0.*", "blocks.1.*"], mixed_precision=True,
-                         bits_budget=6.0, bits_scope="quantized", mixed_formats=["nvfp4", "fp8", "bf16"],
-                         sensitivity_inputs=2)
+    recipe = QuantRecipe(format="nvfp4", layers=LayerSelection(include=["blocks.0.*", "blocks.1.*"]),
+                         mixed=MixedPrecision(enabled=True, bits_budget=6.0, bits_scope="quantized",
+                                              formats=["nvfp4", "fp8", "bf16"], sensitivity_inputs=2))
     with LinearInputObserver(model) as obs, ForwardInputRecorder(model, 2, seed=0) as rec, torch.no_grad(), \
             Float32LinearOnCPU():
         for t in (900.0, 500.0, 100.0):
@@ -126,7 +127,7 @@ def _mixed_plan(calibrated, random_tiny_dir: Path, tmp_path: Path) -> None:
     # mixed is more accurate than all-NVFP4 on the recorded inputs (the additive model's premise)
     ev = _Evaluator(model, inputs)
     all4 = wan.load_transformer(random_tiny_dir)
-    quantize_(all4, replace(recipe, mixed_precision=False), stats, progress=False)
+    quantize_(all4, replace(recipe, mixed=replace(recipe.mixed, enabled=False)), stats, progress=False)
     ev.model = fresh
     err_mixed = ev.error()
     ev.model = all4
@@ -149,7 +150,9 @@ def test_infeasible_budget_names_the_setting(calibrated) -> None:
 
     cands, _ = mixed_candidates(model, recipe, stats)
     fake.layer_error = {n: {"nvfp4": 1.0, "fp8": 0.5, "bf16": 0.0} for n in cands}
-    with pytest.raises(ValueError, match="quant.bits_budget=4.0"):
-        plan_mixed_precision(model, replace(recipe, bits_budget=4.0), stats, inputs, sensitivity=fake)
-    _, plan, _ = plan_mixed_precision(model, replace(recipe, bits_budget=16.0), stats, inputs, sensitivity=fake)
+    with pytest.raises(ValueError, match="quant.mixed.bits_budget=4.0"):
+        plan_mixed_precision(model, replace(recipe, mixed=replace(recipe.mixed, bits_budget=4.0)), stats, inputs,
+                             sensitivity=fake)
+    _, plan, _ = plan_mixed_precision(model, replace(recipe, mixed=replace(recipe.mixed, bits_budget=16.0)), stats,
+                                      inputs, sensitivity=fake)
     assert plan.counts == {"bf16": 20} and plan.predicted_error == 0.0

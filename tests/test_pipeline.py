@@ -87,18 +87,21 @@ def test_image_to_video_pins_the_first_frame(random_tiny_dir: Path, tmp_path: Pa
     from PIL import Image
 
     from ptq.config import SamplingConfig
-    from ptq.models import wan
-    from ptq.run import sample_all
+    from ptq.models.tiny_wan.adapter import TinyWanAdapter
+    from ptq.pipeline.job import _prompt_set
+    from ptq.pipeline.prompts import load_images
+    from ptq.pipeline.sampling import sample_prompts
 
     img = tmp_path / "cond.png"
     Image.fromarray((torch.rand(64, 64, 3) * 255).to(torch.uint8).numpy()).save(img)
-    comps = wan.load_wan(random_tiny_dir)
-    emb = wan.encode_prompts(comps, ["a red circle moving left"])
+    adapter = TinyWanAdapter(random_tiny_dir)
+    emb, neg = adapter.encode_prompts(["a red circle moving left"]), adapter.encode_prompts([""])
+    adapter.load()
     cfg = SamplingConfig(num_prompts=1, num_steps=3, images=[str(img)])
-    out = sample_all(comps, emb, wan.encode_prompts(comps, [""]), cfg, desc="i2v", progress=False, keep_steps=True)
-    from ptq.run import _load_images
+    out = sample_prompts(adapter, _prompt_set(adapter, ["a red circle moving left"], emb, neg, cfg), desc="i2v",
+                         progress=False, keep_steps=True)
 
-    cond = wan.encode_image(comps, _load_images([str(img)], 64, 64)[0])
+    cond = adapter.encode_condition(load_images([str(img)], 64, 64)[0])
     assert torch.equal(out[0]["final"][:, :, :1], cond)
     assert not torch.equal(out[0]["final"][:, :, 1:2], cond)
     assert len(out[0]["steps"]) == 3
@@ -107,9 +110,9 @@ def test_image_to_video_pins_the_first_frame(random_tiny_dir: Path, tmp_path: Pa
 def test_mixed_precision_run_reports_sensitivity_and_exports_mixed(random_tiny_dir: Path, tmp_path: Path) -> None:
     """`quant=nvfp4_mixed` through `ptq run`: the sensitivity analysis picks per-layer formats within the budget,
     the report has the sensitivity section, the ComfyUI file carries both formats and verifies."""
-    proc = _run(["run", "config=tiny_nvfp4", "quant=nvfp4_mixed", "quant.sensitivity_inputs=2",
-                 "quant.include=['blocks.0.*','blocks.1.*']",
-                 "quant.weight=mse", f"model.path={random_tiny_dir}", f"hydra.run.dir={tmp_path}",
+    proc = _run(["run", "config=tiny_nvfp4", "quant=nvfp4_mixed", "quant.mixed.sensitivity_inputs=2",
+                 "quant.layers.include=['blocks.0.*','blocks.1.*']",
+                 "quant/weight=mse", f"model.path={random_tiny_dir}", f"hydra.run.dir={tmp_path}",
                  f"eval.cache_dir={tmp_path / 'cache'}", "eval.decode=false", *FAST], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
@@ -128,8 +131,8 @@ def test_mixed_precision_run_reports_sensitivity_and_exports_mixed(random_tiny_d
 def test_sequential_gptq_run(random_tiny_dir: Path, tmp_path: Path) -> None:
     """`quant=nvfp4_gptq quant.gptq_blocks_per_pass=2`: Hessians collected in 3 passes, every block layer quantized,
     exports verified."""
-    proc = _run(["run", "config=tiny_nvfp4", "quant=nvfp4_gptq", "quant.weight=gptq_max",
-                 "quant.gptq_blocks_per_pass=2", f"model.path={random_tiny_dir}", f"hydra.run.dir={tmp_path}",
+    proc = _run(["run", "config=tiny_nvfp4", "quant=nvfp4_gptq", "quant/weight=gptq_max",
+                 "quant.weight.blocks_per_pass=2", f"model.path={random_tiny_dir}", f"hydra.run.dir={tmp_path}",
                  f"eval.cache_dir={tmp_path / 'cache'}", "eval.decode=false", *FAST], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())

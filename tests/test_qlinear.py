@@ -8,7 +8,7 @@ from torch import nn
 
 from ptq.algorithms.qlinear import QuantLinear
 from ptq.algorithms.quantize import quantize_
-from ptq.algorithms.recipe import QuantRecipe
+from ptq.algorithms.recipe import LayerSelection, QuantRecipe
 from ptq.calibration.observers import LinearInputObserver
 
 ck = pytest.importorskip("comfy_kitchen")
@@ -20,7 +20,7 @@ def _calibrated(fmt: str, weight_only: bool = False, seed: int = 0) -> tuple[nn.
     x = (torch.randn(3, 40, 64) * torch.linspace(0.1, 4, 64)).to(torch.bfloat16)  # channel outliers
     with LinearInputObserver(model) as obs:
         model(x)
-    recipe = QuantRecipe(format=fmt, weight_only=weight_only, exclude=[])
+    recipe = QuantRecipe(format=fmt, activation="none" if weight_only else "max", layers=LayerSelection(exclude=[]))
     records = quantize_(model, recipe, obs.stats(), progress=False)
     assert [r.format for r in records] == [fmt, fmt]
     return model, x
@@ -84,9 +84,9 @@ def test_fallback_for_non_multiple_of_16() -> None:
     x = torch.randn(5, 24, dtype=torch.bfloat16)
     with LinearInputObserver(model) as obs:
         model(x)
-    recs = quantize_(model, QuantRecipe(format="nvfp4", exclude=[], fallback="fp8"), obs.stats(), progress=False)
+    recs = quantize_(model, QuantRecipe(format="nvfp4", layers=LayerSelection(exclude=[], fallback="fp8")), obs.stats(), progress=False)
     assert recs[0].format == "fp8" and "not a multiple of 16" in recs[0].reason
-    recs = quantize_(nn.Sequential(nn.Linear(24, 32)), QuantRecipe(format="nvfp4", exclude=[]), obs.stats(),
+    recs = quantize_(nn.Sequential(nn.Linear(24, 32)), QuantRecipe(format="nvfp4", layers=LayerSelection(exclude=[])), obs.stats(),
                      progress=False)
     assert recs[0].format == "bf16" and "not a multiple of 16" in recs[0].reason
 
@@ -102,7 +102,7 @@ def test_quantize_frees_the_replaced_linears() -> None:
     obs = LinearInputObserver(model)
     with obs:
         model(torch.randn(4, 64).to(torch.bfloat16))
-    quantize_(model, QuantRecipe(format="nvfp4", exclude=[]), obs.stats(), progress=False)
+    quantize_(model, QuantRecipe(format="nvfp4", layers=LayerSelection(exclude=[])), obs.stats(), progress=False)
     gc.collect()
     assert all(r() is None for r in refs)
     assert isinstance(model[0], QuantLinear) and isinstance(model[2], QuantLinear)

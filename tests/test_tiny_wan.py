@@ -28,8 +28,8 @@ from ptq.models.tiny_wan import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-CALIB = REPO / "calibration_data" / "tiny_calib.txt"
-EVAL = REPO / "calibration_data" / "tiny_eval.txt"
+CALIB = REPO / "ptq" / "data" / "tiny_calib.txt"
+EVAL = REPO / "ptq" / "data" / "tiny_eval.txt"
 
 
 @pytest.fixture(scope="module")

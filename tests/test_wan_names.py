@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ptq.models.wan import WAN22_TI2V_5B_PARAMS, build_meta_transformer
-from ptq.models.wan_names import (
+from ptq.models.wan.names import (
     NameMapError,
     convert_state_dict_keys,
     diffusers_to_original,

@@ -22,40 +22,37 @@ import math
 import torch
 
 from ptq.calibration.observers import LinearInputStats
-from ptq.formats import fp8 as fp8_fmt
-from ptq.formats import nvfp4 as nvfp4_fmt
-from ptq.formats.nvfp4 import NVFP4_BLOCK
+from ptq.formats import NumberFormat, get_format
 
 STEP_WEIGHTINGS = ("none", "relative")
+#: Activation methods by name (see the module docstring); ``choose_input_amax`` takes these labels.
+ACTIVATION_LABELS = ("max", "percentile", "mse", "mse_steps")
 
 
-def input_scale_from_amax(amax: torch.Tensor, fmt: str) -> torch.Tensor:
-    """float32 ``[]``: amax/448 for fp8, amax/(6*448) for nvfp4 (the activation's global scale)."""
-    if fmt == "nvfp4":
-        return nvfp4_fmt.nvfp4_global_scale(amax)
-    if fmt == "fp8":
-        return fp8_fmt.fp8_scale_from_amax(amax)
-    raise ValueError(f"unknown format {fmt!r}")
+def _fmt(fmt: str | NumberFormat) -> NumberFormat:
+    return get_format(fmt) if isinstance(fmt, str) else fmt
 
 
-def _fake_quant(values: torch.Tensor, clip: torch.Tensor, fmt: str) -> torch.Tensor:
-    """Runtime quantize + dequantize of ``values`` (float32; NVFP4: ``[n, 16]`` blocks) with input scale from
-    ``clip``; values beyond the clip saturate exactly as in the kernels."""
-    scale = input_scale_from_amax(clip, fmt)
-    if fmt == "nvfp4":
-        return nvfp4_fmt.quantize_nvfp4_activation(values, scale) * scale
-    return fp8_fmt.fake_quantize_fp8(values, scale, mode="float32")
+def input_scale_from_amax(amax: torch.Tensor, fmt: str | NumberFormat) -> torch.Tensor:
+    """float32 ``[]``: the format's static activation scale for clip ``amax`` (FP8 amax/448, NVFP4 amax/(6*448))."""
+    return _fmt(fmt).input_scale_from_amax(amax)
+
+
+def _fake_quant(values: torch.Tensor, clip: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
+    """Runtime quantize + dequantize of ``values`` (float32; ``[n, fmt.activation_block]`` blocks) with input scale
+    from ``clip``; values beyond the clip saturate exactly as in the kernels."""
+    return fmt.fake_quantize_activation(values, fmt.input_scale_from_amax(clip))
 
 
 #: The MSE search uses at most this many sampled values per layer (evenly strided whole blocks; deterministic).
 MAX_SEARCH_SAMPLES = 1 << 17
 
 
-def _blocks(samples: torch.Tensor, sample_block: int, fmt: str) -> torch.Tensor:
-    """Samples as the quantizer sees them: NVFP4 ``[n, 16]`` runtime blocks, FP8 ``[n, 1]``; at most
-    ``MAX_SEARCH_SAMPLES`` values (every k-th block)."""
+def _blocks(samples: torch.Tensor, sample_block: int, fmt: NumberFormat) -> torch.Tensor:
+    """Samples as the quantizer sees them: ``[n, fmt.activation_block]`` runtime blocks (NVFP4 16, FP8 1); at
+    most ``MAX_SEARCH_SAMPLES`` values (every k-th block)."""
     x = samples.float().flatten()
-    width = NVFP4_BLOCK if fmt == "nvfp4" else 1
+    width = fmt.activation_block
     n = (x.numel() // width) * width
     x = x[:n].reshape(-1, width)
     stride = -(-x.shape[0] * width // MAX_SEARCH_SAMPLES)
@@ -78,9 +75,10 @@ def clip_candidates(amax: torch.Tensor, *, grid: int = 48, lo: float = 0.3,
     return out
 
 
-def clip_errors(samples: torch.Tensor, clips: list[float], fmt: str, *, sample_block: int = 1,
+def clip_errors(samples: torch.Tensor, clips: list[float], fmt: str | NumberFormat, *, sample_block: int = 1,
                 sample_steps: torch.Tensor | None = None, step_weighting: str = "none") -> torch.Tensor:
     """float64 ``[len(clips)]``: the (step-weighted) squared quantization error of the samples for each clip."""
+    fmt = _fmt(fmt)
     if step_weighting not in STEP_WEIGHTINGS:
         raise ValueError(f"step_weighting={step_weighting!r}: expected one of {STEP_WEIGHTINGS}")
     x = _blocks(samples, sample_block, fmt)
@@ -97,7 +95,7 @@ def clip_errors(samples: torch.Tensor, clips: list[float], fmt: str, *, sample_b
     return torch.tensor(errs, dtype=torch.float64)
 
 
-def mse_clip(samples: torch.Tensor, amax: torch.Tensor, fmt: str, *, grid: int = 48, lo: float = 0.3,
+def mse_clip(samples: torch.Tensor, amax: torch.Tensor, fmt: str | NumberFormat, *, grid: int = 48, lo: float = 0.3,
              sample_block: int = 1, step_amax: torch.Tensor | None = None,
              sample_steps: torch.Tensor | None = None, step_weighting: str = "none") -> torch.Tensor:
     """Clip value in ``[lo*amax, amax]`` minimising the runtime quantization error of ``samples`` (|x| values;
@@ -112,28 +110,49 @@ def mse_clip(samples: torch.Tensor, amax: torch.Tensor, fmt: str, *, grid: int =
     return torch.tensor(clips[best], dtype=torch.float32)
 
 
-def choose_input_amax(stats: LinearInputStats, method: str, fmt: str, *, percentile: float = 99.99,
-                      step_weighting: str = "none") -> torch.Tensor:
-    """Clipping value (float32 ``[]``) for one layer: "max" = observed amax; "percentile" of the sampled |x|
-    (never above amax); "mse" = clip minimising the runtime quantization error of the samples for ``fmt``;
-    "mse_steps" = the same with every denoising step weighted equally (``step_weighting="relative"``)."""
-    amax = stats.amax.float().reshape(())
-    if method == "max":
-        return amax
+def clip_max(stats: LinearInputStats) -> torch.Tensor:
+    """The observed amax (float32 ``[]``): no clipping."""
+    return stats.amax.float().reshape(())
+
+
+def _need_samples(stats: LinearInputStats, method: str) -> None:
     if stats.samples is None or stats.samples.numel() == 0:
         raise ValueError(f"activation method {method!r} needs sampled values: calibrate with samples_per_call > 0")
+
+
+def clip_percentile(stats: LinearInputStats, percentile: float) -> torch.Tensor:
+    """That percentile (0-100) of the sampled |x|, never above the observed amax (float32 ``[]``)."""
+    amax = clip_max(stats)
+    _need_samples(stats, "percentile")
+    s = stats.samples.float()
+    k = max(1, min(s.numel(), int(round(s.numel() * percentile / 100.0))))
+    value = s.kthvalue(k).values if k < s.numel() else s.max()
+    return torch.minimum(value.to(amax.device), amax).reshape(())
+
+
+def clip_mse(stats: LinearInputStats, fmt: str | NumberFormat, *, step_weighting: str = "none", grid: int = 48,
+             lo: float = 0.3) -> torch.Tensor:
+    """Clip minimising the runtime quantization error of the samples for ``fmt`` (float32 ``[]``)."""
+    amax = clip_max(stats)
+    _need_samples(stats, "mse")
+    # samples without sample_block=16 are independent elements regrouped into 16s: the block scales then see
+    # random neighbours (an approximation; calibrate with LinearInputObserver(sample_block=16))
+    samples = stats.samples.float().cpu()
+    clip = mse_clip(samples, amax.cpu(), fmt, grid=grid, lo=lo, sample_block=stats.sample_block,
+                    step_amax=None if stats.step_amax is None else stats.step_amax.float().cpu(),
+                    sample_steps=stats.sample_steps, step_weighting=step_weighting)
+    return clip.to(amax.device)
+
+
+def choose_input_amax(stats: LinearInputStats, method: str, fmt: str | NumberFormat, *, percentile: float = 99.99,
+                      step_weighting: str = "none") -> torch.Tensor:
+    """Clipping value (float32 ``[]``) for one layer by method label: "max" = observed amax; "percentile" of the
+    sampled |x| (never above amax); "mse" = clip minimising the runtime quantization error of the samples for
+    ``fmt``; "mse_steps" = the same with every denoising step weighted equally (``step_weighting="relative"``)."""
+    if method == "max":
+        return clip_max(stats)
     if method == "percentile":
-        s = stats.samples.float()
-        k = max(1, min(s.numel(), int(round(s.numel() * percentile / 100.0))))
-        value = s.kthvalue(k).values if k < s.numel() else s.max()
-        return torch.minimum(value.to(amax.device), amax).reshape(())
+        return clip_percentile(stats, percentile)
     if method in ("mse", "mse_steps"):
-        # samples without sample_block=16 are independent elements regrouped into 16s: the block scales then see
-        # random neighbours (an approximation; calibrate with LinearInputObserver(sample_block=16))
-        samples = stats.samples.float().cpu()
-        clip = mse_clip(samples, amax.cpu(), fmt, sample_block=stats.sample_block,
-                        step_amax=None if stats.step_amax is None else stats.step_amax.float().cpu(),
-                        sample_steps=stats.sample_steps,
-                        step_weighting="relative" if method == "mse_steps" else step_weighting)
-        return clip.to(amax.device)
-    raise ValueError(f"unknown activation method {method!r}")
+        return clip_mse(stats, fmt, step_weighting="relative" if method == "mse_steps" else step_weighting)
+    raise ValueError(f"unknown activation method {method!r}; expected one of {', '.join(ACTIVATION_LABELS)}")

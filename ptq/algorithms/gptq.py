@@ -12,18 +12,26 @@ of ``block_size`` columns. The scales are chosen first and kept, so the result i
   "groups"); False chooses all block scales from the original weights (required for ``act_order``).
 * FP8: one scale per tensor (or per output channel) from "max" or "mse" clipping; elements are rounded in float32.
 
-Memory: ``W`` and ``H`` in float32 plus ``[out, block_size]`` work buffers; a 14336x3072 WAN-5B layer takes ~0.5 GB.
-Layer-by-layer processing with Hessians collected in several calibration passes is :func:`gptq_sequential_`.
+The column rounding itself is the format's (:meth:`ptq.formats.NumberFormat.gptq_round`): formats with fixed
+per-tensor / per-channel scales share :func:`gptq_fixed_scale`; NVFP4's per-16 block scales chosen on the fly are
+:func:`gptq_nvfp4`. :func:`quantize_gptq` is the weight-method entry point (``GPTQWeight``).
+
+Memory: ``W`` and ``H`` in float32 plus ``[out, block_size]`` work buffers; a 14336x3072 layer takes ~0.5 GB.
+Layer-by-layer processing with Hessians collected in several calibration passes is
+:func:`ptq.algorithms.quantize.gptq_sequential_`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import torch
 
 from ptq.algorithms import weight_search as ws
+from ptq.algorithms.recipe import GPTQWeight, WeightMethod
+from ptq.algorithms.weight_quant import WeightContext, quantize_rtn
+from ptq.formats import FP8, NVFP4, NumberFormat, QuantizedWeight
 from ptq.formats import fp8 as fp8_fmt
 from ptq.formats import nvfp4 as nvfp4_fmt
 from ptq.formats.fp8 import FP8_DTYPE, FP8_E4M3_MAX, divide_exact
@@ -155,7 +163,6 @@ def gptq_nvfp4(
         col_group = torch.arange(cols, device=dev) // NVFP4_BLOCK
     hinv = inverse_cholesky_upper(H, damp)
     codes = torch.empty(rows, cols, dtype=torch.uint8, device=dev)
-    lut = nvfp4_fmt.e2m1_lut(dev)
     bs = max(NVFP4_BLOCK, (block_size // NVFP4_BLOCK) * NVFP4_BLOCK)
     col_group_list = col_group.tolist()
 
@@ -163,18 +170,54 @@ def gptq_nvfp4(
         if dynamic and j % NVFP4_BLOCK == 0:
             S[:, j // NVFP4_BLOCK : j // NVFP4_BLOCK + 1] = _nvfp4_group_scales(
                 w1[:, i : i + NVFP4_BLOCK], g, scales, diag[j : j + NVFP4_BLOCK])
-        total = g * S[:, col_group_list[j]].float()
-        col = w1[:, i]
-        zero = total == 0
-        y = torch.where(zero, torch.zeros_like(col), col / torch.where(zero, torch.ones_like(total), total))
-        c = ws._e2m1_round(y)
+        c, value = NVFP4.gptq_round(w1[:, i], g * S[:, col_group_list[j]].float())
         codes[:, j] = c
-        return lut[c.to(torch.int32)] * total
+        return value
 
     _gptq_sweep(W, hinv, bs, quantize_column)
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     return codes, S, g
+
+
+@torch.no_grad()
+def gptq_fixed_scale(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    fmt: NumberFormat,
+    scale: torch.Tensor,
+    *,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+) -> torch.Tensor:
+    """GPTQ rounding of ``w [out, in]`` to ``fmt`` with a fixed float32 scale (``[]`` per tensor or ``[out, 1]``
+    per output channel); returns the codes ``[out, in]`` (``fmt.gptq_round``'s dtype)."""
+    rows, cols = w.shape
+    dev = w.device
+    W = w.detach().float().clone()
+    H = prepare_hessian(hessian.to(dev), damp)
+    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else None
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+    hinv = inverse_cholesky_upper(H, damp)
+    scale = scale.to(dev)
+    s_col = scale.reshape(-1) if scale.dim() else scale
+    codes: torch.Tensor | None = None
+
+    def quantize_column(j: int, w1: torch.Tensor, i: int) -> torch.Tensor:
+        nonlocal codes
+        c, value = fmt.gptq_round(w1[:, i], s_col)
+        if codes is None:
+            codes = torch.empty(rows, cols, dtype=c.dtype, device=dev)
+        codes[:, j] = c
+        return value
+
+    _gptq_sweep(W, hinv, block_size, quantize_column)
+    assert codes is not None
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    return codes
 
 
 @torch.no_grad()
@@ -198,28 +241,28 @@ def gptq_fp8(
         scale = fp8_fmt.fp8_scale_from_amax(amax)
     else:
         raise ValueError(f"GPTQ scale method {scales!r}: expected one of {GPTQ_SCALE_METHODS}")
-    rows, cols = w.shape
-    dev = w.device
-    W = w.detach().float().clone()
-    H = prepare_hessian(hessian.to(dev), damp)
-    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else None
-    if perm is not None:
-        W, H = W[:, perm], H[perm][:, perm]
-    hinv = inverse_cholesky_upper(H, damp)
-    scale = scale.to(dev)
-    s_col = scale.reshape(-1) if scale.dim() else scale
-    recip = 1.0 / s_col
-    codes = torch.empty(rows, cols, dtype=FP8_DTYPE, device=dev)
-
-    def quantize_column(j: int, w1: torch.Tensor, i: int) -> torch.Tensor:
-        c = torch.clamp(w1[:, i] * recip, -FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8_DTYPE)
-        codes[:, j] = c
-        return c.float() * s_col
-
-    _gptq_sweep(W, hinv, block_size, quantize_column)
-    if perm is not None:
-        codes = codes[:, torch.argsort(perm)]
+    codes = gptq_fixed_scale(w, hessian, FP8, scale, damp=damp, block_size=block_size, act_order=act_order)
     return codes, scale.to(torch.float32)
+
+
+def quantize_gptq(w: torch.Tensor, fmt: NumberFormat, cfg: GPTQWeight, ctx: WeightContext) -> QuantizedWeight:
+    """The ``GPTQWeight`` method: NVFP4 with block scales chosen on the fly (:func:`gptq_nvfp4`); formats with
+    per-tensor / per-channel scales on the scales round-to-nearest would use (Four-over-Six, an NVFP4 block idea,
+    takes the amax scale there), then :func:`gptq_fixed_scale`."""
+    if ctx.hessian is None:
+        raise ValueError(f"{ctx.name}: weight method 'gptq' needs the layer's input Hessian (calibrate with "
+                         "LinearInputObserver(hessian=True) and pass hessians= to quantize_)")
+    fmt.check_weight(w, ctx.weight_name)
+    if fmt.name == NVFP4.name:
+        codes, s, g = gptq_nvfp4(w, ctx.hessian, damp=cfg.damp, block_size=cfg.block_size, scales=cfg.scales)
+        return fmt.from_codes(codes, s, g, ctx.name)
+    if fmt.block_size is not None:
+        raise ValueError(f"{ctx.name}: GPTQ for the block format {fmt.name!r} is not implemented")
+    scales = "max" if cfg.scales == "four_over_six" else cfg.scales
+    initial = quantize_rtn(w, fmt, WeightMethod(scales=scales, fp8_per_channel=cfg.fp8_per_channel),
+                           WeightContext(ctx.name))
+    codes = gptq_fixed_scale(w, ctx.hessian, fmt, initial.scale, damp=cfg.damp, block_size=cfg.block_size)
+    return fmt.from_codes(codes, initial.scale, initial.scale_2, ctx.name)
 
 
 def layer_output_error(w: torch.Tensor, w_q: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -229,95 +272,13 @@ def layer_output_error(w: torch.Tensor, w_q: torch.Tensor, hessian: torch.Tensor
     return float(((d @ hessian.float()) * d).sum())
 
 
-# --------------------------------------------------------------------------------------------------
-# Sequential (memory-bounded) GPTQ over a model
-# --------------------------------------------------------------------------------------------------
-
-
-def plan_groups(names: list[str], blocks_per_pass: int) -> list[list[str]]:
-    """Split layer names (model order) into passes of ``blocks_per_pass`` transformer blocks (``blocks.N.``);
-    layers outside the blocks join the first pass (before block 0: embedders) or the last (after: proj_out)."""
-    import re
-
-    block_re = re.compile(r"^blocks\.(\d+)\.")
-    idx = {n: (int(m.group(1)) if (m := block_re.match(n + ".")) else None) for n in names}
-    blocks = sorted({b for b in idx.values() if b is not None})
-    if not blocks or blocks_per_pass <= 0:
-        return [list(names)]
-    chunks = [blocks[i : i + blocks_per_pass] for i in range(0, len(blocks), blocks_per_pass)]
-    groups: list[list[str]] = [[] for _ in chunks]
-    first_seen_block = False
-    for n in names:
-        b = idx[n]
-        if b is None:
-            groups[0 if not first_seen_block else -1].append(n)
-        else:
-            first_seen_block = True
-            groups[next(k for k, c in enumerate(chunks) if b in c)].append(n)
-    return [g for g in groups if g]
-
-
-def gptq_sequential_(
-    model: torch.nn.Module,
-    recipe,
-    stats: Mapping,
-    calibrate: Callable[[object], None],
-    *,
-    progress: bool = True,
-) -> list:
-    """Quantize ``model`` in place with GPTQ, ``recipe.gptq_blocks_per_pass`` transformer blocks at a time.
-
-    Before each pass, ``calibrate(observer)`` runs the calibration forwards with a :class:`LinearInputObserver`
-    (``hessian=True`` for that pass's layers only; ``calibrate`` may set ``observer.step``) attached to the model in
-    which the earlier passes are already quantized, so at most one pass's Hessians are in memory (and later layers'
-    Hessians see the quantized inputs, as in the GPTQ paper). ``stats`` (activation scales) come from the first,
-    unquantized calibration, as for every other recipe. Returns one LayerRecord per Linear, in model order.
-    """
-    from dataclasses import replace
-
-    from torch import nn
-    from tqdm.auto import tqdm
-
-    from ptq.algorithms.quantize import LayerRecord, num_blocks, plan_layer_format, quantize_
-    from ptq.calibration.observers import LinearInputObserver
-
-    nb = num_blocks(model)
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    planned = {n: plan_layer_format(n, m, recipe, nb) for n, m in linears}
-    targets = [n for n, _ in linears if planned[n][0] != "bf16"]
-    groups = plan_groups(targets, recipe.gptq_blocks_per_pass)
-    done: dict[str, LayerRecord] = {}
-    for names in tqdm(groups, desc="gptq passes", disable=not progress, leave=False):
-        observer = LinearInputObserver(model, names, hessian=True)
-        with observer:
-            calibrate(observer)
-        hessians = observer.hessians()
-        del observer
-        sub = replace(recipe, include=[], layer_formats={n: planned[n][0] for n in names})
-        for rec in quantize_(model, sub, stats, hessians=hessians, progress=False):
-            if rec.name in names:
-                if rec.format != "bf16":
-                    rec.reason = planned[rec.name][1]
-                done[rec.name] = rec
-        del hessians
-    records = []
-    for name, module in linears:
-        if name in done:
-            records.append(done[name])
-        else:
-            records.append(LayerRecord(name, "bf16", False, module.in_features, module.out_features,
-                                       bits_per_weight=float(module.weight.element_size() * 8),
-                                       reason=planned[name][1]))
-    return records
-
-
 __all__ = [
     "GPTQ_SCALE_METHODS",
+    "gptq_fixed_scale",
     "gptq_fp8",
     "gptq_nvfp4",
-    "gptq_sequential_",
     "inverse_cholesky_upper",
     "layer_output_error",
-    "plan_groups",
     "prepare_hessian",
+    "quantize_gptq",
 ]

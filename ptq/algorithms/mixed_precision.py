@@ -24,11 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ptq.algorithms.quantize import num_blocks, plan_layer_format
-from ptq.algorithms.recipe import QuantRecipe
+from ptq.algorithms.layers import LayerPlanner, LayerRules, rules_for
+from ptq.algorithms.recipe import KEEP, QuantRecipe
 from ptq.algorithms.sensitivity import SensitivityReport, measure_sensitivity
 from ptq.calibration.observers import LinearInputStats
-from ptq.formats.nvfp4 import NVFP4_BLOCK
+from ptq.formats import get_format
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +36,11 @@ log = logging.getLogger(__name__)
 def layer_bits(fmt: str, out_features: int, in_features: int, *, dtype_bits: int = 16,
                fp8_per_channel: bool = False) -> float:
     """Total storage bits of one Linear weight in ``fmt`` (bias excluded), as ``QuantizedLinearState.bits_per_weight``
-    counts them: nvfp4 ``n*4 + n/16*8``; fp8 ``n*8 + 32`` (``+32*out`` per channel); bf16 ``n*dtype_bits``."""
-    n = out_features * in_features
-    if fmt == "nvfp4":
-        return n * 4.0 + (n // NVFP4_BLOCK) * 8.0
-    if fmt == "fp8":
-        return n * 8.0 + 32.0 * (out_features if fp8_per_channel else 1)
-    if fmt == "bf16":
-        return n * float(dtype_bits)
-    raise ValueError(f"unknown format {fmt!r}")
+    counts them (the format's ``storage_bits``: nvfp4 ``n*4 + n/16*8``; fp8 ``n*8 + 32``, ``+32*out`` per channel);
+    kept ("bf16") ``n*dtype_bits``."""
+    if fmt == KEEP:
+        return out_features * in_features * float(dtype_bits)
+    return get_format(fmt).storage_bits(out_features, in_features, per_channel=fp8_per_channel)
 
 
 @dataclass
@@ -143,28 +139,31 @@ def choose_formats(
     return choice
 
 
-def mixed_candidates(model: nn.Module, recipe: QuantRecipe,
-                     stats: Mapping[str, LinearInputStats] | None) -> tuple[dict[str, list[str]], dict[str, str]]:
+def mixed_candidates(model: nn.Module, recipe: QuantRecipe, stats: Mapping[str, LinearInputStats] | None,
+                     rules: LayerRules | None = None) -> tuple[dict[str, list[str]], dict[str, str]]:
     """(candidate layer -> formats it may take, fixed layer -> its format). Candidates: Linears the base recipe
-    would quantize and that are not named in ``layer_formats``; NVFP4 is dropped for in_features % 16 != 0; a layer
-    without calibration statistics (never called) is fixed to bf16 unless the recipe is weight-only."""
-    nb = num_blocks(model)
-    base = replace(recipe, layer_formats={})
+    would quantize and that the per-layer map ``layers.formats`` does not name; formats the layer's shape cannot
+    take are dropped; a layer without calibration statistics (never called) is fixed to bf16 unless the recipe is
+    weight-only."""
+    mapped = LayerPlanner.for_model(model, recipe, rules)
+    base = LayerPlanner.for_model(model, replace(recipe, layers=replace(recipe.layers, formats={})), rules)
     cands: dict[str, list[str]] = {}
     fixed: dict[str, str] = {}
     for name, m in model.named_modules():
         if not isinstance(m, nn.Linear):
             continue
-        if name in recipe.layer_formats:
-            fixed[name] = recipe.layer_formats[name]
+        explicit = mapped._mapped(name)
+        if explicit is not None:
+            fixed[name] = explicit
             continue
-        fmt, _ = plan_layer_format(name, m, base, nb)
-        if fmt == "bf16" or (not recipe.weight_only and stats is not None and name not in stats):
-            fixed[name] = "bf16"
+        fmt, _ = base.plan(name, m)
+        if fmt == KEEP or (not recipe.weight_only and stats is not None and name not in stats):
+            fixed[name] = KEEP
             continue
-        fmts = [f for f in recipe.mixed_formats if not (f == "nvfp4" and m.in_features % NVFP4_BLOCK)]
+        fmts = [f for f in recipe.mixed.formats
+                if f == KEEP or get_format(f).unsupported(m.in_features, m.out_features) is None]
         if not fmts:
-            fixed[name] = "bf16"
+            fixed[name] = KEEP
             continue
         cands[name] = fmts
     return cands, fixed
@@ -178,13 +177,16 @@ def plan_mixed_precision(
     hessians: Mapping[str, torch.Tensor] | None = None,
     *,
     sensitivity: SensitivityReport | None = None,
+    rules: LayerRules | None = None,
     progress: bool = True,
 ) -> tuple[QuantRecipe, MixedPrecisionPlan, SensitivityReport]:
-    """Measure sensitivities (unless given), choose per-layer formats within ``recipe.bits_budget`` and return
-    ``(recipe with layer_formats set for every candidate, plan, sensitivity)``. The model is left unchanged."""
-    cands, fixed = mixed_candidates(model, recipe, stats)
+    """Measure sensitivities (unless given), choose per-layer formats within ``recipe.mixed.bits_budget`` and return
+    ``(recipe with layers.formats set for every candidate, plan, sensitivity)``. The model is left unchanged."""
+    rules = rules_for(model) if rules is None else rules
+    cands, fixed = mixed_candidates(model, recipe, stats, rules)
     if sensitivity is None:
-        sensitivity = measure_sensitivity(model, inputs, cands, recipe, stats, hessians, progress=progress)
+        sensitivity = measure_sensitivity(model, inputs, cands, recipe, stats, hessians, rules=rules,
+                                          progress=progress)
     modules = dict(model.named_modules())
     dtype_bits = {n: modules[n].weight.element_size() * 8 for n in (*cands, *fixed)}
     total = sum(modules[n].in_features * modules[n].out_features for n in (*cands, *fixed))
@@ -192,31 +194,32 @@ def plan_mixed_precision(
     def bits(n: str, f: str) -> float:
         m = modules[n]
         return layer_bits(f, m.out_features, m.in_features, dtype_bits=dtype_bits[n],
-                          fp8_per_channel=recipe.fp8_per_channel)
+                          fp8_per_channel=recipe.weight.fp8_per_channel)
 
     fixed_bits = sum(bits(n, f) for n, f in fixed.items())
-    if recipe.bits_scope == "quantized":  # the budget covers the candidate layers only
+    if recipe.mixed.bits_scope == "quantized":  # the budget covers the candidate layers only
         total = sum(modules[n].in_features * modules[n].out_features for n in cands)
         fixed_bits = 0.0
-    budget_bits = recipe.bits_budget * total - fixed_bits
-    options = {n: {f: (bits(n, f), sensitivity.layer_error[n].get(f, 0.0 if f == "bf16" else float("inf")))
+    budget_bits = recipe.mixed.bits_budget * total - fixed_bits
+    options = {n: {f: (bits(n, f), sensitivity.layer_error[n].get(f, 0.0 if f == KEEP else float("inf")))
                    for f in fmts} for n, fmts in cands.items()}
     options = {n: {f: v for f, v in o.items() if v[1] != float("inf")} for n, o in options.items()}
     try:
         choice = choose_formats(options, budget_bits)
     except ValueError as exc:
-        raise ValueError(f"quant.bits_budget={recipe.bits_budget}: {exc} (fixed high-precision layers take "
+        raise ValueError(f"quant.mixed.bits_budget={recipe.mixed.bits_budget}: {exc} (fixed high-precision layers take "
                          f"{fixed_bits / total:.2f} bits per weight of the total)") from None
     used = fixed_bits + sum(options[n][f][0] for n, f in choice.items())
     counts: dict[str, int] = {}
     for f in choice.values():
         counts[f] = counts.get(f, 0) + 1
-    plan = MixedPrecisionPlan(formats=dict(choice), fixed=fixed, budget=recipe.bits_budget, scope=recipe.bits_scope,
+    plan = MixedPrecisionPlan(formats=dict(choice), fixed=fixed, budget=recipe.mixed.bits_budget,
+                              scope=recipe.mixed.bits_scope,
                               bits_per_weight=used / total,
                               predicted_error=sum(options[n][f][1] for n, f in choice.items()), counts=counts)
     log.info("mixed precision: %s, %.3f bits per weight (budget %.3f)", counts, plan.bits_per_weight,
-             recipe.bits_budget)
-    return replace(recipe, layer_formats={**recipe.layer_formats, **choice}), plan, sensitivity
+             recipe.mixed.bits_budget)
+    return recipe.with_layer_formats(choice), plan, sensitivity
 
 
 def analyse_and_plan(
@@ -226,19 +229,21 @@ def analyse_and_plan(
     inputs: list[tuple[tuple, dict]],
     hessians: Mapping[str, torch.Tensor] | None = None,
     *,
+    rules: LayerRules | None = None,
     progress: bool = True,
 ) -> tuple[QuantRecipe, dict[str, Any]]:
-    """What ``ptq run`` does for ``quant.sensitivity`` / ``quant.mixed_precision``: measure the per-layer and
-    per-block sensitivity of the candidate layers in ``recipe.mixed_formats`` and, for mixed precision, plan the
+    """What ``ptq run`` does for ``quant.mixed.sensitivity`` / ``quant.mixed.enabled``: measure the per-layer and
+    per-block sensitivity of the candidate layers in ``recipe.mixed.formats`` and, for mixed precision, plan the
     formats. Returns ``(recipe to quantize with, {"sensitivity": ..., "plan": ... or None, "base_format": ...})``
     for the report."""
-    cands, _ = mixed_candidates(model, recipe, stats)
-    sens = measure_sensitivity(model, inputs, cands, recipe, stats, hessians, progress=progress)
+    rules = rules_for(model) if rules is None else rules
+    cands, _ = mixed_candidates(model, recipe, stats, rules)
+    sens = measure_sensitivity(model, inputs, cands, recipe, stats, hessians, rules=rules, progress=progress)
     out: dict[str, Any] = {"sensitivity": sens.to_dict(), "plan": None, "base_format": recipe.format,
-                           "weight": recipe.weight}
-    if recipe.mixed_precision:
+                           "weight": recipe.weight.label}
+    if recipe.mixed.enabled:
         recipe, plan, _ = plan_mixed_precision(model, recipe, stats, inputs, hessians, sensitivity=sens,
-                                               progress=progress)
+                                               rules=rules, progress=progress)
         out["plan"] = plan.to_dict()
     return recipe, out
 

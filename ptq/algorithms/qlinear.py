@@ -15,7 +15,7 @@ the global scales and the bias with a single rounding to bf16: NVFP4 ``torch.add
 with ``alpha = input_scale * weight_scale_2`` fixed at construction; FP8 the same bf16 ``addmm`` on the exact bf16
 values of the FP8 operands (``QuantLinear.fp8_gemm = "bf16"``, the default: the activation kernel writes those
 values directly) or ``torch._scaled_mm`` on the real FP8 operands (``"scaled_mm"``). Sibling layers reading the
-same input with the same input scale (to_q/to_k/to_v) reuse one quantized activation. The CPU path (fp32 matmul)
+same input with the same input scale (attention q/k/v) reuse one quantized activation. The CPU path (fp32 matmul)
 and non-bf16 inputs keep the reference arithmetic below.
 """
 
@@ -29,23 +29,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptq.formats import fp8 as fp8_fmt
-from ptq.formats import nvfp4 as nvfp4_fmt
-from ptq.formats import triton_quant
-from ptq.formats.nvfp4 import NibbleOrder
+from ptq.formats import NumberFormat, QuantizedWeight, get_format, triton_quant
+from ptq.formats.nvfp4_format import MEMORY_NIBBLE_ORDER
 
-# Order of the packed nibbles held in memory (exporters convert to their target's order).
-CANONICAL_NIBBLE_ORDER = NibbleOrder.HIGH_FIRST
+# Order of the packed NVFP4 nibbles held in memory (exporters convert to their target's order).
+CANONICAL_NIBBLE_ORDER = MEMORY_NIBBLE_ORDER
 
 
 @dataclass
 class QuantizedLinearState:
-    """Format-neutral quantized weight of one Linear, as exporters read it.
-
-    fp8:   weight float8_e4m3fn ``[out, in]``; weight_scale float32 ``[]`` or ``[out, 1]``.
-    nvfp4: weight uint8 ``[out, in/2]`` (nibbles in CANONICAL_NIBBLE_ORDER); weight_scale float8_e4m3fn
-           ``[out, in/16]`` row-major; weight_scale_2 float32 ``[]``.
-    input_scale: float32 ``[]`` (the calibrated activation scale) or None for weight-only.
+    """Quantized weight of one Linear, as exporters read it: ``format`` names a registered number format and
+    ``weight`` / ``weight_scale`` / ``weight_scale_2`` are that format's in-memory layout (e.g. fp8: float8_e4m3fn
+    ``[out, in]`` + float32 ``[]`` or ``[out, 1]``; nvfp4: uint8 ``[out, in/2]`` high nibble first + float8_e4m3fn
+    ``[out, in/16]`` row-major + float32 ``[]``). input_scale: float32 ``[]`` (the calibrated activation scale) or
+    None for weight-only.
     """
 
     format: str
@@ -65,13 +62,18 @@ class QuantizedLinearState:
         return QuantizedLinearState(self.format, mv(self.weight), mv(self.weight_scale), mv(self.weight_scale_2),
                                     mv(self.input_scale), mv(self.bias), self.in_features, self.out_features)
 
+    @property
+    def number_format(self) -> NumberFormat:
+        return get_format(self.format)
+
+    @property
+    def quantized_weight(self) -> QuantizedWeight:
+        return QuantizedWeight(self.weight, self.weight_scale, self.weight_scale_2)
+
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight the file represents, ``[out, in]``, dequantized in ``dtype`` the way the loaders do it
-        (comfy-kitchen's ``dequantize_nvfp4`` / ``dequantize_per_tensor_fp8`` arithmetic)."""
-        if self.format == "nvfp4":
-            return nvfp4_fmt.dequantize_nvfp4(self.weight, self.weight_scale, self.weight_scale_2,
-                                              order=CANONICAL_NIBBLE_ORDER, dtype=dtype)
-        return fp8_fmt.dequantize_fp8(self.weight, self.weight_scale, dtype=dtype)
+        (the format's dequantization, e.g. comfy-kitchen's ``dequantize_nvfp4`` arithmetic)."""
+        return self.number_format.dequantize_weight(self.quantized_weight, dtype)
 
     @property
     def bits_per_weight(self) -> float:
@@ -109,6 +111,7 @@ class QuantLinear(nn.Module):
         self.in_features = state.in_features
         self.out_features = state.out_features
         self.format = state.format
+        self.fmt = get_format(state.format)
         self.compute_dtype = compute_dtype
         self.register_buffer("weight_q", state.weight)
         self.register_buffer("weight_scale", state.weight_scale)
@@ -116,22 +119,21 @@ class QuantLinear(nn.Module):
         self.register_buffer("input_scale", state.input_scale)
         self.bias = None if state.bias is None else nn.Parameter(state.bias, requires_grad=False)
         # bf16-exact operand of the simulated GEMM (block values / fp8 values), built once
-        if self.format == "nvfp4":
-            wv = nvfp4_fmt.nvfp4_block_values(state.weight, state.weight_scale, CANONICAL_NIBBLE_ORDER)
-        else:
-            wv = state.weight.float()
+        wv = self.fmt.gemm_operand(state.quantized_weight)
         self.register_buffer("weight_values", wv.to(torch.bfloat16))
         self._init_fast_path()
 
     # -- CUDA fast path --------------------------------------------------------------------------------------
-    #: FP8 W8A8 GEMM on CUDA: "bf16" (default: addmm on the exact bf16 values of the FP8 operands, fp32
-    #: accumulation: equal to the reference path's numerics, measured bit-identical on the whole 5B) or
-    #: "scaled_mm" (torch._scaled_mm on the FP8 operands: the kernel ComfyUI runs, faster at large token counts,
-    #: but cuBLASLt's FP8 accumulation differs from an fp32 GEMM: ~30% of bf16 outputs one step apart on an H100).
+    #: GEMM of formats that have a native low-precision one (FP8: ``torch._scaled_mm``) on CUDA: "bf16" (default:
+    #: addmm on the exact bf16 values of the operands, fp32 accumulation: equal to the reference path's numerics,
+    #: measured bit-identical on the whole 5B) or "scaled_mm" (the native kernel ComfyUI runs, faster at large
+    #: token counts, but cuBLASLt's FP8 accumulation differs from an fp32 GEMM: ~30% of bf16 outputs one step
+    #: apart on an H100).
     fp8_gemm: ClassVar[str] = "bf16"
-    #: FP8 activation quantization arithmetic (see ``ptq.formats.fp8`` modes): "float32" = ``fp8(clamp(x.float() *
-    #: (1/input_scale)))``, what comfy-kitchen's CUDA backend (ComfyUI's FP8 runtime on NVIDIA GPUs) computes;
-    #: "ck_eager" = its CPU/eager fallback (the reciprocal rounded to the activation dtype, product in bf16).
+    #: Activation quantization arithmetic passed to the format (FP8 modes of ``ptq.formats.fp8``): "float32" =
+    #: ``fp8(clamp(x.float() * (1/input_scale)))``, what comfy-kitchen's CUDA backend (ComfyUI's FP8 runtime on
+    #: NVIDIA GPUs) computes; "ck_eager" = its CPU/eager fallback (the reciprocal rounded to the activation dtype,
+    #: product in bf16). NVFP4 has one arithmetic.
     fp8_act_mode: ClassVar[str] = "float32"
     #: Use the fused CUDA path for bf16 activations (False: the reference path on CUDA too, for debugging).
     fast_path: ClassVar[bool] = True
@@ -147,51 +149,43 @@ class QuantLinear(nn.Module):
         """
         self._alpha: float | None = None
         self._act_key: tuple | None = None
-        self._fp8_mult: torch.Tensor | None = None
+        self._prepared: object = None
         if self.weight_only:
             return
         scale = self.input_scale.float().reshape(())
         self._act_key = (self.format, scale.view(torch.int32).item())
-        if self.format == "nvfp4":
-            self._alpha = float(scale * self.weight_scale_2.float().reshape(()))
-        else:
-            if self.weight_scale.numel() == 1:
-                self._alpha = float(scale * self.weight_scale.float().reshape(()))
-            if scale.is_cuda:
-                self._fp8_mult = triton_quant.fp8_multiplier(scale, torch.bfloat16, self.fp8_act_mode)
+        walpha = self.fmt.gemm_alpha(self._qweight())
+        if walpha.numel() == 1:
+            self._alpha = float(scale * walpha.float().reshape(()))
+        self._prepared = self.fmt.fast_prepare(scale, torch.bfloat16, self.fp8_act_mode)
 
     def refresh_cache(self) -> None:
         """Recompute the fast path's constants after the quantization buffers were changed in place."""
         self._init_fast_path()
 
+    def _qweight(self) -> QuantizedWeight:
+        return QuantizedWeight(self.weight_q, self.weight_scale, self.weight_scale_2)
+
     def _use_fast_path(self, x: torch.Tensor) -> bool:
         return (self.fast_path and x.is_cuda and x.dtype == torch.bfloat16 and not self.weight_only
                 and self._act_key is not None and triton_quant.triton_available(x.device))
 
-    def _fp8_scaled_mm(self) -> bool:
-        return QuantLinear.fp8_gemm == "scaled_mm" and not getattr(self, "_no_scaled_mm", False)
+    def _native_gemm(self) -> bool:
+        return (QuantLinear.fp8_gemm == "scaled_mm" and hasattr(self.fmt, "native_gemm")
+                and not getattr(self, "_no_scaled_mm", False))
 
     def _quantized_input(self, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         """Quantized activation of ``x2`` = ``x`` as ``[m, in]`` (bf16 block values for NVFP4; FP8 codes for
         ``torch._scaled_mm``, else their exact bf16 values), reusing the one computed by the previous layer when it
         saw the same tensor object ``x`` (same version) with the same input scale and representation. The cache
         entry dies with ``x``, so it never extends the lifetime of memory much."""
-        codes = self.format == "fp8" and self._fp8_scaled_mm()
+        codes = self._native_gemm()
         key = (self._act_key, codes)
         cache = QuantLinear._act_cache
         if cache is not None and cache[0]() is x and cache[1] == x._version and cache[2] == key:
             return cache[3]
-        if self.format == "nvfp4":
-            q = triton_quant.nvfp4_activation_values(x2, self.input_scale)
-        else:
-            mult = self._fp8_mult
-            if mult is None or mult.device != x2.device:
-                mult = self._fp8_mult = triton_quant.fp8_multiplier(self.input_scale.to(x2.device), x2.dtype,
-                                                                    self.fp8_act_mode)
-            if codes:
-                q = triton_quant.fp8_activation_codes(x2, mode=self.fp8_act_mode, mult=mult)
-            else:  # the bf16 GEMM reads the FP8 values: one kernel instead of codes + a cast
-                q = triton_quant.fp8_activation_values(x2, mode=self.fp8_act_mode, mult=mult)
+        q = self.fmt.fast_activation(x2, self.input_scale, mode=self.fp8_act_mode, prepared=self._prepared,
+                                     codes=codes)
         QuantLinear._act_cache = (weakref.ref(x, _drop_act_cache), x._version, key, q)
         return q
 
@@ -209,30 +203,18 @@ class QuantLinear(nn.Module):
             x2 = x2.contiguous()
         q = self._quantized_input(x, x2)
         bias = self._bias_for(torch.bfloat16, x.device)
-        if self.format == "nvfp4":
-            y = torch.addmm(bias, q, self.weight_values.t(), beta=1, alpha=self._alpha)
-        elif self._fp8_scaled_mm():
+        if self._native_gemm():
             try:
-                y = self._scaled_mm(q, bias)
-            except RuntimeError:  # no FP8 GEMM for this GPU / scaling mode: the bf16-value GEMM below instead
+                y = self.fmt.native_gemm(q, self._qweight(), self.input_scale, bias)
+            except RuntimeError:  # no native GEMM for this GPU / scaling mode: the bf16-value GEMM below instead
                 self._no_scaled_mm = True
                 return self._forward_fast(x)
         elif self._alpha is not None:
             y = torch.addmm(bias, q, self.weight_values.t(), beta=1, alpha=self._alpha)
-        else:  # per-channel FP8 weight scale: per-column epilogue in fp32
+        else:  # per-channel weight scale: per-column epilogue in fp32
             acc = _exact_matmul(q, self.weight_values)
-            y = (acc * (self.input_scale * self.weight_scale.reshape(1, -1)) + bias.float()).to(torch.bfloat16)
+            y = (acc * (self.input_scale * self._weight_alpha().reshape(1, -1)) + bias.float()).to(torch.bfloat16)
         return y.reshape(*x.shape[:-1], self.out_features)
-
-    def _scaled_mm(self, xq: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        ws = self.weight_scale.float()
-        if ws.numel() == 1:
-            sa, sb = self.input_scale.float().reshape(()), ws.reshape(())
-        else:  # row-wise scaling: [m, 1] x [1, out]
-            sa = self.input_scale.float().reshape(1, 1).expand(xq.shape[0], 1).contiguous()
-            sb = ws.reshape(1, -1).contiguous()
-        return torch._scaled_mm(xq, self.weight_q.t(), scale_a=sa, scale_b=sb, bias=bias,
-                                out_dtype=torch.bfloat16, use_fast_accum=False)
 
     @property
     def weight_only(self) -> bool:
@@ -248,9 +230,7 @@ class QuantLinear(nn.Module):
         return self.state().dequantized_weight(dtype)
 
     def _weight_alpha(self) -> torch.Tensor:
-        if self.format == "nvfp4":
-            return self.weight_scale_2
-        return self.weight_scale.reshape(-1) if self.weight_scale.dim() else self.weight_scale
+        return self.fmt.gemm_alpha(self._qweight())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._use_fast_path(x):
@@ -259,10 +239,7 @@ class QuantLinear(nn.Module):
         if self.weight_only:
             w = self.dequantized_weight(out_dtype)
             return F.linear(x, w, None if self.bias is None else self.bias.to(out_dtype))
-        if self.format == "nvfp4":
-            xv = nvfp4_fmt.quantize_nvfp4_activation(x, self.input_scale)
-        else:
-            xv = fp8_fmt.quantize_fp8(x, self.input_scale, mode=self.fp8_act_mode).float()
+        xv = self.fmt.activation_values(x, self.input_scale, mode=self.fp8_act_mode)
         y = _exact_matmul(xv, self.weight_values) * (self.input_scale * self._weight_alpha())
         if self.bias is not None:
             y = y + self.bias.float()

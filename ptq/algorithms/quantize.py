@@ -1,35 +1,37 @@
 """``quantize_(model, recipe, stats)``: replace the selected ``nn.Linear`` modules by simulated ``QuantLinear``.
 
-Model-agnostic: layers are chosen by module name (fnmatch patterns) and, for ``keep_first/last_blocks``, by the
-``blocks.N.`` numbering that diffusion transformers share.
+Model-agnostic: layers are chosen by the recipe's layer selection over module names, with the model's
+:class:`~ptq.algorithms.layers.LayerRules` (block numbering, default high-precision layers) as data. The weight
+and activation methods run through :mod:`ptq.algorithms.methods`. :func:`gptq_sequential_` is GPTQ over a model
+a few blocks at a time (bounded Hessian memory).
 """
 
 from __future__ import annotations
 
-import fnmatch
 import logging
-import re
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ptq.algorithms.activation_scale import choose_input_amax, input_scale_from_amax
-from ptq.algorithms.qlinear import CANONICAL_NIBBLE_ORDER, QuantizedLinearState, QuantLinear
-from ptq.algorithms.recipe import QuantRecipe
-from ptq.algorithms.weight_quant import WeightContext, quantize_weight
-from ptq.calibration.observers import LinearInputStats
+from ptq.algorithms.layers import LayerPlanner, LayerRules, rules_for
+from ptq.algorithms.methods import choose_clip, quantize_weight_with
+from ptq.algorithms.qlinear import QuantizedLinearState, QuantLinear
+from ptq.algorithms.recipe import KEEP, GPTQWeight, QuantRecipe
+from ptq.algorithms.weight_quant import WeightContext
+from ptq.calibration.observers import LinearInputObserver, LinearInputStats
+from ptq.formats import get_format
 from ptq.formats.checks import FormatError
 
 log = logging.getLogger(__name__)
-_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 
 
 @dataclass
 class LayerRecord:
-    """What happened to one Linear. format: "fp8" / "nvfp4" / "bf16" (kept); reason says why when kept/fallen back."""
+    """What happened to one Linear. format: a number format name, or "bf16" when kept; reason says why when
+    kept / fallen back."""
 
     name: str
     format: str
@@ -48,34 +50,15 @@ class LayerRecord:
         return asdict(self)
 
 
-def num_blocks(model: nn.Module) -> int:
-    idx = {int(m.group(1)) for n, _ in model.named_modules() if (m := _BLOCK_RE.match(n + "."))}
-    return max(idx) + 1 if idx else 0
+def kept_record(name: str, module: nn.Linear, reason: str) -> LayerRecord:
+    """The record of a Linear left unquantized."""
+    return LayerRecord(name, KEEP, False, module.in_features, module.out_features,
+                       bits_per_weight=float(module.weight.element_size() * 8), reason=reason)
 
 
-def plan_layer_format(name: str, module: nn.Linear, recipe: QuantRecipe, num_blocks: int) -> tuple[str, str]:
-    """(format, reason) for one Linear before calibration data is considered; "bf16" means kept."""
-    if name in recipe.layer_formats:
-        fmt = recipe.layer_formats[name]
-        return fmt, "" if fmt != "bf16" else "kept by quant.layer_formats"
-    if not any(fnmatch.fnmatchcase(name, p) for p in recipe.include):
-        return "bf16", "not matched by quant.include"
-    if any(fnmatch.fnmatchcase(name, p) for p in recipe.exclude):
-        return "bf16", "matched by quant.exclude"
-    m = _BLOCK_RE.match(name + ".")
-    if m is not None:
-        b = int(m.group(1))
-        if b < recipe.keep_first_blocks:
-            return "bf16", f"block {b} < quant.keep_first_blocks={recipe.keep_first_blocks}"
-        if b >= num_blocks - recipe.keep_last_blocks:
-            return "bf16", f"block {b} in the last quant.keep_last_blocks={recipe.keep_last_blocks}"
-    return recipe.format, ""
-
-
-def _shape_fallback(fmt: str, module: nn.Linear, recipe: QuantRecipe) -> tuple[str, str]:
-    if fmt == "nvfp4" and module.in_features % 16:
-        return recipe.fallback, f"in_features={module.in_features} is not a multiple of 16 (NVFP4 blocks)"
-    return fmt, ""
+def num_blocks(model: nn.Module, rules: LayerRules | None = None) -> int:
+    """Number of transformer blocks of ``model`` (by its layer rules)."""
+    return (rules_for(model) if rules is None else rules).num_blocks(model)
 
 
 @torch.no_grad()
@@ -88,21 +71,20 @@ def quantize_layer(
     hessian: torch.Tensor | None = None,
 ) -> tuple[QuantLinear, LayerRecord]:
     """Quantize one Linear to ``fmt`` with ``recipe``; ``stats`` is required unless the recipe is weight-only."""
+    number_format = get_format(fmt)
     rec = LayerRecord(name, fmt, recipe.weight_only, module.in_features, module.out_features)
     input_scale = None
     if not recipe.weight_only:
         if stats is None:
             raise ValueError(f"{name}: no calibration statistics (layer never called during calibration)")
-        clip = choose_input_amax(stats, recipe.activation, fmt, percentile=recipe.percentile)
-        input_scale = input_scale_from_amax(clip, fmt).to(module.weight.device)
+        clip = choose_clip(recipe.activation, stats, number_format)
+        input_scale = number_format.input_scale_from_amax(clip).to(module.weight.device)
         rec.input_amax = float(stats.amax)
         rec.input_clip = float(clip)
         rec.clip_ratio = rec.input_clip / rec.input_amax if rec.input_amax > 0 else 1.0
         rec.input_scale = float(input_scale)
-    ctx = WeightContext(name=name, fp8_per_channel=recipe.fp8_per_channel, order=CANONICAL_NIBBLE_ORDER,
-                        hessian=hessian, gptq_damp=recipe.gptq_damp)
     w = module.weight.detach()
-    qw = quantize_weight(w, fmt, recipe.weight, ctx)
+    qw = quantize_weight_with(recipe.weight, w, number_format, WeightContext(name=name, hessian=hessian))
     state = QuantizedLinearState(fmt, qw.weight, qw.scale, qw.scale_2, input_scale,
                                  None if module.bias is None else module.bias.detach().clone(),
                                  module.in_features, module.out_features)
@@ -126,41 +108,38 @@ def quantize_(
     stats: Mapping[str, LinearInputStats] | None = None,
     *,
     hessians: Mapping[str, torch.Tensor] | None = None,
+    rules: LayerRules | None = None,
     progress: bool = True,
 ) -> list[LayerRecord]:
     """Quantize ``model`` in place following ``recipe``; returns one LayerRecord per ``nn.Linear`` (kept ones too).
 
-    Layers that cannot take the recipe's format fall back (``recipe.fallback``) with the reason logged and recorded.
+    ``rules``: the model's layer rules (default: those registered for its class). Layers that cannot take the
+    recipe's format fall back (``recipe.layers.fallback``) with the reason logged and recorded.
     """
     recipe.validate()
     stats = stats or {}
-    nb = num_blocks(model)
+    planner = LayerPlanner.for_model(model, recipe, rules)
     # names only: each replaced nn.Linear is freed as soon as its QuantLinear is in place (peak memory = the model
     # plus one layer, not the bf16 model twice)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     records: list[LayerRecord] = []
     for name in tqdm(names, desc=f"quantize {recipe.format}", disable=not progress, leave=False):
         module = model.get_submodule(name)
-        fmt, reason = plan_layer_format(name, module, recipe, nb)
-        if fmt != "bf16":
-            fmt2, why = _shape_fallback(fmt, module, recipe)
-            if fmt2 != fmt:
-                log.warning("%s: %s; falls back to %s", name, why, fmt2)
-                fmt, reason = fmt2, f"fallback: {why}"
-        if fmt != "bf16" and not recipe.weight_only and name not in stats:
+        fmt, reason = planner.plan_with_fallback(name, module)
+        if reason.startswith("fallback: "):
+            log.warning("%s: %s; falls back to %s", name, reason.removeprefix("fallback: "), fmt)
+        if fmt != KEEP and not recipe.weight_only and name not in stats:
             log.warning("%s: never called during calibration, kept in high precision", name)
-            fmt, reason = "bf16", "no calibration statistics (layer never called)"
-        if fmt == "bf16":
-            records.append(LayerRecord(name, "bf16", False, module.in_features, module.out_features,
-                                       bits_per_weight=float(module.weight.element_size() * 8), reason=reason))
+            fmt, reason = KEEP, "no calibration statistics (layer never called)"
+        if fmt == KEEP:
+            records.append(kept_record(name, module, reason))
             continue
         try:
             qlinear, rec = quantize_layer(name, module, fmt, recipe, stats.get(name),
                                           None if hessians is None else hessians.get(name))
         except FormatError as exc:
             log.warning("%s: %s; kept in high precision", name, exc)
-            records.append(LayerRecord(name, "bf16", False, module.in_features, module.out_features,
-                                       bits_per_weight=float(module.weight.element_size() * 8), reason=str(exc)))
+            records.append(kept_record(name, module, str(exc)))
             continue
         rec.reason = reason
         set_module(model, name, qlinear)
@@ -172,3 +151,74 @@ def quantize_(
 def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
     """Name -> QuantLinear of every quantized layer of ``model``."""
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sequential (memory-bounded) GPTQ over a model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def plan_groups(names: list[str], blocks_per_pass: int, rules: LayerRules) -> list[list[str]]:
+    """Split layer names (model order) into passes of ``blocks_per_pass`` transformer blocks (``rules``' block
+    numbering); layers outside the blocks join the first pass (before the first block: embedders) or the last
+    (after: output projections)."""
+    idx = {n: rules.block_of(n) for n in names}
+    blocks = sorted({b for b in idx.values() if b is not None})
+    if not blocks or blocks_per_pass <= 0:
+        return [list(names)]
+    chunks = [blocks[i : i + blocks_per_pass] for i in range(0, len(blocks), blocks_per_pass)]
+    groups: list[list[str]] = [[] for _ in chunks]
+    first_seen_block = False
+    for n in names:
+        b = idx[n]
+        if b is None:
+            groups[0 if not first_seen_block else -1].append(n)
+        else:
+            first_seen_block = True
+            groups[next(k for k, c in enumerate(chunks) if b in c)].append(n)
+    return [g for g in groups if g]
+
+
+def gptq_sequential_(
+    model: nn.Module,
+    recipe: QuantRecipe,
+    stats: Mapping[str, LinearInputStats],
+    calibrate: Callable[[LinearInputObserver], None],
+    *,
+    rules: LayerRules | None = None,
+    progress: bool = True,
+) -> list[LayerRecord]:
+    """Quantize ``model`` in place with GPTQ, ``recipe.weight.blocks_per_pass`` transformer blocks at a time.
+
+    Before each pass, ``calibrate(observer)`` runs the calibration forwards with a :class:`LinearInputObserver`
+    (``hessian=True`` for that pass's layers only; ``calibrate`` may set ``observer.step``) attached to the model in
+    which the earlier passes are already quantized, so at most one pass's Hessians are in memory (and later layers'
+    Hessians see the quantized inputs, as in the GPTQ paper). ``stats`` (activation scales) come from the first,
+    unquantized calibration, as for every other recipe. Returns one LayerRecord per Linear, in model order.
+    """
+    if not isinstance(recipe.weight, GPTQWeight):
+        raise ValueError(f"gptq_sequential_ needs a GPTQ weight method, got {recipe.weight.label!r}")
+    rules = rules_for(model) if rules is None else rules
+    planner = LayerPlanner.for_model(model, recipe, rules)
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    planned = {n: planner.plan(n, m) for n, m in linears}
+    targets = [n for n, _ in linears if planned[n][0] != KEEP]
+    groups = plan_groups(targets, recipe.weight.blocks_per_pass, rules)
+    done: dict[str, LayerRecord] = {}
+    for names in tqdm(groups, desc="gptq passes", disable=not progress, leave=False):
+        observer = LinearInputObserver(model, names, hessian=True)
+        with observer:
+            calibrate(observer)
+        hessians = observer.hessians()
+        del observer
+        sub = replace(recipe, layers=replace(recipe.layers, include=[], formats={n: planned[n][0] for n in names}))
+        for rec in quantize_(model, sub, stats, hessians=hessians, rules=rules, progress=False):
+            if rec.name in names:
+                if rec.format != KEEP:
+                    rec.reason = planned[rec.name][1]
+                done[rec.name] = rec
+        del hessians
+    records = []
+    for name, module in linears:
+        records.append(done[name] if name in done else kept_record(name, module, planned[name][1]))
+    return records

@@ -1,116 +1,366 @@
-"""One dataclass per quantization recipe (torchao style): what to quantize, to which format, how to pick scales.
+"""A quantization recipe, composed of parts (torchao style: one config object per method).
 
-The same dataclass is the ``quant`` node of the Hydra config (``ptq/config.py``), so a recipe written in YAML,
-on the command line or in Python is the same object.
+``QuantRecipe`` = number format (a name in :data:`ptq.formats.FORMATS`) + weight method + activation method +
+layer selection + mixed precision. Each part is a dataclass; the alternatives of a part are subclasses with their
+own fields (``GPTQWeight`` adds ``damp``, ...), which is also how Hydra sees them: one config group per part
+(``quant/weight``, ``quant/activation``), each option its own structured schema, so a typo is an error. The named
+options of each group are :data:`WEIGHT_METHODS` and :data:`ACTIVATION_METHODS`; the code that runs a method is
+looked up by the part's type in :mod:`ptq.algorithms.methods`.
+
+Each part states the calibration statistics it needs (:meth:`QuantRecipe.needs`), and calibration collects those.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
 
-FORMAT_NAMES = ("fp8", "nvfp4")
-ACTIVATION_METHODS = ("max", "percentile", "mse", "mse_steps")
-WEIGHT_METHODS = ("max", "mse", "four_over_six", "gptq", "gptq_max", "gptq_four_over_six")
-MIXED_FORMATS = ("nvfp4", "fp8", "bf16")
+from ptq.calibration.needs import CalibrationNeeds
+from ptq.formats import FORMATS
+
+#: The format name of a Linear that is kept unquantized (in the model's own dtype).
+KEEP = "bf16"
+SCALE_METHODS = ("max", "mse", "four_over_six")
 BITS_SCOPES = ("all", "quantized")
-FALLBACKS = ("bf16", "fp8")
-#: Storage bits per weight element of each format, scales included (NVFP4: 4-bit code + one 8-bit scale per 16).
-_FORMAT_BITS = {"nvfp4": 4.5, "fp8": 8.0, "bf16": 16.0}
+STEP_WEIGHTINGS = ("none", "relative")
+
+
+def _check_format(key: str, name: str, *, keep_ok: bool) -> None:
+    if name in FORMATS or (keep_ok and name == KEEP):
+        return
+    known = sorted(FORMATS) + ([KEEP] if keep_ok else [])
+    raise ValueError(f"{key}={name!r}: expected one of {', '.join(known)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# weight methods
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class WeightMethod:
+    """Round-to-nearest (``method="rtn"``), the base of every weight method.
+
+    scales: how the weight scales are chosen: "max" (absolute maximum), "mse" (NVFP4: per-block float8 scale and
+        global scale search minimising the weight error; FP8: MSE-clipped scale), "four_over_six" (NVFP4: block max
+        code 6 or 4, whichever is closer; FP8 layers use "mse"). See ``ptq.algorithms.weight_search``.
+    fp8_per_channel: FP8 weight scale per output channel ``[out, 1]`` instead of per tensor ``[]``.
+    """
+
+    method_name: ClassVar[str] = "rtn"
+    method: str = "rtn"
+    scales: str = "max"
+    fp8_per_channel: bool = False
+
+    @property
+    def label(self) -> str:
+        """Short name: the scale method ("max", "mse", "four_over_six")."""
+        return self.scales
+
+    def __eq__(self, other: object) -> bool:
+        """Equal to another method with the same fields, or to its name (``recipe.weight == "gptq"``)."""
+        if isinstance(other, str):
+            return self.label == other
+        return type(self) is type(other) and vars(self) == vars(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def needs(self) -> CalibrationNeeds:
+        return CalibrationNeeds()
+
+    def validate(self) -> None:
+        if self.method != self.method_name:
+            raise ValueError(f"quant.weight.method={self.method!r} does not match the selected schema "
+                             f"{type(self).__name__} ({self.method_name!r}); choose the method with "
+                             f"quant/weight=NAME (one of {', '.join(WEIGHT_METHODS)})")
+        if self.scales not in SCALE_METHODS:
+            raise ValueError(f"quant.weight.scales={self.scales!r}: expected one of {', '.join(SCALE_METHODS)}")
+
+
+@dataclass(eq=False)
+class GPTQWeight(WeightMethod):
+    """GPTQ: error-compensating rounding with the layer's input Hessian (Frantar et al. 2022) on ``scales``.
+
+    damp: dampening, a fraction of mean(diag(H)) added to the Hessian diagonal (0 < damp < 1).
+    block_size: columns per lazy-batch update. blocks_per_pass: 0 = one calibration pass collects every Linear's
+        Hessian (4*in^2 bytes each); N > 0 = quantize N transformer blocks at a time, each pass re-running
+        calibration on the partially quantized model (memory-bounded, sequential GPTQ).
+    """
+
+    method_name: ClassVar[str] = "gptq"
+    method: str = "gptq"
+    scales: str = "mse"
+    damp: float = 0.01
+    block_size: int = 128
+    blocks_per_pass: int = 0
+
+    @property
+    def label(self) -> str:
+        return "gptq" if self.scales == "mse" else f"gptq_{self.scales}"
+
+    def needs(self) -> CalibrationNeeds:
+        return CalibrationNeeds(hessians=True)
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 < self.damp < 1.0:
+            raise ValueError(f"quant.weight.damp={self.damp}: expected 0 < damp < 1")
+        if self.block_size < 1:
+            raise ValueError(f"quant.weight.block_size={self.block_size}: expected >= 1")
+        if self.blocks_per_pass < 0:
+            raise ValueError(f"quant.weight.blocks_per_pass={self.blocks_per_pass}: expected >= 0")
+
+
+#: Named weight methods (the options of the Hydra group ``quant/weight``; also accepted as strings in Python).
+WEIGHT_METHODS: dict[str, WeightMethod] = {
+    "max": WeightMethod(scales="max"),
+    "mse": WeightMethod(scales="mse"),
+    "four_over_six": WeightMethod(scales="four_over_six"),
+    "gptq": GPTQWeight(scales="mse"),
+    "gptq_max": GPTQWeight(scales="max"),
+    "gptq_four_over_six": GPTQWeight(scales="four_over_six"),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# activation methods
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ActivationMethod:
+    """How the static ``input_scale`` is chosen: ``method="max"`` (observed max |x|) or ``"none"`` (weight-only:
+    activations stay in high precision, no ``input_scale``). Subclasses add clipping methods."""
+
+    method_names: ClassVar[tuple[str, ...]] = ("max", "none")
+    method: str = "max"
+
+    @property
+    def label(self) -> str:
+        return self.method
+
+    def __eq__(self, other: object) -> bool:
+        """Equal to another method with the same fields, or to its name (``recipe.activation == "mse"``)."""
+        if isinstance(other, str):
+            return self.label == other
+        return type(self) is type(other) and vars(self) == vars(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def needs(self) -> CalibrationNeeds:
+        return CalibrationNeeds() if self.method == "none" else CalibrationNeeds(amax=True)
+
+    def validate(self) -> None:
+        if self.method not in self.method_names:
+            raise ValueError(f"quant.activation.method={self.method!r} does not match the selected schema "
+                             f"{type(self).__name__}; choose the method with quant/activation=NAME (one of "
+                             f"{', '.join(ACTIVATION_METHODS)})")
+
+
+@dataclass(eq=False)
+class PercentileActivation(ActivationMethod):
+    """Clip at the ``percentile`` (0-100) of the sampled |x| (never above the max)."""
+
+    method_names: ClassVar[tuple[str, ...]] = ("percentile",)
+    method: str = "percentile"
+    percentile: float = 99.99
+
+    def needs(self) -> CalibrationNeeds:
+        return CalibrationNeeds(amax=True, samples=True)
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 < self.percentile <= 100.0:
+            raise ValueError(f"quant.activation.percentile={self.percentile}: expected 0 < p <= 100")
+
+
+@dataclass(eq=False)
+class MSEActivation(ActivationMethod):
+    """Clip minimising the runtime quantization error of the sampled activation blocks (see
+    ``ptq.algorithms.activation_scale``). step_weighting: "none" (plain sum over the samples) or "relative" (every
+    denoising step weighted equally, label "mse_steps"). grid / lo: ``grid`` log-spaced clip ratios in [lo, 1]."""
+
+    method_names: ClassVar[tuple[str, ...]] = ("mse",)
+    method: str = "mse"
+    step_weighting: str = "none"
+    grid: int = 48
+    lo: float = 0.3
+
+    @property
+    def label(self) -> str:
+        return "mse_steps" if self.step_weighting == "relative" else "mse"
+
+    def needs(self) -> CalibrationNeeds:
+        return CalibrationNeeds(amax=True, samples=True)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.step_weighting not in STEP_WEIGHTINGS:
+            raise ValueError(f"quant.activation.step_weighting={self.step_weighting!r}: expected one of "
+                             f"{', '.join(STEP_WEIGHTINGS)}")
+        if self.grid < 1 or not 0.0 < self.lo <= 1.0:
+            raise ValueError(f"quant.activation grid={self.grid}, lo={self.lo}: expected grid >= 1, 0 < lo <= 1")
+
+
+#: Named activation methods (the options of the Hydra group ``quant/activation``; strings in Python).
+ACTIVATION_METHODS: dict[str, ActivationMethod] = {
+    "none": ActivationMethod(method="none"),
+    "max": ActivationMethod(method="max"),
+    "percentile": PercentileActivation(),
+    "mse": MSEActivation(),
+    "mse_steps": MSEActivation(step_weighting="relative"),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# layer selection and mixed precision
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerSelection:
+    """Which Linears get ``QuantRecipe.format`` (module names as the model names them).
+
+    include / exclude: fnmatch patterns; exclude wins. ``exclude=None`` takes the model's default high-precision
+    layers (its adapter's layer rules); ``[]`` excludes nothing.
+    keep_first_blocks / keep_last_blocks: keep that many transformer blocks (the model's block numbering).
+    formats: per-layer map in the spirit of torchao's ``FqnToConfig``: module name or fnmatch pattern -> format name
+        (``"bf16"`` keeps the layer); an exact name wins over patterns, patterns are tried in order.
+    fallback: what a layer that cannot take its format (e.g. in_features not a multiple of 16 for NVFP4) becomes.
+    """
+
+    include: list[str] = field(default_factory=lambda: ["*"])
+    exclude: list[str] | None = None
+    keep_first_blocks: int = 0
+    keep_last_blocks: int = 0
+    formats: dict[str, str] = field(default_factory=dict)
+    fallback: str = KEEP
+
+    def validate(self) -> None:
+        if self.keep_first_blocks < 0 or self.keep_last_blocks < 0:
+            raise ValueError("quant.layers.keep_first_blocks / keep_last_blocks must be >= 0")
+        _check_format("quant.layers.fallback", self.fallback, keep_ok=True)
+        for name, fmt in self.formats.items():
+            _check_format(f"quant.layers.formats[{name!r}]", fmt, keep_ok=True)
+
+
+@dataclass
+class MixedPrecision:
+    """Automatic mixed precision (``ptq.algorithms.mixed_precision``).
+
+    enabled: choose each layer's format among ``formats`` from a measured sensitivity analysis to meet
+        ``bits_budget`` (average storage bits per Linear weight, scales counted: NVFP4 4.5, FP8 8, bf16 16) with the
+        least model-output error. Layers forced to high precision by the layer selection are fixed, not candidates.
+    bits_scope: which weights the budget averages over: "all" = every Linear, fixed layers included; "quantized" =
+        only the candidate layers.
+    sensitivity: run the per-layer / per-block sensitivity analysis (and report it) even without mixing.
+    sensitivity_inputs: transformer forwards (recorded calibration inputs) used to measure it.
+    """
+
+    enabled: bool = False
+    bits_budget: float = 5.0
+    bits_scope: str = "all"
+    formats: list[str] = field(default_factory=lambda: ["nvfp4", "fp8", KEEP])
+    sensitivity: bool = False
+    sensitivity_inputs: int = 8
+
+    @property
+    def analyse(self) -> bool:
+        """Whether the sensitivity analysis runs."""
+        return self.enabled or self.sensitivity
+
+    def needs(self) -> CalibrationNeeds:
+        return CalibrationNeeds(amax=True, inputs=self.sensitivity_inputs) if self.analyse else CalibrationNeeds()
+
+    def validate(self) -> None:
+        if not self.formats or len(set(self.formats)) != len(self.formats):
+            raise ValueError(f"quant.mixed.formats={list(self.formats)}: expected distinct format names")
+        for f in self.formats:
+            _check_format("quant.mixed.formats", f, keep_ok=True)
+        if not (self.bits_budget > 0.0 and self.bits_budget == self.bits_budget):
+            raise ValueError(f"quant.mixed.bits_budget={self.bits_budget}: expected > 0 (average bits per Linear "
+                             "weight)")
+        if self.bits_scope not in BITS_SCOPES:
+            raise ValueError(f"quant.mixed.bits_scope={self.bits_scope!r}: expected one of {', '.join(BITS_SCOPES)}")
+        if self.sensitivity_inputs < 1:
+            raise ValueError(f"quant.mixed.sensitivity_inputs={self.sensitivity_inputs}: expected >= 1")
+        if self.enabled:
+            smallest = min(_format_bits(f) for f in self.formats)
+            if smallest > self.bits_budget:
+                raise ValueError(f"quant.mixed.bits_budget={self.bits_budget} is below the smallest format in "
+                                 f"quant.mixed.formats={list(self.formats)} ({smallest} bits per weight)")
+
+
+def _format_bits(name: str) -> float:
+    return 16.0 if name == KEEP else FORMATS[name].weight_bits
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the recipe
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _named(value: Any, table: dict[str, Any], what: str) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        return replace(table[value])
+    except KeyError:
+        raise ValueError(f"quant.{what}={value!r}: expected one of {', '.join(table)}") from None
 
 
 @dataclass
 class QuantRecipe:
-    """How to quantize the Linears of a model.
+    """How to quantize the Linears of a model: ``format`` (a registered number format) + its parts.
 
-    format: "fp8" (float8_e4m3fn W8A8) or "nvfp4" (E2M1 blocks of 16, W4A4).
-    weight_only: keep activations in high precision (no ``input_scale`` in the export).
-    fp8_per_channel: FP8 weight scale per output channel ``[out, 1]`` instead of per tensor ``[]``.
-    activation: how ``input_scale`` is chosen from calibration statistics ("max", "percentile", "mse" = clip
-        minimising the runtime quantization error of sampled activations, "mse_steps" = the same with every
-        denoising step weighted equally); see ``ptq.algorithms.activation_scale``.
-    percentile: for activation="percentile", the percentile of |x| (0-100) used as the clipping value.
-    weight: how weight scales/codes are chosen ("max" round-to-nearest, "mse" block/global-scale search (FP8:
-        MSE-clipped scale), "four_over_six", "gptq" = GPTQ on "mse" scales, "gptq_max" = GPTQ on amax scales,
-        "gptq_four_over_six" = GPTQ on Four-over-Six scales);
-        see ``ptq.algorithms.weight_search`` / ``ptq.algorithms.gptq``.
-    gptq_damp: GPTQ dampening, a fraction of mean(diag(H)) added to the Hessian diagonal (0 < d < 1).
-    gptq_blocks_per_pass: 0 = one calibration pass collects every Linear's Hessian (4*in^2 bytes each); N > 0 =
-        quantize N transformer blocks at a time, each pass re-running calibration on the partially quantized
-        model (memory-bounded, sequential GPTQ).
-    mixed_precision: choose each layer's format among ``mixed_formats`` from a measured sensitivity analysis to
-        meet ``bits_budget`` (average storage bits per Linear weight, scales counted: NVFP4 4.5, FP8 8, bf16 16)
-        with the least model-output error; the result is written to ``layer_formats``. Layers forced to high
-        precision by include/exclude/keep_*_blocks (or named in layer_formats) are fixed, not candidates.
-    bits_scope: which weights ``bits_budget`` averages over: "all" = every nn.Linear of the model, fixed layers
-        included (the report's "bits per weight"); "quantized" = only the candidate layers (the ones the recipe
-        would quantize; a pure NVFP4 recipe is 4.5 whatever the excluded layers weigh).
-    sensitivity: run the per-layer / per-block sensitivity analysis (and put it in the report) even without
-        mixed precision. sensitivity_inputs: transformer forwards (calibration inputs, spread over steps and
-        prompts) used to measure it.
-    include / exclude: fnmatch patterns over module names (diffusers names); exclude wins.
-    keep_first_blocks / keep_last_blocks: keep that many transformer blocks (``blocks.N.``) in high precision.
-    fallback: what a layer that cannot take ``format`` (e.g. in_features not a multiple of 16 for NVFP4) becomes.
+    ``weight`` and ``activation`` also accept the names of :data:`WEIGHT_METHODS` / :data:`ACTIVATION_METHODS`
+    in Python (``QuantRecipe(format="nvfp4", weight="gptq")``).
     """
 
     format: str = "nvfp4"
-    weight_only: bool = False
-    fp8_per_channel: bool = False
-    activation: str = "max"
-    percentile: float = 99.99
-    weight: str = "max"
-    gptq_damp: float = 0.01
-    gptq_blocks_per_pass: int = 0
-    include: list[str] = field(default_factory=lambda: ["*"])
-    exclude: list[str] = field(default_factory=lambda: ["patch_embedding", "condition_embedder.*", "proj_out"])
-    keep_first_blocks: int = 0
-    keep_last_blocks: int = 0
-    fallback: str = "bf16"
-    # per-layer overrides, e.g. {"blocks.0.ffn.net.2": "fp8"}; "bf16" keeps a layer unquantized
-    layer_formats: dict[str, str] = field(default_factory=dict)
-    mixed_precision: bool = False
-    bits_budget: float = 5.0
-    bits_scope: str = "all"
-    mixed_formats: list[str] = field(default_factory=lambda: ["nvfp4", "fp8", "bf16"])
-    sensitivity: bool = False
-    sensitivity_inputs: int = 8
+    weight: WeightMethod = field(default_factory=WeightMethod)
+    activation: ActivationMethod = field(default_factory=ActivationMethod)
+    layers: LayerSelection = field(default_factory=LayerSelection)
+    mixed: MixedPrecision = field(default_factory=MixedPrecision)
+
+    def __post_init__(self) -> None:
+        self.weight = _named(self.weight, WEIGHT_METHODS, "weight")
+        self.activation = _named(self.activation, ACTIVATION_METHODS, "activation")
+
+    @property
+    def weight_only(self) -> bool:
+        """True when activations are not quantized (no ``input_scale``)."""
+        return self.activation.method == "none"
+
+    def needs(self) -> CalibrationNeeds:
+        """What calibration must collect for this recipe (union of its parts' needs)."""
+        return self.weight.needs() | self.activation.needs() | self.mixed.needs()
 
     def validate(self) -> None:
-        """Raise ValueError naming the field for any out-of-range value."""
-        if self.format not in FORMAT_NAMES:
-            raise ValueError(f"quant.format={self.format!r}: expected one of {FORMAT_NAMES}")
-        if self.activation not in ACTIVATION_METHODS:
-            raise ValueError(f"quant.activation={self.activation!r}: expected one of {ACTIVATION_METHODS}")
-        if self.weight not in WEIGHT_METHODS:
-            raise ValueError(f"quant.weight={self.weight!r}: expected one of {WEIGHT_METHODS}")
-        if self.fallback not in FALLBACKS:
-            raise ValueError(f"quant.fallback={self.fallback!r}: expected one of {FALLBACKS}")
-        if not 0.0 < self.percentile <= 100.0:
-            raise ValueError(f"quant.percentile={self.percentile}: expected 0 < p <= 100")
-        if self.keep_first_blocks < 0 or self.keep_last_blocks < 0:
-            raise ValueError("quant.keep_first_blocks / keep_last_blocks must be >= 0")
-        if self.weight in ("four_over_six",) and self.format != "nvfp4":
-            raise ValueError(f"quant.weight={self.weight!r} applies to nvfp4 only")
-        for name, fmt in self.layer_formats.items():
-            if fmt not in (*FORMAT_NAMES, "bf16"):
-                raise ValueError(f"quant.layer_formats[{name!r}]={fmt!r}: expected fp8, nvfp4 or bf16")
-        if not 0.0 < self.gptq_damp < 1.0:
-            raise ValueError(f"quant.gptq_damp={self.gptq_damp}: expected 0 < damp < 1")
-        if self.gptq_blocks_per_pass < 0:
-            raise ValueError(f"quant.gptq_blocks_per_pass={self.gptq_blocks_per_pass}: expected >= 0")
-        if not self.mixed_formats or any(f not in MIXED_FORMATS for f in self.mixed_formats) \
-                or len(set(self.mixed_formats)) != len(self.mixed_formats):
-            raise ValueError(f"quant.mixed_formats={list(self.mixed_formats)}: expected distinct values from "
-                             f"{MIXED_FORMATS}")
-        if not (self.bits_budget > 0.0 and self.bits_budget == self.bits_budget):
-            raise ValueError(f"quant.bits_budget={self.bits_budget}: expected > 0 (average bits per Linear weight)")
-        if self.mixed_precision and min(_FORMAT_BITS[f] for f in self.mixed_formats) > self.bits_budget:
-            raise ValueError(f"quant.bits_budget={self.bits_budget} is below the smallest format in "
-                             f"quant.mixed_formats={list(self.mixed_formats)} "
-                             f"({min(_FORMAT_BITS[f] for f in self.mixed_formats)} bits per weight)")
-        if self.bits_scope not in BITS_SCOPES:
-            raise ValueError(f"quant.bits_scope={self.bits_scope!r}: expected one of {BITS_SCOPES}")
-        if self.sensitivity_inputs < 1:
-            raise ValueError(f"quant.sensitivity_inputs={self.sensitivity_inputs}: expected >= 1")
-        if self.weight.startswith("gptq") and self.mixed_precision and self.gptq_blocks_per_pass:
-            raise ValueError("quant.mixed_precision with GPTQ needs quant.gptq_blocks_per_pass=0 (the sensitivity "
-                             "analysis quantizes each layer with its Hessian from the one calibration pass)")
+        """Raise ValueError naming the key for any out-of-range or inconsistent value."""
+        _check_format("quant.format", self.format, keep_ok=False)
+        self.weight.validate()
+        self.activation.validate()
+        self.layers.validate()
+        self.mixed.validate()
+        if self.weight.scales == "four_over_six" and type(self.weight) is WeightMethod and self.format != "nvfp4":
+            raise ValueError("quant.weight.scales='four_over_six' applies to nvfp4 only")
+        if isinstance(self.weight, GPTQWeight) and self.mixed.analyse and self.weight.blocks_per_pass:
+            raise ValueError("quant.mixed with GPTQ needs quant.weight.blocks_per_pass=0 (the sensitivity analysis "
+                             "quantizes each layer with its Hessian from the one calibration pass)")
+
+    def with_layer_formats(self, formats: dict[str, str]) -> QuantRecipe:
+        """A copy whose per-layer map also holds ``formats`` (exact names)."""
+        return replace(self, layers=replace(self.layers, formats={**self.layers.formats, **formats}))
+
+    def summary(self) -> dict[str, Any]:
+        """The recipe in a few labels (report, leaderboard): format, weight_only, activation, weight, mixed."""
+        return {"format": self.format, "weight_only": self.weight_only, "activation": self.activation.label,
+                "weight": self.weight.label, "mixed_precision": self.mixed.enabled,
+                "fp8_per_channel": self.weight.fp8_per_channel}
+
+    def title(self) -> str:
+        """One-line name of the recipe, e.g. ``nvfp4 gptq_four_over_six act=mse``."""
+        act = "weight-only" if self.weight_only else f"act={self.activation.label}"
+        mixed = f" mixed<={self.mixed.bits_budget:g}b" if self.mixed.enabled else ""
+        return f"{self.format} {self.weight.label} {act}{mixed}"

@@ -14,10 +14,7 @@ Squared errors of independent perturbations add up approximately, which is what 
 
 from __future__ import annotations
 
-import copy
 import logging
-import random
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -27,66 +24,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ptq.algorithms.layers import LayerRules, rules_for
 from ptq.algorithms.quantize import quantize_layer, set_module
-from ptq.algorithms.recipe import QuantRecipe
+from ptq.algorithms.recipe import KEEP, GPTQWeight, QuantRecipe, WeightMethod
 from ptq.calibration.observers import LinearInputStats
+from ptq.calibration.recorder import ForwardInputRecorder, to_device
 from ptq.formats.checks import FormatError
 
 log = logging.getLogger(__name__)
-_BLOCK_RE = re.compile(r"^(blocks\.\d+)\.")
-
-
-def _to_cpu(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    return copy.copy(obj)
-
-
-def _to_device(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_device(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    return obj
-
-
-class ForwardInputRecorder:
-    """Keep CPU copies of ``k`` forward inputs ``(args, kwargs)`` of ``module``, a uniform random subset of all calls
-    (reservoir sampling, fixed ``seed``: deterministic). Use as a context manager around calibration forwards."""
-
-    def __init__(self, module: nn.Module, k: int, seed: int = 0) -> None:
-        if k < 1:
-            raise ValueError(f"ForwardInputRecorder: k={k}, expected >= 1")
-        self.module, self.k = module, k
-        self._rng = random.Random(seed)
-        self.inputs: list[tuple[tuple, dict]] = []
-        self.calls = 0
-        self._handle: torch.utils.hooks.RemovableHandle | None = None
-
-    def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        n = self.calls
-        self.calls += 1
-        if n < self.k:
-            self.inputs.append((_to_cpu(args), _to_cpu(kwargs)))
-            return
-        j = self._rng.randrange(n + 1)
-        if j < self.k:
-            self.inputs[j] = (_to_cpu(args), _to_cpu(kwargs))
-
-    def __enter__(self) -> ForwardInputRecorder:
-        self._handle = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
 
 
 def _output(out: Any) -> torch.Tensor:
@@ -129,7 +74,7 @@ class _Evaluator:
     @torch.no_grad()
     def _run(self, i: int) -> torch.Tensor:
         args, kwargs = self.inputs[i]
-        return _output(self.model(*_to_device(args, self.device), **_to_device(kwargs, self.device))).float()
+        return _output(self.model(*to_device(args, self.device), **to_device(kwargs, self.device))).float()
 
     def error(self) -> float:
         errs = []
@@ -140,9 +85,9 @@ class _Evaluator:
 
 
 def _layer_recipe(recipe: QuantRecipe, name: str, hessians: Mapping[str, torch.Tensor] | None) -> QuantRecipe:
-    """GPTQ needs the layer's Hessian; without one the sensitivity is measured with GPTQ's "mse" scales."""
-    if recipe.weight.startswith("gptq") and (hessians is None or name not in hessians):
-        return replace(recipe, weight="mse")
+    """GPTQ needs the layer's Hessian; without one the sensitivity is measured with round-to-nearest "mse" scales."""
+    if isinstance(recipe.weight, GPTQWeight) and (hessians is None or name not in hessians):
+        return replace(recipe, weight=WeightMethod(scales="mse", fp8_per_channel=recipe.weight.fp8_per_channel))
     return recipe
 
 
@@ -156,12 +101,13 @@ def measure_sensitivity(
     hessians: Mapping[str, torch.Tensor] | None = None,
     *,
     blocks: bool = True,
+    rules: LayerRules | None = None,
     progress: bool = True,
 ) -> SensitivityReport:
     """Quantize one layer (``candidates[name]``: formats to try, "bf16" skipped) at a time on top of the unquantized
     ``model`` and measure the output error on ``inputs`` (from :class:`ForwardInputRecorder`); with ``blocks``,
-    also each transformer block with all its candidate layers in ``recipe.format`` (or their first format).
-    The model is left unchanged."""
+    also each transformer block (``rules``' block numbering) with all its candidate layers in each of their
+    formats. The model is left unchanged."""
     if not inputs:
         raise ValueError("sensitivity analysis needs recorded model inputs (ForwardInputRecorder saw no forward)")
     t0 = time.perf_counter()
@@ -170,11 +116,12 @@ def measure_sensitivity(
     ev = _Evaluator(model, inputs)
     modules = dict(model.named_modules())
     rep = SensitivityReport(inputs=len(inputs))
-    jobs = [(n, f) for n, fmts in candidates.items() for f in fmts if f != "bf16"]
+    rules = rules_for(model) if rules is None else rules
+    jobs = [(n, f) for n, fmts in candidates.items() for f in fmts if f != KEEP]
     for name, fmts in candidates.items():
         m = modules[name]
         rep.numel[name] = m.in_features * m.out_features
-        rep.layer_error[name] = {"bf16": 0.0} if "bf16" in fmts else {}
+        rep.layer_error[name] = {KEEP: 0.0} if KEEP in fmts else {}
     for name, fmt in tqdm(jobs, desc="sensitivity (layers)", disable=not progress, leave=False):
         module = modules[name]
         try:
@@ -192,12 +139,12 @@ def measure_sensitivity(
     if blocks:
         groups: dict[str, list[str]] = {}
         for name in candidates:
-            m = _BLOCK_RE.match(name)
-            if m:
-                groups.setdefault(m.group(1), []).append(name)
+            block = rules.block_name(name)
+            if block is not None:
+                groups.setdefault(block, []).append(name)
         for block, names in tqdm(list(groups.items()), desc="sensitivity (blocks)", disable=not progress,
                                  leave=False):
-            fmts = sorted({f for n in names for f in candidates[n] if f != "bf16"})
+            fmts = sorted({f for n in names for f in candidates[n] if f != KEEP})
             for fmt in fmts:
                 swapped = []
                 try:
@@ -220,4 +167,4 @@ def measure_sensitivity(
     return rep
 
 
-__all__ = ["ForwardInputRecorder", "SensitivityReport", "measure_sensitivity"]
+__all__ = ["ForwardInputRecorder", "SensitivityReport", "measure_sensitivity"]  # recorder re-exported

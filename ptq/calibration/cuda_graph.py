@@ -1,7 +1,7 @@
 """Run a module's forward as CUDA-graph replays: no host work per kernel, hooks included.
 
-At 1,440 tokens the WAN 5B forward is host-bound: one kernel launch costs ~9-29 us of Python and driver time, so
-300 per-Linear observer kernels add ~60% to the eager forward while the GPU spends ~5% on them. Captured once in a
+A transformer forward at small token counts is host-bound: each kernel launch costs microseconds of Python and
+driver time, so hundreds of per-Linear observer kernels add more to the eager forward than the GPU spends on them. Captured once in a
 CUDA graph, every later forward (the same input shapes: each denoising step, cond and uncond) is one replay.
 
 :class:`CudaGraphForward` wraps a module call. For each new input signature (tensor shapes, dtypes, devices,

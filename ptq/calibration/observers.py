@@ -1,7 +1,7 @@
 """Activation statistics of ``nn.Linear`` inputs, collected by forward pre-hooks.
 
 Everything stays on the model's device and is updated in place (``torch.maximum(..., out=)``), so a hook never
-forces a host sync. Sibling layers that read the same input tensor (``to_q``/``to_k``/``to_v``) reuse one reduction.
+forces a host sync. Sibling layers that read the same input tensor (e.g. attention q/k/v) reuse one reduction.
 On CUDA (with triton) the amax path is one fused kernel per input tensor (``triton_quant.amax_update_``: per-channel
 and per-step max folded atomically into the accumulators of every sibling layer that reads it), which keeps the
 hooks' cost near the bytes they read. The current denoising step lives in a device tensor the kernels read, so the
@@ -96,14 +96,14 @@ class LinearInputObserver:
     ``AMAX_BATCH_BYTES`` in all) in one launch; 1 = one launch per tensor.
     ``fuse_producers``: on the fused path, a diffusers ``FeedForward``'s GELU (tanh) is computed by a Triton kernel
     (bit-identical to torch's, verified once per GPU over every bf16 value) that also folds the statistics of the
-    Linear reading its output (``ffn.net.2``), so that input is not read again. Off by default: on an H200 the
-    kernel is slower than torch's GELU by more than the read it saves (5B at 1,440 tokens: +3.3% vs +2.4%).
+    Linear reading its output (the feed-forward's second Linear), so that input is not read again. Off by default:
+    the kernel is slower than torch's GELU by more than the read it saves (docs/benchmarks.md).
 
     ``hessian``: True (every observed layer) or a collection of layer names: also accumulate ``H = sum X^T X``
     (float32 ``[in, in]`` on the model's device, updated in place, no host sync) for GPTQ; read with
-    :meth:`hessians`. Layers that read the same input tensor (``to_q``/``to_k``/``to_v``) share one ``X^T X``
-    product per call. Memory: ``4 * in_features**2`` bytes per layer (WAN 5B: 37.7 MB for in=3072, 822 MB for
-    ffn.net.2's in=14336; all 300 Linears at once ~35 GB, hence ``quant.gptq_blocks_per_pass``).
+    :meth:`hessians`. Layers that read the same input tensor (e.g. attention q/k/v) share one ``X^T X``
+    product per call. Memory: ``4 * in_features**2`` bytes per layer (37.7 MB for in=3072, 822 MB for in=14336;
+    a large model's Linears at once may not fit, hence ``quant.weight.blocks_per_pass``).
     """
 
     def __init__(
@@ -334,7 +334,7 @@ class LinearInputObserver:
     def _hook(self, name: str):
         @torch.no_grad()
         def hook(module: nn.Module, args: tuple) -> None:
-            # not detached: sibling layers (to_q/to_k/to_v) are recognised by the identity of this very object
+            # not detached: sibling layers (q/k/v) are recognised by the identity of this very object
             # (a detach() would make a new one per hook); the hook runs under no_grad
             x = args[0]
             capturing = cuda_graph.capturing()

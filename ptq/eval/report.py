@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ptq.algorithms.recipe import KEEP
 from ptq.eval.metrics import latent_metrics, psnr, ssim
 
 
@@ -92,16 +94,18 @@ def _frames_png(path: Path, ref: torch.Tensor, test: torch.Tensor, max_frames: i
     img.save(path)
 
 
-def write_report(out_dir: Path, *, run_info: dict[str, Any], records: list[Any], stats: dict[str, Any],
+def write_report(out_dir: Path, *, run_info: dict[str, Any], records: list[Any],
                  baseline: list[dict[str, Any]] | None, quantized: list[dict[str, Any]] | None,
-                 exports: list[Any], timings: dict[str, float], comps: Any = None,
+                 exports: list[Any], timings: dict[str, float],
+                 decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  eval_prompts: list[str] | None = None, sensitivity: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write report.json / report.md / PNGs; returns the JSON dict. ``sensitivity``: the dict of
+    """Write report.json / report.md / PNGs; returns the JSON dict. ``decode``: latents -> frames ``[F, H, W, 3]``
+    in [0, 1] (the model adapter's decoder) for the frame metrics and images; ``sensitivity``: the dict of
     ``ptq.algorithms.mixed_precision.analyse_and_plan`` (per-layer / per-block output errors, mixed-precision plan)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"run": run_info, "timings_s": timings, "bits_per_weight": bits_per_weight(records),
                               "layers": [r.to_dict() for r in records], "exports": [asdict(e) for e in exports]}
-    quantized_records = [r for r in records if r.format != "bf16"]
+    quantized_records = [r for r in records if r.format != KEEP]
     report["num_quantized_layers"] = len(quantized_records)
     report["num_linear_layers"] = len(records)
     images: list[str] = []
@@ -110,12 +114,10 @@ def write_report(out_dir: Path, *, run_info: dict[str, Any], records: list[Any],
         report["accuracy"] = cmp
         _plot_steps(out_dir / "error_over_steps.png", cmp, f"{run_info.get('recipe', {}).get('format', '')} vs bf16")
         images.append("error_over_steps.png")
-        if comps is not None and getattr(comps, "vae", None) is not None:
-            from ptq.models.wan import decode_latents
-
+        if decode is not None:
             frames = []
             for i, (b, q) in enumerate(zip(baseline, quantized)):
-                fb, fq = decode_latents(comps, b["final"]), decode_latents(comps, q["final"])
+                fb, fq = decode(b["final"]), decode(q["final"])
                 frames.append({"psnr": _finite(psnr(fb, fq, data_range=1.0)), "ssim": ssim(fb, fq)})
                 name = f"frames_prompt{i}.png"
                 _frames_png(out_dir / name, fb, fq)
@@ -212,7 +214,7 @@ def sensitivity_markdown(analysis: dict[str, Any], layers: list[dict[str, Any]] 
     def rel(v: float | None) -> str:
         return "" if v is None else f"{v ** 0.5:.4f}"
 
-    fmts = sorted({f for e in sens["layer_error"].values() for f in e if f != "bf16"},
+    fmts = sorted({f for e in sens["layer_error"].values() for f in e if f != KEEP},
                   key=lambda f: (f != base, f))
     chosen = {r["name"]: r["format"] for r in layers or []}
     lines = ["", "## Sensitivity", "",

@@ -1,19 +1,33 @@
-"""Shared pieces of the exporters: atomic safetensors writes and splitting a quantized model's state."""
+"""Shared pieces of the exporters: the :class:`Exporter` interface (per-format layer writers and readers), splitting
+a quantized model's state, and casting unquantized tensors."""
 
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ptq.algorithms.qlinear import QuantizedLinearState, QuantLinear
-from ptq.export.safetensors_io import save_safetensors, write_text_atomic
 
 UNQUANTIZED_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+#: diffusers state-dict key (or module name) -> the key name the target file uses.
+KeyMap = Callable[[str], str]
+#: One quantized Linear -> its tensors in the target file: ``(layer key, state, unquantized dtype) -> tensors``.
+LayerWriter = Callable[[str, QuantizedLinearState, torch.dtype], dict[str, torch.Tensor]]
+#: Reads one quantized Linear back: ``(get tensor by key, layer key, expected state) -> (dequantized float32
+#: weight [out, in], keys it read)``; a decoder independent of the quantizer code.
+LayerReader = Callable[[Callable[[str], torch.Tensor], str, QuantizedLinearState], tuple[torch.Tensor, set[str]]]
+
+
+class UnsupportedExport(ValueError):
+    """The target cannot represent this model's quantization (the export is skipped with this reason)."""
 
 
 @dataclass
@@ -31,14 +45,45 @@ class ExportResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> int:
-    """Write ``tensors`` to ``path`` deterministically and atomically; returns the file size in bytes."""
-    return save_safetensors(tensors, path, metadata)
+class Exporter(ABC):
+    """One export target: where it writes, how each number format is laid out (``writers`` / ``readers`` by format
+    name) and which target-specific checks verification adds."""
 
+    name: ClassVar[str]
+    writers: ClassVar[dict[str, LayerWriter]]
+    readers: ClassVar[dict[str, LayerReader]]
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small text file atomically."""
-    write_text_atomic(path, text)
+    def writer(self, fmt: str) -> LayerWriter:
+        try:
+            return self.writers[fmt]
+        except KeyError:
+            raise UnsupportedExport(f"export target {self.name!r} cannot write format {fmt!r} "
+                                    f"(it writes {', '.join(sorted(self.writers))})") from None
+
+    def reader(self, fmt: str) -> LayerReader:
+        try:
+            return self.readers[fmt]
+        except KeyError:
+            raise UnsupportedExport(f"export target {self.name!r} cannot read format {fmt!r} back") from None
+
+    @abstractmethod
+    def write(self, plain: Mapping[str, torch.Tensor], quant: Mapping[str, QuantizedLinearState], out_dir: Path,
+              stem: str, *, dtype: torch.dtype, key_map: KeyMap, metadata: dict[str, Any],
+              module_config: dict[str, Any]) -> ExportResult:
+        """Write the file(s); ``ExportResult.path`` is the safetensors file verification reads."""
+
+    def layer_tensors(self, quant: Mapping[str, QuantizedLinearState], dtype: torch.dtype,
+                      key_map: KeyMap) -> dict[str, torch.Tensor]:
+        """The tensors of every quantized layer under the target's names."""
+        out: dict[str, torch.Tensor] = {}
+        for name, state in quant.items():
+            out.update(self.writer(state.format)(key_map(name), state, dtype))
+        return out
+
+    def extra_checks(self, keys: set[str], get: Callable[[str], torch.Tensor], metadata: dict[str, str],
+                     quant: Mapping[str, QuantizedLinearState], key_map: KeyMap) -> tuple[set[str], list[str]]:
+        """Target-specific verification: (keys it accounts for, problems)."""
+        return set(), []
 
 
 def split_model_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedLinearState]]:
@@ -60,6 +105,11 @@ def cast_unquantized(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if not t.is_floating_point() or t.dtype == torch.float32:
         return t
     return t.to(dtype)
+
+
+def plain_tensors(plain: Mapping[str, torch.Tensor], dtype: torch.dtype, key_map: KeyMap) -> dict[str, torch.Tensor]:
+    """The unquantized tensors under the target's names, cast by :func:`cast_unquantized`."""
+    return {key_map(k): cast_unquantized(v, dtype) for k, v in plain.items()}
 
 
 def header_metadata(extra: dict[str, Any]) -> dict[str, str]:

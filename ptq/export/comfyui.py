@@ -1,7 +1,7 @@
 """ComfyUI export: one ``.safetensors`` that stock ComfyUI's "Load Diffusion Model" reads as quantized.
 
 What ComfyUI reads (comfy/ops.py mixed-precision ops, comfy/utils.py convert_old_quants, comfy-kitchen layouts):
-- original Wan key names, no ``model.diffusion_model.`` prefix;
+- the model's original key names (the adapter's name map), no ``model.diffusion_model.`` prefix;
 - per quantized Linear ``<layer>.comfy_quant``: uint8 1-D tensor of the UTF-8 JSON ``{"format": ...}``
   (``"nvfp4"`` / ``"float8_e4m3fn"``, plus ``"full_precision_matrix_mult": true`` for weight-only), and the same
   per-layer JSON in the header entry ``_quantization_metadata`` = ``{"format_version": "1.0", "layers": {...}}``;
@@ -16,6 +16,7 @@ What ComfyUI reads (comfy/ops.py mixed-precision ops, comfy/utils.py convert_old
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +24,20 @@ import torch
 
 from ptq.algorithms.qlinear import CANONICAL_NIBBLE_ORDER, QuantizedLinearState
 from ptq.export.base import (
-    UNQUANTIZED_DTYPES,
+    Exporter,
     ExportResult,
-    atomic_save_safetensors,
+    KeyMap,
+    UnsupportedExport,
     cast_unquantized,
     header_metadata,
+    plain_tensors,
 )
+from ptq.export.roundtrip import reference_decode_nvfp4, reference_untile
+from ptq.export.safetensors_io import save_safetensors
 from ptq.formats import nvfp4 as nvfp4_fmt
 from ptq.formats.nvfp4 import NibbleOrder
-from ptq.models.wan_names import diffusers_to_original
 
+#: ptq format name -> the per-layer ``format`` ComfyUI's QUANT_ALGOS registers.
 COMFY_FORMAT_NAMES = {"nvfp4": "nvfp4", "fp8": "float8_e4m3fn"}
 TARGET_NIBBLE_ORDER = NibbleOrder.HIGH_FIRST
 
@@ -50,24 +55,8 @@ def encode_comfy_quant(conf: dict[str, Any]) -> torch.Tensor:
     return torch.tensor(list(json.dumps(conf).encode("utf-8")), dtype=torch.uint8)
 
 
-def comfy_layer_tensors(layer: str, state: QuantizedLinearState, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Tensors of one quantized Linear under its original-Wan name ``layer``."""
+def _common(layer: str, state: QuantizedLinearState, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
-    if state.format == "nvfp4":
-        packed = state.weight
-        if CANONICAL_NIBBLE_ORDER != TARGET_NIBBLE_ORDER:
-            packed = nvfp4_fmt.pack_e2m1(nvfp4_fmt.unpack_e2m1(packed, CANONICAL_NIBBLE_ORDER), TARGET_NIBBLE_ORDER)
-        out[f"{layer}.weight"] = packed
-        out[f"{layer}.weight_scale"] = nvfp4_fmt.to_tiled(state.weight_scale)
-        out[f"{layer}.weight_scale_2"] = state.weight_scale_2.float().reshape(())
-    elif state.format == "fp8":
-        if state.weight_scale.numel() != 1:
-            raise ValueError(f"{layer}: per-channel FP8 weight scales are not supported by ComfyUI's FP8 layout "
-                             "(tensor-wise only); set quant.fp8_per_channel=false or export.targets=[diffusers]")
-        out[f"{layer}.weight"] = state.weight
-        out[f"{layer}.weight_scale"] = state.weight_scale.float().reshape(())
-    else:
-        raise ValueError(f"{layer}: format {state.format!r} has no ComfyUI export")
     if state.input_scale is not None:
         out[f"{layer}.input_scale"] = state.input_scale.float().reshape(())
     if state.bias is not None:
@@ -76,24 +65,72 @@ def comfy_layer_tensors(layer: str, state: QuantizedLinearState, dtype: torch.dt
     return out
 
 
-def build_comfyui_state(
-    plain: dict[str, torch.Tensor], quant: dict[str, QuantizedLinearState], unquantized_dtype: str
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors by original-Wan key, per-layer quantization metadata)."""
-    dtype = UNQUANTIZED_DTYPES[unquantized_dtype]
-    tensors = {diffusers_to_original(k): cast_unquantized(v, dtype) for k, v in plain.items()}
-    layers: dict[str, Any] = {}
-    for name, state in quant.items():
-        layer = diffusers_to_original(name)
-        tensors.update(comfy_layer_tensors(layer, state, dtype))
-        layers[layer] = comfy_layer_config(state)
-    return tensors, {"format_version": "1.0", "layers": layers}
+def write_nvfp4(layer: str, state: QuantizedLinearState, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    packed = state.weight
+    if CANONICAL_NIBBLE_ORDER != TARGET_NIBBLE_ORDER:
+        packed = nvfp4_fmt.pack_e2m1(nvfp4_fmt.unpack_e2m1(packed, CANONICAL_NIBBLE_ORDER), TARGET_NIBBLE_ORDER)
+    return {f"{layer}.weight": packed, f"{layer}.weight_scale": nvfp4_fmt.to_tiled(state.weight_scale),
+            f"{layer}.weight_scale_2": state.weight_scale_2.float().reshape(()), **_common(layer, state, dtype)}
 
 
-def export_comfyui(plain: dict[str, torch.Tensor], quant: dict[str, QuantizedLinearState], path: Path,
-                   unquantized_dtype: str, extra_metadata: dict[str, Any]) -> ExportResult:
-    """Write the ComfyUI file atomically."""
-    tensors, qmeta = build_comfyui_state(plain, quant, unquantized_dtype)
-    meta = header_metadata({"_quantization_metadata": qmeta, **extra_metadata})
-    size = atomic_save_safetensors(tensors, path, meta)
-    return ExportResult("comfyui", str(path), size, len(quant), len(tensors))
+def write_fp8(layer: str, state: QuantizedLinearState, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    if state.weight_scale.numel() != 1:
+        raise UnsupportedExport(f"{layer}: per-channel FP8 weight scales are not supported by ComfyUI's FP8 layout "
+                                "(tensor-wise only); set quant.weight.fp8_per_channel=false or "
+                                "export.targets=[diffusers]")
+    return {f"{layer}.weight": state.weight, f"{layer}.weight_scale": state.weight_scale.float().reshape(()),
+            **_common(layer, state, dtype)}
+
+
+def read_nvfp4(get: Callable[[str], torch.Tensor], layer: str,
+               state: QuantizedLinearState) -> tuple[torch.Tensor, set[str]]:
+    keys = {f"{layer}.weight", f"{layer}.weight_scale", f"{layer}.weight_scale_2"}
+    scales = reference_untile(get(f"{layer}.weight_scale"), state.out_features, state.in_features // 16)
+    w = reference_decode_nvfp4(get(f"{layer}.weight"), scales, get(f"{layer}.weight_scale_2"), high_first=True)
+    return w, keys
+
+
+def read_fp8(get: Callable[[str], torch.Tensor], layer: str,
+             state: QuantizedLinearState) -> tuple[torch.Tensor, set[str]]:
+    w, ws = get(f"{layer}.weight"), get(f"{layer}.weight_scale")
+    return w.float() * ws.float(), {f"{layer}.weight", f"{layer}.weight_scale"}
+
+
+class ComfyUIExporter(Exporter):
+    """``<stem>_comfyui.safetensors``: the layout above."""
+
+    name = "comfyui"
+    writers = {"nvfp4": write_nvfp4, "fp8": write_fp8}
+    readers = {"nvfp4": read_nvfp4, "fp8": read_fp8}
+
+    def build(self, plain: Mapping[str, torch.Tensor], quant: Mapping[str, QuantizedLinearState],
+              dtype: torch.dtype, key_map: KeyMap) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors by target key, per-layer quantization metadata)."""
+        tensors = plain_tensors(plain, dtype, key_map)
+        tensors.update(self.layer_tensors(quant, dtype, key_map))
+        layers = {key_map(name): comfy_layer_config(state) for name, state in quant.items()}
+        return tensors, {"format_version": "1.0", "layers": layers}
+
+    def write(self, plain: Mapping[str, torch.Tensor], quant: Mapping[str, QuantizedLinearState], out_dir: Path,
+              stem: str, *, dtype: torch.dtype, key_map: KeyMap, metadata: dict[str, Any],
+              module_config: dict[str, Any]) -> ExportResult:
+        tensors, qmeta = self.build(plain, quant, dtype, key_map)
+        path = out_dir / f"{stem}_comfyui.safetensors"
+        size = save_safetensors(tensors, path, header_metadata({"_quantization_metadata": qmeta, **metadata}))
+        return ExportResult(self.name, str(path), size, len(quant), len(tensors))
+
+    def extra_checks(self, keys: set[str], get: Callable[[str], torch.Tensor], metadata: dict[str, str],
+                     quant: Mapping[str, QuantizedLinearState], key_map: KeyMap) -> tuple[set[str], list[str]]:
+        problems: list[str] = []
+        used: set[str] = set()
+        for name in quant:
+            key = f"{key_map(name)}.comfy_quant"
+            used.add(key)
+            conf = json.loads(bytes(get(key).tolist()).decode()) if key in keys else None
+            if not conf or conf.get("format") not in COMFY_FORMAT_NAMES.values():
+                problems.append(f"{key}: missing or unreadable ({conf})")
+        layers = json.loads(metadata.get("_quantization_metadata", "{}")).get("layers", {})
+        want = {key_map(n) for n in quant}
+        if set(layers) != want:
+            problems.append(f"_quantization_metadata layers differ: {len(layers)} listed, {len(want)} quantized")
+        return used, problems

@@ -1,19 +1,23 @@
 """Read an exported file back and prove it holds exactly the in-memory quantized model.
 
-The NVFP4 / FP8 decoding here is a deliberately separate, table-driven implementation (no ``ptq.formats``
-quantizer code), so a layout bug in the quantizer or exporter cannot cancel itself out.
+The table-driven decoders here (used by each exporter's per-format readers) are a deliberately separate
+implementation (no ``ptq.formats`` quantizer code), so a layout bug in the quantizer or exporter cannot cancel
+itself out.
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 
 from ptq.algorithms.qlinear import QuantizedLinearState
-from ptq.models.wan_names import diffusers_to_original
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ptq.export.base import Exporter, KeyMap
 
 _E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 
@@ -38,11 +42,11 @@ def reference_untile(tiled: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return flat[offset]
 
 
-def verify_export(target: str, path: Path, plain: dict[str, torch.Tensor],
-                  quant: dict[str, QuantizedLinearState]) -> tuple[bool, str]:
-    """(ok, detail): every quantized layer decodes bit-exactly to the simulated weight, scales match, every
-    unquantized tensor matches, no key is missing or extra, and (ComfyUI) the metadata lists exactly the
-    quantized layers."""
+def verify_export(exporter: Exporter, path: Path, plain: Mapping[str, torch.Tensor],
+                  quant: Mapping[str, QuantizedLinearState], key_map: KeyMap) -> tuple[bool, str]:
+    """(ok, detail): every quantized layer decodes (with the exporter's reader for its format) bit-exactly to the
+    simulated weight, scales match, every unquantized tensor matches, no key is missing or extra, and the
+    exporter's own checks pass (ComfyUI: the metadata lists exactly the quantized layers)."""
     problems: list[str] = []
     quant = {n: st.to("cpu") for n, st in quant.items()}
     with safe_open(str(path), framework="pt") as f:
@@ -50,21 +54,16 @@ def verify_export(target: str, path: Path, plain: dict[str, torch.Tensor],
         meta = f.metadata() or {}
         expected: set[str] = set()
         for name, st in quant.items():
-            layer = diffusers_to_original(name)
-            w = f.get_tensor(f"{layer}.weight")
-            ws = f.get_tensor(f"{layer}.weight_scale")
-            expected |= {f"{layer}.weight", f"{layer}.weight_scale"}
+            layer = key_map(name)
+            try:
+                got, used = exporter.reader(st.format)(f.get_tensor, layer, st)
+            except Exception as exc:  # noqa: BLE001 - a missing / unreadable tensor is a verification failure
+                problems.append(f"{layer}: cannot be read back ({type(exc).__name__}: {exc})")
+                continue
+            expected |= used
             ref = st.dequantized_weight()
-            if st.format == "nvfp4":
-                ws2 = f.get_tensor(f"{layer}.weight_scale_2")
-                expected.add(f"{layer}.weight_scale_2")
-                rows, cols16 = st.out_features, st.in_features // 16
-                scales = reference_untile(ws, rows, cols16) if target == "comfyui" else ws
-                got = reference_decode_nvfp4(w, scales, ws2, high_first=(target == "comfyui"))
-            else:
-                got = w.float() * ws.float().reshape(-1, 1) if ws.numel() > 1 else w.float() * ws.float()
-            if not torch.equal(got.view(torch.int32), ref.view(torch.int32)):
-                bad = int((got != ref).sum())
+            if got.shape != ref.shape or not torch.equal(got.view(torch.int32), ref.view(torch.int32)):
+                bad = int((got != ref).sum()) if got.shape == ref.shape else got.numel()
                 problems.append(f"{layer}: dequantized weight differs in {bad} elements")
             if st.input_scale is not None:
                 key = f"{layer}.input_scale"
@@ -76,14 +75,11 @@ def verify_export(target: str, path: Path, plain: dict[str, torch.Tensor],
                 b = f.get_tensor(f"{layer}.bias")
                 if not torch.equal(b, st.bias.to(b.dtype)):
                     problems.append(f"{layer}.bias differs")
-            if target == "comfyui":
-                key = f"{layer}.comfy_quant"
-                expected.add(key)
-                conf = json.loads(bytes(f.get_tensor(key).tolist()).decode()) if key in keys else None
-                if not conf or conf.get("format") not in ("nvfp4", "float8_e4m3fn"):
-                    problems.append(f"{key}: missing or unreadable ({conf})")
+        used, extra_problems = exporter.extra_checks(keys, f.get_tensor, meta, quant, key_map)
+        expected |= used
+        problems += extra_problems
         for key, value in plain.items():
-            okey = diffusers_to_original(key)
+            okey = key_map(key)
             expected.add(okey)
             if okey not in keys:
                 problems.append(f"{okey}: missing")
@@ -99,11 +95,6 @@ def verify_export(target: str, path: Path, plain: dict[str, torch.Tensor],
             problems.append(f"unexpected keys: {sorted(extra)[:5]}")
         if missing:
             problems.append(f"missing keys: {sorted(missing)[:5]}")
-        if target == "comfyui":
-            layers = json.loads(meta.get("_quantization_metadata", "{}")).get("layers", {})
-            want = {diffusers_to_original(n) for n in quant}
-            if set(layers) != want:
-                problems.append(f"_quantization_metadata layers differ: {len(layers)} listed, {len(want)} quantized")
     if problems:
         return False, "; ".join(problems[:10]) + (f" (+{len(problems) - 10} more)" if len(problems) > 10 else "")
     return True, f"{len(quant)} quantized layers bit-exact, {len(plain)} other tensors equal, no extra keys"

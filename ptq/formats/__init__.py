@@ -1,15 +1,14 @@
-"""Bit-exact FP8 (E4M3) and NVFP4 number formats: pure tensor math, no model knowledge.
+"""Bit-exact number formats: pure tensor math, no model knowledge.
 
-This package imports nothing else from ``ptq``. Its numerics are tested bit for bit against
-comfy-kitchen 0.2.40 (ComfyUI's kernel library).
+Each format is an object (:class:`~ptq.formats.base.NumberFormat`) registered in :data:`FORMATS` below; algorithms,
+``QuantLinear``, the mixed-precision planner and the report look formats up by name with :func:`get_format`.
+This package imports nothing else from ``ptq``. Its numerics are tested bit for bit against comfy-kitchen 0.2.40
+(ComfyUI's kernel library).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
-
+from .base import FORMATS, NumberFormat, QuantizedWeight, get_format, register_format
 from .checks import (
     FormatError,
     UnsupportedShapeError,
@@ -29,6 +28,7 @@ from .fp8 import (
     quantize_fp8,
     quantize_fp8_weight,
 )
+from .fp8_format import FP8
 from .nvfp4 import (
     E2M1_MAX,
     E2M1_VALUES,
@@ -51,38 +51,11 @@ from .nvfp4 import (
     to_tiled,
     unpack_e2m1,
 )
+from .nvfp4_format import NVFP4
 
-
-@dataclass(frozen=True)
-class FormatSpec:
-    """Static description of a weight format.
-
-    ``weight_bits``: effective storage bits per weight including scales (per-tensor scales ignored).
-    ``block_size``: elements sharing one scale along in_features (None: per tensor/channel).
-    ``storage_dtype``: dtype of the stored weight tensor.
-    """
-
-    name: str
-    weight_bits: float
-    block_size: int | None
-    storage_dtype: torch.dtype
-
-
-FORMATS: dict[str, FormatSpec] = {
-    "fp8": FormatSpec(name="fp8", weight_bits=8.0, block_size=None, storage_dtype=FP8_DTYPE),
-    # 4-bit code + one 8-bit E4M3 scale per 16 weights = 4.5 bits; packed two codes per uint8 byte.
-    "nvfp4": FormatSpec(
-        name="nvfp4", weight_bits=4.0 + 8.0 / NVFP4_BLOCK, block_size=NVFP4_BLOCK, storage_dtype=torch.uint8
-    ),
-}
-
-
-def get_format(name: str) -> FormatSpec:
-    """The :class:`FormatSpec` called ``name``; ``ValueError`` listing the known names otherwise."""
-    try:
-        return FORMATS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown format {name!r}; known formats: {', '.join(sorted(FORMATS))}") from None
+# The registry of number formats: one line per format (its object lives in its own module).
+register_format(FP8)
+register_format(NVFP4)
 
 
 __all__ = [
@@ -97,7 +70,8 @@ __all__ = [
     "NVFP4_DEFAULT_FALLBACK",
     "NVFP4_DEQUANT_MODES",
     "FormatError",
-    "FormatSpec",
+    "NumberFormat",
+    "QuantizedWeight",
     "NibbleOrder",
     "ScaleLayout",
     "UnsupportedShapeError",
@@ -114,6 +88,7 @@ __all__ = [
     "fp8_scale_from_amax",
     "from_tiled",
     "get_format",
+    "register_format",
     "nvfp4_block_values",
     "nvfp4_global_scale",
     "pack_e2m1",

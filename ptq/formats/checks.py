@@ -1,7 +1,7 @@
 """Input validation for the number-format layer.
 
 Every check raises :class:`FormatError` (a ``ValueError``) whose message names the tensor (``name``, e.g.
-``"blocks.3.ffn.net.0.proj.weight"``), says what was expected and what was found, so a failure deep inside
+``"layers.3.mlp.up.weight"``), says what was expected and what was found, so a failure deep inside
 a model export points at the offending layer.
 """
 

@@ -11,8 +11,8 @@ Value of element ``(r, c)``::
   (TensorRT Model Optimizer, compressed-tensors, torchao). Same shapes, different bytes.
 * **Block scales**: logical ``[rows, cols/16]`` float8_e4m3fn. ``ScaleLayout.ROW_MAJOR`` stores exactly
   that; ``ScaleLayout.TILED`` is the cuBLAS 128x4 "blocked" layout of comfy-kitchen's ``to_blocked``,
-  zero-padded to ``[roundup(rows, 128), roundup(cols/16, 4)]``. For WAN's shapes both layouts have the
-  same shape; only the values tell them apart.
+  zero-padded to ``[roundup(rows, 128), roundup(cols/16, 4)]``. For matrices whose rows are a multiple of 128 and
+  cols/16 a multiple of 4 both layouts have the same shape; only the values tell them apart.
 * **Global scale**: ``amax / (6 * 448)`` float32 ``[]`` (``weight_scale_2`` / ``input_scale``).
 
 The quantizer reproduces comfy-kitchen 0.2.40's eager ``quantize_nvfp4`` exactly (see

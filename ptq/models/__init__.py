@@ -1,0 +1,42 @@
+"""Model adapters: one folder per model family, selected by the ``model.adapter`` key.
+
+:data:`ADAPTERS` is the registry (name -> ``module:Class``, imported on first use so that file tools stay fast).
+A new model family is one new folder with a :class:`~ptq.models.base.ModelAdapter` subclass plus one line here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ptq.models.base import ModelAdapter
+
+ADAPTERS: dict[str, str] = {
+    "wan": "ptq.models.wan.adapter:WanAdapter",
+    "tiny_wan": "ptq.models.tiny_wan.adapter:TinyWanAdapter",
+}
+
+
+def get_adapter(name: str) -> type[ModelAdapter]:
+    """The adapter class registered as ``name``; ValueError listing the known names otherwise."""
+    try:
+        module, cls = ADAPTERS[name].split(":")
+    except KeyError:
+        raise ValueError(f"model.adapter={name!r}: expected one of {', '.join(ADAPTERS)}") from None
+    return getattr(importlib.import_module(module), cls)
+
+
+def adapter_for_module(module: nn.Module) -> type[ModelAdapter] | None:
+    """The first registered adapter whose ``module_classes`` names ``module``'s class (or a base class)."""
+    names = {c.__name__ for c in type(module).__mro__}
+    for key in ADAPTERS:
+        cls = get_adapter(key)
+        if names & set(cls.module_classes):
+            return cls
+    return None
+
+
+__all__ = ["ADAPTERS", "adapter_for_module", "get_adapter"]

@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from ptq.models.wan_names import try_diffusers_to_original, try_original_to_diffusers
+from ptq.models.wan.names import try_diffusers_to_original, try_original_to_diffusers
 from ptq.tools.safetensors_header import DTYPE_BITS, TensorInfo
 
 __all__ = [

@@ -22,13 +22,14 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from ptq.algorithms.methods import quantize_weight
 from ptq.algorithms.qlinear import CANONICAL_NIBBLE_ORDER, QuantizedLinearState, QuantLinear
-from ptq.algorithms.weight_quant import WeightContext, quantize_weight
+from ptq.algorithms.weight_quant import WeightContext
 from ptq.eval.metrics import rel_l2
 from ptq.export.roundtrip import reference_decode_nvfp4, reference_untile
 from ptq.formats import nvfp4 as nvfp4_fmt
 from ptq.formats.nvfp4 import NibbleOrder
-from ptq.models.wan_names import NameMapError, original_to_diffusers
+from ptq.models.wan.names import NameMapError, original_to_diffusers
 from ptq.tools.safetensors_header import read_header
 
 KNOWN_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
@@ -192,7 +193,8 @@ def verify_file(
 ) -> VerifyReport:
     """Verify ``path`` against the bf16 model at ``model_path`` (diffusers folder, hub id in the HF cache, or
     None for the packaged tiny model). Raises HeaderError for unreadable files."""
-    from ptq.models import wan
+    from ptq.models.tiny_wan.adapter import TinyWanAdapter
+    from ptq.models.wan import loading
     from ptq.tools.conventions import detect_convention
 
     header = read_header(path)
@@ -205,8 +207,8 @@ def verify_file(
     expected = "high_first/tiled" if comfy else "low_first/row_major"
     report = VerifyReport(str(path), conv.name, expected, tolerance)
 
-    root = wan.resolve_model_path(model_path)
-    model = wan.load_transformer(root, device=device)
+    root = TinyWanAdapter.resolve(model_path)
+    model = loading.load_transformer(root, device=device)
     ref_state = model.state_dict()
     prefix = _strip_prefix(list(header.tensors))
     with safe_open(str(path), framework="pt") as f:
@@ -285,7 +287,7 @@ def verify_file(
             w_ref,
             fmt,
             "max",
-            WeightContext(name=dname, order=CANONICAL_NIBBLE_ORDER, fp8_per_channel=g[scale_key].numel() > 1),
+            WeightContext(name=dname, fp8_per_channel=g[scale_key].numel() > 1),
         )
         chk.weight_err_ptq = rel_l2(
             w_ref,

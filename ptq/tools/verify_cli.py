@@ -73,7 +73,7 @@ def main(argv: list[str]) -> int:
         print(f"ptq verify: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # model loading errors etc.: one clear line, not a traceback
-        from ptq.models.wan import ModelLoadError
+        from ptq.models.base import ModelLoadError
 
         if isinstance(exc, ModelLoadError):
             print(f"ptq verify: {exc}", file=sys.stderr)

@@ -1,0 +1,141 @@
+"""Number formats as objects: what every algorithm, ``QuantLinear``, the mixed-precision planner and the report
+ask of a format, in one interface.
+
+A format object holds no state; its methods are pure tensor math over one weight matrix ``[out, in]`` or one
+activation ``[..., in]``. A quantized weight is a :class:`QuantizedWeight` in the format's in-memory layout (each
+format documents it); exporters convert that layout to their target's.
+
+The simulated matmul of every format is ``y = (Xv @ Wv^T) * (x_scale * w_alpha) + bias``: ``Xv`` and ``Wv`` are
+values that are exact in bf16 (codes times their block scales: :meth:`NumberFormat.activation_values`,
+:meth:`NumberFormat.gemm_operand`), the GEMM accumulates in float32, and the per-tensor / per-channel scales are
+applied once in the epilogue (:meth:`NumberFormat.gemm_alpha`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from .checks import check_finite, check_float, check_rank
+
+
+@dataclass
+class QuantizedWeight:
+    """One quantized weight matrix in its format's in-memory layout: ``weight`` (codes), ``scale`` (per tensor,
+    channel or block) and ``scale_2`` (a second-level scale, e.g. NVFP4's global scale; None if unused)."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+    scale_2: torch.Tensor | None = None
+
+
+class NumberFormat(ABC):
+    """Interface of a weight/activation number format (see the module docstring).
+
+    Class attributes: ``name`` (registry key, the ``quant.format`` value), ``block_size`` (inputs sharing one weight
+    scale along ``in_features``; None = per tensor or per channel), ``storage_dtype`` (dtype of the stored codes),
+    ``weight_bits`` (storage bits per weight, block scales included, per-tensor scales not), ``activation_block`` (runtime activation blocks along ``in_features``: the unit the activation-clip search
+    quantizes; 1 = elementwise).
+    """
+
+    name: ClassVar[str]
+    block_size: ClassVar[int | None] = None
+    storage_dtype: ClassVar[torch.dtype]
+    weight_bits: ClassVar[float]
+    activation_block: ClassVar[int] = 1
+
+    # -- shapes and sizes -----------------------------------------------------------------------------------
+    def unsupported(self, in_features: int, out_features: int) -> str | None:
+        """Why a Linear of this shape cannot take the format (None: it can)."""
+        if self.block_size and in_features % self.block_size:
+            return f"in_features={in_features} is not a multiple of {self.block_size} ({self.name} blocks)"
+        return None
+
+    @abstractmethod
+    def storage_bits(self, out_features: int, in_features: int, *, per_channel: bool = False) -> float:
+        """Total storage bits of one weight matrix in this format, its scales included (bias excluded)."""
+
+    def check_weight(self, w: torch.Tensor, name: str) -> None:
+        """Raise :class:`~ptq.formats.checks.FormatError` naming ``name`` unless ``w`` can be quantized (float,
+        2-D, finite, shape supported)."""
+        check_float(w, name)
+        check_rank(w, 2, name)
+        check_finite(w, name)
+
+    # -- weights --------------------------------------------------------------------------------------------
+    @abstractmethod
+    def quantize_weight(self, w: torch.Tensor, name: str = "weight", *, per_channel: bool = False) -> QuantizedWeight:
+        """Round-to-nearest with scales from the absolute maximum."""
+
+    def from_codes(self, codes: torch.Tensor, scale: torch.Tensor, scale_2: torch.Tensor | None = None,
+                   name: str = "weight") -> QuantizedWeight:
+        """The in-memory weight for codes (as :meth:`gptq_round` returns them, ``[out, in]``) and their scales."""
+        return QuantizedWeight(codes, scale.to(torch.float32), scale_2)
+
+    @abstractmethod
+    def dequantize_weight(self, q: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight ``[out, in]`` a loader computes from ``q``, in ``dtype`` (the loaders' arithmetic)."""
+
+    @abstractmethod
+    def gemm_operand(self, q: QuantizedWeight) -> torch.Tensor:
+        """float32 ``[out, in]`` weight values of the simulated GEMM, exact in bf16 (see the module docstring)."""
+
+    @abstractmethod
+    def gemm_alpha(self, q: QuantizedWeight) -> torch.Tensor:
+        """The weight's factor of the GEMM epilogue: float32 ``[]`` or ``[out]``."""
+
+    # -- activations ----------------------------------------------------------------------------------------
+    @abstractmethod
+    def input_scale_from_amax(self, amax: torch.Tensor) -> torch.Tensor:
+        """The static activation scale (``input_scale``, float32 ``[]``) for a clipping value ``amax``."""
+
+    @abstractmethod
+    def activation_values(self, x: torch.Tensor, input_scale: torch.Tensor, *, mode: str) -> torch.Tensor:
+        """Runtime activation quantization of ``x [..., in]``: float32 values, exact in bf16, such that the
+        quantized activation is ``values * input_scale``. ``mode``: the arithmetic variant (format-specific)."""
+
+    @abstractmethod
+    def fake_quantize_activation(self, x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
+        """Quantize + dequantize ``x`` (float32; ``[n, activation_block]`` blocks) as the runtime kernel does
+        (values beyond the range saturate); used to search clipping values."""
+
+    # -- CUDA fast path (optional) --------------------------------------------------------------------------
+    def fast_prepare(self, input_scale: torch.Tensor, dtype: torch.dtype, mode: str) -> Any:
+        """Per-layer constant of :meth:`fast_activation` (computed once at construction)."""
+        return None
+
+    def fast_activation(self, x2: torch.Tensor, input_scale: torch.Tensor, *, mode: str, prepared: Any,
+                        codes: bool = False) -> torch.Tensor | None:
+        """Fused-kernel :meth:`activation_values` of the bf16 CUDA matrix ``x2 [m, in]`` (bf16 values; or the raw
+        codes for a native GEMM when ``codes``), or None when the format has no such kernel."""
+        return None
+
+    # -- GPTQ -----------------------------------------------------------------------------------------------
+    def gptq_round(self, col: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Round a weight column (float32, any shape) to the format's grid given the total scale of each element
+        (same shape or broadcastable); returns ``(codes, dequantized float32 values)``. GPTQ calls it once per
+        column with fixed scales."""
+        raise NotImplementedError(f"format {self.name!r} does not implement GPTQ column rounding")
+
+
+#: The registered formats, by name (``quant.format``). Filled by :mod:`ptq.formats`.
+FORMATS: dict[str, NumberFormat] = {}
+
+
+def register_format(fmt: NumberFormat) -> NumberFormat:
+    """Add ``fmt`` to :data:`FORMATS` under ``fmt.name``."""
+    if fmt.name in FORMATS:
+        raise ValueError(f"number format {fmt.name!r} is registered twice")
+    FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def get_format(name: str) -> NumberFormat:
+    """The registered format ``name``; ``ValueError`` listing the known names otherwise."""
+    try:
+        return FORMATS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown number format {name!r}; known: {', '.join(sorted(FORMATS))}") from None

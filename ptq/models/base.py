@@ -1,0 +1,158 @@
+"""The model-adapter seam: everything ptq needs to know about a model family, behind one interface.
+
+An adapter loads its components one at a time (text encoder first, freed before the denoiser loads), encodes
+prompts, runs the family's denoising loop with a replaceable transformer forward and step callbacks, names the
+modules to quantize (:class:`QuantTarget`: one for a single transformer, one per expert for a model that switches
+experts along the schedule), states its layer rules (block numbering, default high-precision layers) and owns the
+map from its module names to the key names of each export target.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ptq.algorithms.layers import LayerRules
+
+
+class ModelLoadError(RuntimeError):
+    """The model path is missing, incomplete or not a folder of the adapter's family."""
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """One video to denoise (pixels, frames, steps, classifier-free guidance scale, noise seed)."""
+
+    height: int
+    width: int
+    num_frames: int
+    num_steps: int
+    guidance_scale: float
+    seed: int
+
+
+@dataclass
+class QuantTarget:
+    """A module to quantize: ``name`` (``"transformer"``, or one expert's name), the module, and the timesteps it
+    serves (``[low, high)`` on the scheduler's 0-1000 scale; None = every step)."""
+
+    name: str
+    module: nn.Module
+    timesteps: tuple[float, float] | None = None
+
+    def serves(self, t: float) -> bool:
+        return self.timesteps is None or self.timesteps[0] <= float(t) < self.timesteps[1]
+
+
+#: ``on_step_end(i, t, latents)`` after denoising step ``i`` (latents float32, the model's device).
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+#: A replacement for a target's forward (same arguments as the module's ``forward``), e.g. a CUDA-graph runner.
+Forward = Callable[..., Any]
+
+
+class ModelAdapter(ABC):
+    """One model family (see the module docstring). Construct with the model folder (or hub id) and the settings
+    the loading needs; nothing heavy is loaded until :meth:`encode_prompts` / :meth:`load`.
+
+    Class attributes: ``name`` (the ``model.adapter`` key), ``layer_rules``, ``module_classes`` (class names of the
+    modules it quantizes: how exporters and tools find the adapter of a bare module), ``export_name`` (the file
+    name stem exports use by default).
+    """
+
+    name: ClassVar[str]
+    layer_rules: ClassVar[LayerRules]
+    module_classes: ClassVar[tuple[str, ...]] = ()
+
+    root: Path
+
+    # -- identity -------------------------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def display_name(self) -> str:
+        """What files record as their source model: a hub id or a folder name, never an absolute path."""
+
+    @abstractmethod
+    def content_hash(self, cache_dir: Path | None = None) -> str:
+        """sha256 of the quantized modules' weight files (cached by path, size and modification time)."""
+
+    @abstractmethod
+    def fingerprint(self) -> str:
+        """A cheap identity of the weights (names, sizes, modification times) for cache keys."""
+
+    # -- sampling -------------------------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def sample_defaults(self) -> dict[str, Any]:
+        """The model's own sampling defaults (``height``, ``width``, ``num_frames``, ``num_inference_steps``,
+        ``guidance_scale``, ...)."""
+
+    @abstractmethod
+    def sample_spec(self, *, height: int | None = None, width: int | None = None, num_frames: int | None = None,
+                    num_steps: int | None = None, guidance_scale: float | None = None, seed: int = 0) -> SampleSpec:
+        """A spec with the model's defaults for what is None."""
+
+    @abstractmethod
+    def check_spec(self, spec: SampleSpec) -> dict[str, str]:
+        """Problems of ``spec`` for this model, by field name (``{"height": "must be a multiple of 32"}``)."""
+
+    # -- components -----------------------------------------------------------------------------------------
+    @abstractmethod
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Text embeddings ``[N, L, D]`` on the CPU (loads the text encoder on first use)."""
+
+    @abstractmethod
+    def free_text_encoder(self) -> None:
+        """Drop the text encoder once every prompt is encoded."""
+
+    @abstractmethod
+    def load(self, *, decoder: bool = True) -> None:
+        """Load the denoiser(s) and scheduler (and the decoder / image encoder when ``decoder``)."""
+
+    @abstractmethod
+    def targets(self) -> dict[str, QuantTarget]:
+        """The modules to quantize, by target name (after :meth:`load`)."""
+
+    @abstractmethod
+    def denoise(self, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None, spec: SampleSpec, *,
+                condition: Any = None, forward: Mapping[str, Forward] | None = None,
+                on_step_start: Callable[[int], None] | None = None, on_step_end: StepCallback | None = None,
+                ) -> torch.Tensor:
+        """Sample one video; returns its final latents (float32). ``forward``: replacements of target forwards by
+        target name; ``condition``: from :meth:`encode_condition` (image-to-video)."""
+
+    def encode_condition(self, image: torch.Tensor) -> Any:
+        """Conditioning of an image ``[3, H, W]`` in [0, 1] for :meth:`denoise`."""
+        raise NotImplementedError(f"model adapter {self.name!r} has no image conditioning")
+
+    @property
+    def can_decode(self) -> bool:
+        return False
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Video frames ``[F, H, W, 3]`` float32 in [0, 1]."""
+        raise NotImplementedError(f"model adapter {self.name!r} cannot decode latents")
+
+    # -- export ---------------------------------------------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def target_key(cls, key: str, target: str) -> str:
+        """The name export ``target`` (``"comfyui"``, ``"diffusers"``) gives the state-dict key ``key``."""
+
+    @classmethod
+    @abstractmethod
+    def module_key(cls, key: str, target: str) -> str | None:
+        """Inverse of :meth:`target_key` (None for a key of another family)."""
+
+    def export_stem(self, target_name: str) -> str:
+        """File name stem of the exports of ``target_name`` (``model`` for a single transformer)."""
+        return "model"
+
+    def module_config(self, target_name: str) -> dict[str, Any]:
+        """The module's config (written next to the diffusers export)."""
+        return dict(getattr(self.targets()[target_name].module, "config", {}))

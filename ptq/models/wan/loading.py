@@ -1,0 +1,248 @@
+"""Loading WAN diffusers folders one component at a time (the text encoder is freed before the transformer loads)."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import importlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ptq.models.base import ModelLoadError
+from ptq.models.wan.configs import WAN22_TI2V_5B_SAMPLE_DEFAULTS, WAN22_TI2V_5B_TRANSFORMER_CONFIG
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WanComponents:
+    """Everything needed to sample: transformer, scheduler config, VAE and (until freed) the text encoder."""
+
+    transformer: torch.nn.Module
+    scheduler: Any
+    vae: torch.nn.Module | None
+    text_encoder: torch.nn.Module | None
+    tokenizer: Any
+    defaults: dict[str, Any] = field(default_factory=dict)
+    path: str = ""
+
+    @property
+    def vae_scale_spatial(self) -> int:
+        return int(self.defaults.get("vae_scale_factor_spatial", 16))
+
+    @property
+    def vae_scale_temporal(self) -> int:
+        return int(self.defaults.get("vae_scale_factor_temporal", 4))
+
+    def free_text_encoder(self) -> None:
+        """Drop the text encoder (11.4 GB for UMT5-XXL) once all prompts are encoded."""
+        self.text_encoder = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def build_meta_transformer(config: dict[str, Any] | None = None) -> torch.nn.Module:
+    """The WAN transformer on the ``meta`` device (no memory): real shapes and names for tests and planning."""
+    from diffusers import WanTransformer3DModel
+
+    with torch.device("meta"):
+        return WanTransformer3DModel(**(config or WAN22_TI2V_5B_TRANSFORMER_CONFIG))
+
+
+def build_random_transformer(
+    config: dict[str, Any] | None = None, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16, device: str = "cuda"
+) -> torch.nn.Module:
+    """The WAN transformer with seeded random weights (default: the real 5B config), e.g. for GPU benchmarks."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = WanTransformer3DModel(**(config or WAN22_TI2V_5B_TRANSFORMER_CONFIG))
+    # keep diffusers' fp32 modules (time_embedder, scale_shift_table, norm2) in fp32, like from_pretrained does
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    for name, module in model.named_modules():
+        if any(part in keep for part in name.split(".")):
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            if not any(part in keep for part in f"{name}.{pname}".split(".")):
+                p.data = p.data.to(dtype)
+    return model.eval().requires_grad_(False)
+
+
+def resolve_model_path(path: str | os.PathLike[str] | None) -> Path:
+    """A local diffusers folder, or a hub id found in the local HF cache (offline)."""
+    if path is None or str(path) == "":
+        raise ModelLoadError("model.path is not set: give a diffusers folder or a hub id")
+    p = Path(os.path.expanduser(str(path)))
+    if p.exists():
+        if not p.is_dir():
+            raise ModelLoadError(f"model.path={path!r} is a file; expected a diffusers folder with transformer/")
+        return p
+    if str(path).count("/") == 1 and not str(path).startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(str(path), local_files_only=True))
+        except Exception as exc:  # noqa: BLE001 - any hub error means "not available offline"
+            raise ModelLoadError(
+                f"model.path={path!r}: not a local folder, and not found in the Hugging Face cache "
+                f"(offline: {type(exc).__name__}). Download it on a machine with internet "
+                f"(`huggingface-cli download {path}`) or pass model.path=/local/diffusers/folder."
+            ) from exc
+    raise ModelLoadError(f"model.path={path!r} does not exist")
+
+
+def model_display_name(path: str | os.PathLike[str] | None, root: Path) -> str:
+    """What an export records as its source model: the hub id as given or the local folder's name (never an
+    absolute local path)."""
+    p = Path(os.path.expanduser(str(path)))
+    if not p.exists() and str(path).count("/") == 1:
+        return str(path)
+    return root.resolve().name
+
+
+def transformer_content_hash(root: Path, cache_dir: Path | None = None, component: str = "transformer") -> str:
+    """sha256 (hex) of a component's files (``transformer/*`` in name order, name and bytes), cached in
+    ``cache_dir/model_hashes.json`` by path, size and modification time so a multi-GB model is read once."""
+    files = sorted(f for f in (root / component).iterdir() if f.is_file())
+    key = hashlib.sha256(json.dumps([[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+                         .encode()).hexdigest()[:24]
+    cache_file = None if cache_dir is None else Path(cache_dir).expanduser() / "model_hashes.json"
+    cached: dict[str, str] = {}
+    if cache_file is not None and cache_file.is_file():
+        try:
+            cached = json.loads(cache_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            cached = {}
+        if key in cached:
+            return cached[key]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    digest = h.hexdigest()
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        cached[key] = digest
+        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cached, indent=1, sort_keys=True))
+        os.replace(tmp, cache_file)
+    return digest
+
+
+def weights_fingerprint(root: Path, component: str = "transformer") -> str:
+    """Identity of a component's weights: file names, sizes and mtimes (cheap; no hashing of GBs)."""
+    h = hashlib.sha256()
+    for f in sorted((root / component).glob("*")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:16]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ModelLoadError(f"missing {path}") from exc
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def _component_class(root: Path, component: str, default: str) -> Any:
+    """The class of a component as ``model_index.json`` names it (``[library, class]``, as diffusers pipelines
+    load them), else the component config's ``_class_name`` from diffusers."""
+    index = _read_json(root / "model_index.json") if (root / "model_index.json").exists() else {}
+    entry = index.get(component)
+    if isinstance(entry, (list, tuple)) and len(entry) == 2:
+        library, name = entry
+    else:
+        library = "diffusers"
+        name = _read_json(root / component / "config.json").get("_class_name", default)
+    try:
+        return getattr(importlib.import_module(library), name)
+    except (ImportError, AttributeError):
+        raise ModelLoadError(f"{root / 'model_index.json'}: cannot import {component} class {library}.{name}") from None
+
+
+def read_sample_defaults(root: Path) -> dict[str, Any]:
+    """The 5B's sampling defaults, overridden by the folder's ``model_index.json`` (the tiny model stores its own)."""
+    index = _read_json(root / "model_index.json") if (root / "model_index.json").exists() else {}
+    defaults = dict(WAN22_TI2V_5B_SAMPLE_DEFAULTS)
+    defaults.update({k: index[k] for k in WAN22_TI2V_5B_SAMPLE_DEFAULTS if k in index})
+    vae_cfg = root / "vae" / "config.json"
+    if vae_cfg.exists():
+        cfg = _read_json(vae_cfg)
+        if "scale_factor_spatial" in cfg:
+            defaults["vae_scale_factor_spatial"] = int(cfg["scale_factor_spatial"])
+            defaults["vae_scale_factor_temporal"] = int(cfg["scale_factor_temporal"])
+    defaults["_ptq_model"] = index.get("_ptq_model")
+    return defaults
+
+
+def load_transformer(root: Path, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"):
+    """``WanTransformer3DModel`` in ``dtype`` (diffusers keeps time_embedder, scale_shift_table, norm2 in fp32)."""
+    from diffusers import WanTransformer3DModel
+
+    if not (root / "transformer" / "config.json").exists():
+        raise ModelLoadError(f"{root} has no transformer/config.json: not a WAN diffusers folder")
+    model = WanTransformer3DModel.from_pretrained(root, subfolder="transformer", torch_dtype=dtype)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_scheduler(root: Path) -> Any:
+    """The folder's scheduler (UniPC flow-prediction for WAN 2.2)."""
+    import diffusers
+
+    cfg = _read_json(root / "scheduler" / "scheduler_config.json")
+    return getattr(diffusers, cfg.get("_class_name", "UniPCMultistepScheduler")).from_config(cfg)
+
+
+def load_vae(root: Path, *, device: str | torch.device = "cpu") -> torch.nn.Module | None:
+    """The folder's VAE in float32 (``AutoencoderKLWan`` for the 5B, ``SpaceToDepthVAE`` for the tiny model)."""
+    if not (root / "vae" / "config.json").exists():
+        return None
+    cls = _component_class(root, "vae", "AutoencoderKLWan")
+    kwargs = {"torch_dtype": torch.float32} if cls.__module__.startswith("diffusers") else {}
+    vae = cls.from_pretrained(root / "vae", **kwargs)
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def load_text_encoder(root: Path, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"):
+    """(UMT5 encoder in ``dtype``, tokenizer)."""
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    for sub in ("text_encoder", "tokenizer"):
+        if not (root / sub).exists():
+            raise ModelLoadError(f"{root} has no {sub}/ folder")
+    tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+    te = UMT5EncoderModel.from_pretrained(root, subfolder="text_encoder", dtype=dtype)
+    return te.to(device).eval().requires_grad_(False), tokenizer
+
+
+def load_wan(
+    path: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    load_text_encoder_: bool = True,
+    load_vae_: bool = True,
+    vae_device: str | torch.device | None = None,
+    text_encoder_dtype: torch.dtype | None = None,
+) -> WanComponents:
+    """Load every component at once (convenient for small models; the pipeline loads them one at a time to keep
+    peak memory low). ``path``: local diffusers folder or hub id from the HF cache."""
+    root = resolve_model_path(path)
+    transformer = load_transformer(root, dtype=dtype, device=device)
+    te, tok = (load_text_encoder(root, dtype=text_encoder_dtype or dtype, device=device) if load_text_encoder_
+               else (None, None))
+    vae = load_vae(root, device=vae_device or "cpu") if load_vae_ else None
+    return WanComponents(transformer, load_scheduler(root), vae, te, tok, read_sample_defaults(root), str(root))

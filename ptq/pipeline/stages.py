@@ -1,0 +1,213 @@
+"""The stages of a quantization job, as plain functions over a model adapter: encode prompts, bf16 baseline (cached),
+calibrate, quantize, evaluate, export (+ verify) and report. ``ptq run`` chains them (:mod:`ptq.pipeline.job`);
+benchmarks call them one by one.
+
+Everything per quantized module is keyed by the adapter's target name (``"transformer"``, or one expert's name).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ptq.algorithms.layers import LayerPlanner
+from ptq.algorithms.mixed_precision import analyse_and_plan
+from ptq.algorithms.quantize import LayerRecord, gptq_sequential_, quantize_
+from ptq.algorithms.recipe import GPTQWeight, QuantRecipe
+from ptq.calibration.needs import CalibrationNeeds
+from ptq.calibration.observers import LinearInputObserver, LinearInputStats
+from ptq.calibration.recorder import ForwardInputRecorder
+from ptq.export import ExportResult, export_model
+from ptq.models.base import ModelAdapter
+from ptq.pipeline.sampling import PromptSet, sample_prompts
+
+log = logging.getLogger("ptq")
+
+#: Inputs per NVFP4 runtime block: activation samples are taken in aligned runs of this many elements.
+SAMPLE_BLOCK = 16
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# encode
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def encode(adapter: ModelAdapter, prompts: list[str], negative: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embeddings of ``prompts``, embedding of the negative prompt) with the adapter's text encoder."""
+    return adapter.encode_prompts(prompts), adapter.encode_prompts([negative])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bf16 baseline, cached on disk
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def baseline_cache_file(cache_dir: str | os.PathLike[str], payload: dict[str, Any]) -> Path:
+    """The cache file of the bf16 reference outputs identified by ``payload`` (model, settings, prompts, ...)."""
+    key = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return Path(cache_dir).expanduser() / f"baseline_{key}.pt"
+
+
+def baseline_payload(adapter: ModelAdapter, ps: PromptSet, **settings: Any) -> dict[str, Any]:
+    """What the bf16 reference outputs depend on: the model (path, weights fingerprint), prompts, specs and the
+    given settings (dtype, device type, ...)."""
+    return {"adapter": adapter.name, "model": str(adapter.root.resolve()), "fingerprint": adapter.fingerprint(),
+            "prompts": ps.prompts, "specs": [asdict(s) for s in ps.specs], "version": 2, **settings}
+
+
+def bf16_baseline(adapter: ModelAdapter, ps: PromptSet, cache_file: Path | None, *, progress: bool,
+                  cuda_graphs: bool) -> tuple[list[dict[str, Any]], bool]:
+    """(reference outputs of the unquantized model, whether they came from the cache). Written atomically, so an
+    interrupted run never leaves a cache entry a later run would trust."""
+    if cache_file is not None and cache_file.is_file():
+        log.info("bf16 baseline: cached %s", cache_file)
+        return torch.load(cache_file, map_location="cpu", weights_only=True), True
+    results = sample_prompts(adapter, ps, desc="baseline (bf16)", progress=progress, keep_steps=True,
+                             cuda_graphs=cuda_graphs)
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
+        torch.save(results, tmp)
+        os.replace(tmp, cache_file)
+    return results, False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# calibrate
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Calibration:
+    """What calibration collected, per target: ``stats[target][layer]``, ``hessians[target][layer]`` (one-pass
+    GPTQ), ``inputs[target]`` (recorded forwards for the sensitivity analysis). ``rerun(target, observer)`` runs
+    the calibration forwards again with ``observer`` attached (sequential GPTQ passes)."""
+
+    needs: CalibrationNeeds
+    stats: dict[str, dict[str, LinearInputStats]] = field(default_factory=dict)
+    hessians: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    inputs: dict[str, list[tuple[tuple, dict]]] = field(default_factory=dict)
+    rerun: Callable[[str, LinearInputObserver], None] | None = None
+
+
+def calibration_needs(recipe: QuantRecipe) -> CalibrationNeeds:
+    """The recipe's needs, with the Hessians left to the later passes of sequential GPTQ."""
+    needs = recipe.needs()
+    if isinstance(recipe.weight, GPTQWeight) and recipe.weight.blocks_per_pass > 0:
+        needs = CalibrationNeeds(amax=needs.amax, samples=needs.samples, hessians=False, inputs=needs.inputs)
+    return needs
+
+
+def calibrate(adapter: ModelAdapter, recipe: QuantRecipe, ps: PromptSet, *, samples_per_call: int, seed: int,
+              progress: bool, cuda_graphs: bool, needs: CalibrationNeeds | None = None) -> Calibration:
+    """Run the calibration prompts through the unquantized model with observers on the Linears the recipe
+    quantizes, collecting what the recipe needs (nothing at all for weight-only round-to-nearest); ``needs``
+    overrides that (e.g. one calibration serving several recipes)."""
+    needs = calibration_needs(recipe) if needs is None else needs
+    cal = Calibration(needs)
+
+    def run(observers: dict[str, LinearInputObserver], recorders: dict[str, ForwardInputRecorder]) -> None:
+        # CUDA graphs capture the observers' kernels; host-side sampling, Hessians and recorded inputs run eagerly
+        graphs = cuda_graphs and all(o.graph_safe for o in observers.values()) and not recorders
+
+        def step(i: int) -> None:
+            for o in observers.values():
+                o.step = i
+
+        sample_prompts(adapter, ps, desc="calibrate", progress=progress, keep_steps=False, on_step_start=step,
+                       cuda_graphs=graphs)
+
+    cal.rerun = lambda target, observer: run({target: observer}, {})
+    if not needs.any:
+        return cal
+    targets = adapter.targets()
+    observers, recorders = {}, {}
+    for name, target in targets.items():
+        layers = LayerPlanner.for_model(target.module, recipe, adapter.layer_rules).targets(target.module)
+        observers[name] = LinearInputObserver(target.module, layers, num_steps=ps.specs[0].num_steps,
+                                              samples_per_call=samples_per_call if needs.samples else 0, seed=seed,
+                                              sample_block=SAMPLE_BLOCK, hessian=needs.hessians)
+        if needs.inputs:
+            recorders[name] = ForwardInputRecorder(target.module, needs.inputs, seed=seed)
+    with contextlib.ExitStack() as stack:
+        for o in observers.values():
+            stack.enter_context(o)
+        for r in recorders.values():
+            stack.enter_context(r)
+        run(observers, recorders)
+    for name, o in observers.items():
+        cal.stats[name] = o.stats()
+        if needs.hessians:
+            cal.hessians[name] = o.hessians()
+    cal.inputs = {name: r.inputs for name, r in recorders.items()}
+    return cal
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# quantize
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def analyse(adapter: ModelAdapter, recipe: QuantRecipe, cal: Calibration, *, progress: bool
+            ) -> tuple[dict[str, QuantRecipe], dict[str, dict[str, Any]]]:
+    """Sensitivity analysis (and mixed-precision planning) per target: (recipe per target, analysis per target)."""
+    recipes, analyses = {}, {}
+    for name, target in adapter.targets().items():
+        hessians = cal.hessians.get(name) if recipe.needs().hessians else None
+        recipes[name], analyses[name] = analyse_and_plan(
+            target.module, recipe, cal.stats.get(name, {}), cal.inputs.get(name, []), hessians,
+            rules=adapter.layer_rules, progress=progress)
+    return recipes, analyses
+
+
+def quantize(adapter: ModelAdapter, recipes: dict[str, QuantRecipe], cal: Calibration, *, progress: bool
+             ) -> dict[str, list[LayerRecord]]:
+    """Quantize every target in place with its recipe; returns its layer records (model order). Hessians are used
+    only by recipes that need them."""
+    records = {}
+    for name, target in adapter.targets().items():
+        recipe = recipes[name]
+        stats = cal.stats.get(name, {})
+        hessians = cal.hessians.get(name) if recipe.needs().hessians else None
+        if isinstance(recipe.weight, GPTQWeight) and recipe.weight.blocks_per_pass > 0:
+            assert cal.rerun is not None
+            records[name] = gptq_sequential_(target.module, recipe, stats,
+                                              lambda obs, _n=name: cal.rerun(_n, obs),
+                                              rules=adapter.layer_rules, progress=progress)
+        else:
+            records[name] = quantize_(target.module, recipe, stats, hessians=hessians,
+                                      rules=adapter.layer_rules, progress=progress)
+    return records
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# evaluate, export
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def evaluate(adapter: ModelAdapter, ps: PromptSet, *, desc: str, progress: bool, cuda_graphs: bool
+             ) -> list[dict[str, Any]]:
+    """The (quantized) model's outputs for the evaluation prompts, same seeds as the baseline."""
+    return sample_prompts(adapter, ps, desc=desc, progress=progress, keep_steps=True, cuda_graphs=cuda_graphs)
+
+
+def export(adapter: ModelAdapter, cfg: Any, out_dir: Path, *, metadata: dict[str, Any], progress: bool
+           ) -> list[ExportResult]:
+    """Write (and verify, with ``cfg.verify``) every export target for every quantized module."""
+    targets = adapter.targets()
+    results = []
+    for name, target in targets.items():
+        stem = cfg.filename if len(targets) == 1 else f"{cfg.filename}_{adapter.export_stem(name)}"
+        key_maps = {t: (lambda key, _t=t: adapter.target_key(key, _t)) for t in cfg.targets}
+        results += export_model(target.module, cfg, out_dir, progress=progress, metadata=metadata, stem=stem,
+                                key_maps=key_maps)
+    return results
