@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train the tiny WAN model (ptq/models/tiny_wan.py) on synthetic videos of moving coloured shapes.
+"""Train the tiny WAN model (ptq/models/tiny_wan/) on synthetic videos of moving coloured shapes.
 
 Subcommands:
 

@@ -67,33 +67,42 @@ def test_no_model_names_below_the_model_layer(layer: str) -> None:
     assert not bad, "\n".join(bad)
 
 
+def _module_imports(path: Path) -> list[str]:
+    """Modules ``path`` imports, with ``from package import submodule`` resolved to the submodule."""
+    def is_module(name: str) -> bool:
+        p = PKG.parent / Path(*name.split("."))
+        return p.with_suffix(".py").exists() or (p / "__init__.py").exists()
+
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            subs = [f"{node.module}.{a.name}" for a in node.names if is_module(f"{node.module}.{a.name}")]
+            out += subs if subs else [node.module]
+    return [m for m in out if m.split(".")[0] == "ptq"]
+
+
 def test_no_import_circle() -> None:
-    """No module of ptq imports (directly or through others) itself."""
+    """No module of ptq imports (directly or through others) itself; a package's __init__ importing its own
+    submodules does not count."""
     graph: dict[str, set[str]] = {}
     for path in sorted(PKG.rglob("*.py")):
         mod = ".".join(path.relative_to(PKG.parent).with_suffix("").parts).removesuffix(".__init__")
-        graph[mod] = set()
-        for name in _imports(path):
-            if name.startswith("ptq"):
-                parts = name.split(".")
-                while parts and ".".join(parts) not in graph and not (PKG.parent / Path(*parts)).with_suffix(".py").exists() \
-                        and not (PKG.parent / Path(*parts) / "__init__.py").exists():
-                    parts.pop()
-                if parts:
-                    graph[mod].add(".".join(parts))
-    seen: dict[str, int] = {}
+        graph[mod] = set(_module_imports(path))
+    state: dict[str, int] = {}
 
     def visit(m: str, stack: list[str]) -> None:
-        seen[m] = 1
+        state[m] = 1
         for n in sorted(graph.get(m, ())):
-            if n == m or n.startswith(m + "."):  # a package importing its own submodules
+            if n == m or n.startswith(m + ".") or m.startswith(n + "."):  # a package and its own submodules
                 continue
-            if seen.get(n) == 1:
+            if state.get(n) == 1:
                 raise AssertionError("import circle: " + " -> ".join([*stack[stack.index(n):], n]))
-            if n not in seen:
+            if n not in state:
                 visit(n, [*stack, n])
-        seen[m] = 2
+        state[m] = 2
 
     for m in sorted(graph):
-        if m not in seen:
+        if m not in state:
             visit(m, [m])

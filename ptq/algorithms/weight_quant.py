@@ -1,8 +1,8 @@
 """Round-to-nearest weight quantization with a choice of scales: ``Tensor [out, in] -> QuantizedWeight``.
 
-The scale method (``WeightMethod.scales``) is looked up per format in :data:`SCALE_METHODS`: "max" works for every
-format (the format object's own amax quantizer); "mse" and "four_over_six" are implemented for the formats listed
-(``ptq.algorithms.weight_search`` holds the searches). Every method returns the format's ordinary in-memory layout,
+The scale method (``WeightMethod.scales``) is looked up per format in :data:`SCALE_METHODS`: "max" (the format
+object's own amax quantizer) and "mse" (clip search) work for every format; NVFP4 and FP8 have their own "mse"
+searches and "four_over_six" (``ptq.algorithms.weight_search`` holds them). Every method returns the format's ordinary in-memory layout,
 so the exported file format never changes with the method.
 """
 
@@ -51,6 +51,26 @@ def register_scale_method(scales: str, fmt: str = "*") -> Callable[[ScaleMethod]
 def _max_scales(w: torch.Tensor, fmt: NumberFormat, cfg: WeightMethod, ctx: WeightContext) -> QuantizedWeight:
     """The format's own round-to-nearest with amax scales."""
     return fmt.quantize_weight(w, ctx.weight_name, per_channel=cfg.fp8_per_channel)
+
+
+@register_scale_method("mse")
+def _clip_mse_scales(w: torch.Tensor, fmt: NumberFormat, cfg: WeightMethod, ctx: WeightContext,
+                     grid: int = 40, lo: float = 0.5) -> QuantizedWeight:
+    """Any format: round-to-nearest of ``clamp(w, +-a*amax)`` for the clip ratio ``a`` (``grid`` log-spaced values
+    in [lo, 1], 1 first so ties keep the amax scales) with the smallest squared weight error. For a format with
+    per-tensor scales this is MSE clipping of the scale; blocks whose max stays below the clip keep their scale."""
+    fmt.check_weight(w, ctx.weight_name)
+    w32 = w.float()
+    amax = w32.abs().amax()
+    best: tuple[float, QuantizedWeight] | None = None
+    for a in torch.logspace(0.0, float(torch.log10(torch.tensor(lo))), grid).tolist():
+        c = amax * a
+        q = fmt.quantize_weight(torch.clamp(w32, -c, c), ctx.weight_name, per_channel=cfg.fp8_per_channel)
+        err = float((fmt.dequantize_weight(q) - w32).pow(2).sum())
+        if best is None or err < best[0]:
+            best = (err, q)
+    assert best is not None
+    return best[1]
 
 
 @register_scale_method("mse", "fp8")
