@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
-import torch
+
+# before torch starts its OpenMP runtime (ptq sets the same defaults on import): see ptq/__init__.py
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+os.environ.setdefault("KMP_BLOCKTIME", "1")
+
+import torch  # noqa: E402
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
