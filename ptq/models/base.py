@@ -27,7 +27,8 @@ class ModelLoadError(RuntimeError):
 
 @dataclass(frozen=True)
 class SampleSpec:
-    """One video to denoise (pixels, frames, steps, classifier-free guidance scale, noise seed)."""
+    """One video to denoise (pixels, frames, steps, classifier-free guidance scale, noise seed; a model with two
+    experts may run its second expert with ``guidance_scale_2``, None = the same scale)."""
 
     height: int
     width: int
@@ -35,6 +36,7 @@ class SampleSpec:
     num_steps: int
     guidance_scale: float
     seed: int
+    guidance_scale_2: float | None = None
 
 
 @dataclass

@@ -31,6 +31,32 @@ class WanComponents:
     tokenizer: Any
     defaults: dict[str, Any] = field(default_factory=dict)
     path: str = ""
+    #: A14B: the low-noise expert, serving timesteps below ``boundary_ratio * num_train_timesteps``
+    transformer_2: torch.nn.Module | None = None
+    boundary_ratio: float | None = None
+    #: per-token timesteps (TI2V-5B, the tiny models); False: one timestep per video (WAN 2.1, A14B)
+    expand_timesteps: bool = True
+    #: WAN 2.1 I2V: CLIP vision model and its image processor (image embeddings for the cross-attention)
+    image_encoder: torch.nn.Module | None = None
+    image_processor: Any = None
+
+    def experts(self) -> dict[str, torch.nn.Module]:
+        """The denoisers by component name (``transformer``, and ``transformer_2`` for two experts)."""
+        out = {"transformer": self.transformer}
+        if self.transformer_2 is not None:
+            out["transformer_2"] = self.transformer_2
+        return out
+
+    def boundary_timestep(self) -> float | None:
+        """Timesteps ``>=`` this go to ``transformer``, the rest to ``transformer_2`` (None: one transformer)."""
+        if self.transformer_2 is None or self.boundary_ratio is None:
+            return None
+        return float(self.boundary_ratio) * float(self.scheduler.config.num_train_timesteps)
+
+    def component_for(self, t: float) -> str:
+        """The component serving timestep ``t`` (diffusers' WanPipeline rule)."""
+        boundary = self.boundary_timestep()
+        return "transformer" if boundary is None or float(t) >= boundary else "transformer_2"
 
     @property
     def vae_scale_spatial(self) -> int:
