@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ptq.algorithms.recipe import KEEP
+from ptq.eval.experts import experts_markdown
 from ptq.eval.metrics import latent_metrics, psnr, ssim
 
 
@@ -98,10 +99,12 @@ def write_report(out_dir: Path, *, run_info: dict[str, Any], records: list[Any],
                  baseline: list[dict[str, Any]] | None, quantized: list[dict[str, Any]] | None,
                  exports: list[Any], timings: dict[str, float],
                  decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 eval_prompts: list[str] | None = None, sensitivity: dict[str, Any] | None = None) -> dict[str, Any]:
+                 eval_prompts: list[str] | None = None, sensitivity: dict[str, Any] | None = None,
+                 experts: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Write report.json / report.md / PNGs; returns the JSON dict. ``decode``: latents -> frames ``[F, H, W, 3]``
     in [0, 1] (the model adapter's decoder) for the frame metrics and images; ``sensitivity``: the dict of
-    ``ptq.algorithms.mixed_precision.analyse_and_plan`` (per-layer / per-block output errors, mixed-precision plan)."""
+    ``ptq.algorithms.mixed_precision.analyse_and_plan`` (per-layer / per-block output errors, mixed-precision plan);
+    ``experts``: per-expert sections of a model with several experts (:func:`ptq.eval.experts.expert_sections`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"run": run_info, "timings_s": timings, "bits_per_weight": bits_per_weight(records),
                               "layers": [r.to_dict() for r in records], "exports": [asdict(e) for e in exports]}
@@ -131,6 +134,8 @@ def write_report(out_dir: Path, *, run_info: dict[str, Any], records: list[Any],
         images.append("layer_weight_error.png")
     if sensitivity is not None:
         report["sensitivity"] = _json_safe(sensitivity)
+    if experts is not None:
+        report["experts"] = _json_safe(experts)
     report["images"] = images
     report["eval_prompts"] = eval_prompts or []
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
@@ -172,6 +177,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [f"![prompt {i}](frames_prompt{i}.png)" for i in range(len(report["frames"]))]
     if report.get("sensitivity"):
         lines += sensitivity_markdown(report["sensitivity"], report["layers"])
+    lines += experts_markdown(report, sensitivity_markdown)
     lines += ["", "## Exports", "", "| target | file | MB | verified |", "|---|---|---|---|"]
     for e in report["exports"]:
         if e["skipped"]:

@@ -43,10 +43,11 @@ def _default_key_map(model: nn.Module, target: str) -> KeyMap:
 
 def export_model(model: nn.Module, cfg: Any, out_dir: Path, *, progress: bool = True,
                  metadata: dict | None = None, stem: str | None = None,
-                 key_maps: dict[str, KeyMap] | None = None) -> list[ExportResult]:
+                 key_maps: dict[str, KeyMap] | None = None, component: str = "transformer") -> list[ExportResult]:
     """Run every exporter in ``cfg.targets`` (``cfg``: targets, unquantized_dtype, filename, verify); verify each
     file against the in-memory model when ``cfg.verify``. ``stem``: file name stem (default ``cfg.filename``);
-    ``key_maps``: per target, diffusers key -> file key (default: the model's adapter's name map).
+    ``key_maps``: per target, diffusers key -> file key (default: the model's adapter's name map); ``component``:
+    the module's component in folder exports (``transformer_2`` for a second expert).
 
     A target that cannot represent the recipe (e.g. weight-only NVFP4 for diffusers) is skipped with the reason.
     """
@@ -69,7 +70,7 @@ def export_model(model: nn.Module, cfg: Any, out_dir: Path, *, progress: bool = 
         key_map = (key_maps or {}).get(target) or _default_key_map(model, target)
         try:
             res = exporter.write(plain, quant, out_dir, stem or cfg.filename, dtype=dtype, key_map=key_map,
-                                 metadata=meta, module_config=dict(getattr(model, "config", {})))
+                                 metadata=meta, module_config=dict(getattr(model, "config", {})), component=component)
         except UnsupportedExport as exc:
             log.warning("export %s skipped: %s", target, exc)
             results.append(ExportResult(target, "", skipped=str(exc)))

@@ -50,6 +50,8 @@ class Exporter(ABC):
     name) and which target-specific checks verification adds."""
 
     name: ClassVar[str]
+    #: True when the target is a folder with one component per module (all experts of a model in one folder)
+    folder: ClassVar[bool] = False
     writers: ClassVar[dict[str, LayerWriter]]
     readers: ClassVar[dict[str, LayerReader]]
 
@@ -69,8 +71,9 @@ class Exporter(ABC):
     @abstractmethod
     def write(self, plain: Mapping[str, torch.Tensor], quant: Mapping[str, QuantizedLinearState], out_dir: Path,
               stem: str, *, dtype: torch.dtype, key_map: KeyMap, metadata: dict[str, Any],
-              module_config: dict[str, Any]) -> ExportResult:
-        """Write the file(s); ``ExportResult.path`` is the safetensors file verification reads."""
+              module_config: dict[str, Any], component: str = "transformer") -> ExportResult:
+        """Write the file(s); ``ExportResult.path`` is the safetensors file verification reads. ``component``: the
+        module's component name in a folder export (``transformer``, ``transformer_2``)."""
 
     def layer_tensors(self, quant: Mapping[str, QuantizedLinearState], dtype: torch.dtype,
                       key_map: KeyMap) -> dict[str, torch.Tensor]:

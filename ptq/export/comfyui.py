@@ -113,7 +113,7 @@ class ComfyUIExporter(Exporter):
 
     def write(self, plain: Mapping[str, torch.Tensor], quant: Mapping[str, QuantizedLinearState], out_dir: Path,
               stem: str, *, dtype: torch.dtype, key_map: KeyMap, metadata: dict[str, Any],
-              module_config: dict[str, Any]) -> ExportResult:
+              module_config: dict[str, Any], component: str = "transformer") -> ExportResult:
         tensors, qmeta = self.build(plain, quant, dtype, key_map)
         path = out_dir / f"{stem}_comfyui.safetensors"
         size = save_safetensors(tensors, path, header_metadata({"_quantization_metadata": qmeta, **metadata}))

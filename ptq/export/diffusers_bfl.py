@@ -75,31 +75,35 @@ def read_fp8(get: Callable[[str], torch.Tensor], layer: str,
 
 
 class DiffusersBFLExporter(Exporter):
-    """``<stem>_diffusers/transformer/{config.json, WEIGHTS_NAME}``: the layout above."""
+    """``<stem>_diffusers/<component>/{config.json, WEIGHTS_NAME}``: the layout above (component ``transformer``, and
+    ``transformer_2`` for the second expert of a two-expert model)."""
 
     name = "diffusers"
+    folder = True
     writers = {"nvfp4": write_nvfp4, "fp8": write_fp8}
     readers = {"nvfp4": read_nvfp4, "fp8": read_fp8}
 
     def write(self, plain: Mapping[str, torch.Tensor], quant: Mapping[str, QuantizedLinearState], out_dir: Path,
               stem: str, *, dtype: torch.dtype, key_map: KeyMap, metadata: dict[str, Any],
-              module_config: dict[str, Any]) -> ExportResult:
+              module_config: dict[str, Any], component: str = "transformer") -> ExportResult:
         tensors = plain_tensors(plain, dtype, key_map)
         tensors.update(self.layer_tensors(quant, dtype, key_map))
         folder = out_dir / f"{stem}_diffusers"
         cfg = {k: v for k, v in module_config.items() if not k.startswith("_") or k == "_class_name"}
-        write_text_atomic(folder / "transformer" / "config.json", json.dumps(cfg, indent=2, default=list) + "\n")
-        path = folder / "transformer" / WEIGHTS_NAME
+        write_text_atomic(folder / component / "config.json", json.dumps(cfg, indent=2, default=list) + "\n")
+        path = folder / component / WEIGHTS_NAME
         size = save_safetensors(tensors, path, header_metadata(metadata))
         return ExportResult(self.name, str(path), size, len(quant), len(tensors))
 
 
-def load_diffusers_export(folder: str | Path, compute_dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
-    """Load an export of this module with diffusers' own BFL quantizer (no ptq code in the loading path)."""
+def load_diffusers_export(folder: str | Path, compute_dtype: torch.dtype = torch.bfloat16,
+                          component: str = "transformer") -> torch.nn.Module:
+    """Load an export of this module (``component``: ``transformer_2`` for a second expert) with diffusers' own BFL
+    quantizer (no ptq code in the loading path)."""
     from diffusers import BFLQuantizationConfig, WanTransformer3DModel
 
     folder = Path(folder)
     return WanTransformer3DModel.from_single_file(
-        str(folder / "transformer" / WEIGHTS_NAME), config=str(folder), subfolder="transformer",
+        str(folder / component / WEIGHTS_NAME), config=str(folder), subfolder=component,
         quantization_config=BFLQuantizationConfig(compute_dtype=compute_dtype), torch_dtype=compute_dtype,
     )

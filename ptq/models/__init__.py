@@ -17,6 +17,8 @@ if TYPE_CHECKING:  # pragma: no cover
 ADAPTERS: dict[str, str] = {
     "wan": "ptq.models.wan.adapter:WanAdapter",
     "tiny_wan": "ptq.models.tiny_wan.adapter:TinyWanAdapter",
+    "wan22_a14b": "ptq.models.wan.a14b:WanA14BAdapter",
+    "tiny_wan_moe": "ptq.models.tiny_wan.moe_adapter:TinyWanMoEAdapter",
 }
 
 

@@ -40,6 +40,18 @@ class SampleSpec:
 
 
 @dataclass
+class LoraSpec:
+    """A LoRA to merge into the weights before calibration (``model.loras``): a ``.safetensors`` file in any of the
+    layouts people share (diffusers/PEFT, ComfyUI ``diffusion_model.*``, kohya/musubi ``lora_unet_*``), its
+    strength, and the quantization target it applies to (None: every target; for WAN 2.2 A14B ``high_noise`` or
+    ``low_noise``, as the paired LoRA files are published)."""
+
+    path: str = ""
+    scale: float = 1.0
+    expert: str | None = None
+
+
+@dataclass
 class QuantTarget:
     """A module to quantize: ``name`` (``"transformer"``, or one expert's name), the module, and the timesteps it
     serves (``[low, high)`` on the scheduler's 0-1000 scale; None = every step)."""
@@ -154,6 +166,23 @@ class ModelAdapter(ABC):
     def export_stem(self, target_name: str) -> str:
         """File name stem of the exports of ``target_name`` (``model`` for a single transformer)."""
         return "model"
+
+    def after_quantize(self, target_name: str) -> None:
+        """Called once the target's Linears were replaced in place (e.g. to re-apply weight offloading)."""
+        return None
+
+    def step_timesteps(self, spec: SampleSpec) -> list[float] | None:
+        """The scheduler's timestep of each denoising step of ``spec`` (None when the family has no such scale)."""
+        return None
+
+    def export_component(self, target_name: str) -> str:
+        """The component (sub-folder) a folder export writes ``target_name`` to (diffusers: ``transformer``, and
+        ``transformer_2`` for a second expert)."""
+        return "transformer"
+
+    def export_info(self) -> dict[str, Any]:
+        """Extra header metadata of every export (e.g. the merged LoRAs); str -> JSON-able."""
+        return {}
 
     def module_config(self, target_name: str) -> dict[str, Any]:
         """The module's config (written next to the diffusers export)."""

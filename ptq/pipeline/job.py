@@ -12,11 +12,12 @@ from typing import Any
 
 import torch
 
+from ptq.eval.experts import expert_records, expert_sections
 from ptq.eval.report import write_report
 from ptq.models import get_adapter
 from ptq.models.base import ModelAdapter
 from ptq.models.cpu_matmul import Float32LinearOnCPU
-from ptq.pipeline import stages
+from ptq.pipeline import experts, stages
 from ptq.pipeline.prompts import load_images, load_prompts
 from ptq.pipeline.sampling import PromptSet
 from ptq.pipeline.settings import RunConfig, SamplingConfig
@@ -64,15 +65,38 @@ class PhaseTimer:
 
 def open_adapter(cfg: RunConfig) -> ModelAdapter:
     """The model adapter ``cfg.model.adapter`` for ``cfg.model.path`` (nothing heavy loaded yet)."""
-    return get_adapter(cfg.model.adapter)(cfg.model.path, dtype=DTYPES[cfg.model.dtype],
-                                          device=pick_device(cfg.model.device), vae_device=cfg.model.vae_device)
+    m = cfg.model
+    return get_adapter(m.adapter)(m.path, dtype=DTYPES[m.dtype], device=pick_device(m.device),
+                                  vae_device=m.vae_device, **model_options(m))
+
+
+def model_options(m: Any) -> dict[str, Any]:
+    """The adapter keywords of the model settings beyond path/dtype/device, only those set (an adapter that
+    does not take them is never handed one)."""
+    out: dict[str, Any] = {}
+    if m.name:
+        out["model_name"] = m.name
+    for key in ("loras", "scheduler", "flow_shift", "offload"):
+        value = getattr(m, key)
+        if value not in (None, False, [], ()):
+            out[key] = list(value) if key == "loras" else value
+    return out
 
 
 def sample_specs(adapter: ModelAdapter, cfg: SamplingConfig, n: int) -> list:
     """One spec per prompt (the model's defaults where ``cfg`` leaves a field null; seeds ``cfg.seed + i``)."""
+    extra = {} if cfg.guidance_scale_2 is None else {"guidance_scale_2": cfg.guidance_scale_2}
     return [adapter.sample_spec(height=cfg.height, width=cfg.width, num_frames=cfg.num_frames,
-                                num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale, seed=cfg.seed + i)
+                                num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale, seed=cfg.seed + i,
+                                **extra)
             for i in range(n)]
+
+
+def negative_prompt(adapter: ModelAdapter, cfg: SamplingConfig) -> str:
+    """``cfg.negative_prompt``, or the model's own when null."""
+    if cfg.negative_prompt is not None:
+        return cfg.negative_prompt
+    return str(adapter.sample_defaults.get("negative_prompt") or "")
 
 
 def run_job(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
@@ -87,6 +111,20 @@ def _prompt_set(adapter: ModelAdapter, prompts: list[str], embeds: torch.Tensor,
     specs = sample_specs(adapter, cfg, len(prompts))
     images = load_images(list(cfg.images), specs[0].height, specs[0].width) if cfg.images else []
     return PromptSet(prompts, embeds, negative, specs, images)
+
+
+def experts_run_info(adapter: ModelAdapter, cfg: RunConfig, calib: PromptSet, evals: PromptSet | None
+                     ) -> dict[str, Any]:
+    """Run-info entries of a model with several experts: the merged LoRAs, the experts' steps and trajectory."""
+    out: dict[str, Any] = {}
+    info = adapter.export_info()
+    if info.get("ptq_loras"):
+        out["loras"] = info["ptq_loras"]
+    exp = experts.expert_run_info(adapter, cfg.calib.expert_trajectory, calib.specs[0],
+                                  evals.specs[0] if evals is not None else None)
+    if exp is not None:
+        out["experts"] = exp
+    return out
 
 
 def _run(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
@@ -104,8 +142,8 @@ def _run(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
     with timer("encode_prompts"):  # the text encoder encodes everything once and is freed before the denoiser loads
         calib_emb = adapter.encode_prompts(calib_prompts)
         eval_emb = adapter.encode_prompts(eval_prompts) if eval_prompts else None
-        neg_calib = adapter.encode_prompts([cfg.calib.negative_prompt])
-        neg_eval = adapter.encode_prompts([cfg.eval.negative_prompt])
+        neg_calib = adapter.encode_prompts([negative_prompt(adapter, cfg.calib)])
+        neg_eval = adapter.encode_prompts([negative_prompt(adapter, cfg.eval)])
         adapter.free_text_encoder()
     with timer("load_model"):
         adapter.load(decoder=bool(cfg.eval.decode or cfg.eval.images or cfg.calib.images))
@@ -115,7 +153,7 @@ def _run(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
     baseline = cache_file = None
     if evals is not None:
         payload = stages.baseline_payload(adapter, evals, dtype=cfg.model.dtype, device=device.type,
-                                          negative=cfg.eval.negative_prompt, images=list(cfg.eval.images),
+                                          negative=negative_prompt(adapter, cfg.eval), images=list(cfg.eval.images),
                                           cpu_float32_linear=cfg.model.cpu_float32_linear)
         cache_file = stages.baseline_cache_file(cfg.eval.cache_dir, payload)
         with timer("baseline_eval"):
@@ -126,20 +164,29 @@ def _run(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
             timer.peak_gib.pop("baseline_eval", None)
 
     recipe = cfg.quant
-    with timer("calibrate"):
-        cal = stages.calibrate(adapter, recipe, calib, samples_per_call=cfg.calib.samples_per_call,
-                               seed=cfg.calib.seed, progress=cfg.progress, cuda_graphs=cfg.model.cuda_graphs)
-    if not cal.needs.any:
+    recipes: dict[str, Any] = {}
+    analyses: dict[str, Any] = {}
+    records: dict[str, Any] = {}
+    calibrated = False
+    for part in experts.calibration_passes(adapter, cfg.calib.expert_trajectory):
+        with timer("calibrate"):
+            cal = stages.calibrate(part, recipe, calib, samples_per_call=cfg.calib.samples_per_call,
+                                   seed=cfg.calib.seed, progress=cfg.progress, cuda_graphs=cfg.model.cuda_graphs)
+        calibrated |= cal.needs.any
+        part_recipes = {name: recipe for name in part.targets()}
+        if recipe.mixed.analyse:
+            with timer("sensitivity"):
+                part_recipes, part_analyses = stages.analyse(part, recipe, cal, progress=cfg.progress)
+            analyses.update(part_analyses)
+        with timer("quantize"):
+            records.update(stages.quantize(part, part_recipes, cal, progress=cfg.progress))
+            for name in part.targets():
+                adapter.after_quantize(name)
+        recipes.update(part_recipes)
+        cal.hessians.clear()  # up to several GB on the GPU
+    if not calibrated:
         del timer.seconds["calibrate"]
         timer.peak_gib.pop("calibrate", None)
-    recipes = {name: recipe for name in adapter.targets()}
-    analyses: dict[str, Any] = {}
-    if recipe.mixed.analyse:
-        with timer("sensitivity"):
-            recipes, analyses = stages.analyse(adapter, recipe, cal, progress=cfg.progress)
-    with timer("quantize"):
-        records = stages.quantize(adapter, recipes, cal, progress=cfg.progress)
-    cal.hessians.clear()  # up to several GB on the GPU
 
     quant_results = None
     if evals is not None:
@@ -148,7 +195,7 @@ def _run(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
                                             cuda_graphs=cfg.model.cuda_graphs)
     with timer("export"):
         source = {"ptq_source_model": adapter.display_name,
-                  "ptq_source_sha256": adapter.content_hash(Path(cfg.eval.cache_dir))}
+                  "ptq_source_sha256": adapter.content_hash(Path(cfg.eval.cache_dir)), **adapter.export_info()}
         exports = stages.export(adapter, cfg.export, out_dir, metadata=source, progress=cfg.progress)
 
     target = next(iter(adapter.targets()))
@@ -162,11 +209,16 @@ def _run(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
         "baseline_cache": str(cache_file) if cache_file else None, "peak_gpu_gib": peak,
         "peak_gpu_gib_by_phase": dict(timer.peak_gib) if device.type == "cuda" else None,
         "cuda_graphs": cfg.model.cuda_graphs and device.type == "cuda",
+        **experts_run_info(adapter, cfg, calib, evals),
     }
+    multi = len(records) > 1
     with timer("report"):
-        report = write_report(out_dir, run_info=run_info, records=records[target], baseline=baseline,
+        report = write_report(out_dir, run_info=run_info,
+                              records=expert_records(records) if multi else records[target], baseline=baseline,
                               quantized=quant_results, exports=exports, timings=timer.seconds,
                               decode=adapter.decode if cfg.eval.decode and adapter.can_decode else None,
-                              eval_prompts=eval_prompts, sensitivity=analyses.get(target))
+                              eval_prompts=eval_prompts, sensitivity=None if multi else analyses.get(target),
+                              experts=expert_sections(run_info, records, analyses, baseline, quant_results)
+                              if multi else None)
     log.info("wrote %s", out_dir / "report.md")
     return report

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ptq.algorithms.recipe import QuantRecipe
+from ptq.models.base import LoraSpec
 
 
 @dataclass
@@ -28,6 +29,16 @@ class ModelConfig:
     # on CUDA, replay the transformer forward from CUDA graphs (ptq.calibration.cuda_graph) during the bf16
     # baseline, max-calibration and the quantized evaluation: no host cost per kernel or per observer hook
     cuda_graphs: bool = True
+    # LoRAs merged into the weights before calibration: [{path: ..., scale: 1.0, expert: null}] (expert: the
+    # target it applies to, e.g. high_noise / low_noise for WAN 2.2 A14B; null = every target)
+    loras: list[LoraSpec] = field(default_factory=list)
+    # another diffusers scheduler class than the folder's (e.g. FlowMatchEulerDiscreteScheduler for few-step
+    # distilled LoRAs) and another flow shift; null = the folder's
+    scheduler: str | None = None
+    flow_shift: float | None = None
+    # keep the weights in CPU memory and stream blocks to the GPU (diffusers' group offloading); quantization then
+    # runs on the CPU
+    offload: bool = False
 
 
 @dataclass
@@ -54,7 +65,8 @@ class SamplingConfig:
     num_frames: int | None = None
     num_steps: int | None = None
     guidance_scale: float | None = None
-    negative_prompt: str = ""
+    guidance_scale_2: float | None = None  # two-expert models: the low-noise expert's guidance (null: the model's)
+    negative_prompt: str | None = ""  # null: the model's own negative prompt
     seed: int = 0
     images: list[str] = field(default_factory=list)  # optional conditioning images (image-to-video)
 
@@ -64,6 +76,9 @@ class CalibConfig(SamplingConfig):
     """Calibration run: hooks on every Linear over the whole denoising schedule, cond + uncond (CFG)."""
 
     samples_per_call: int = 0  # >0 keeps random |x| samples (needed for activation=percentile/mse)
+    # two-expert models: "quantized" = calibrate each expert after the earlier ones are quantized (on the trajectory
+    # the quantized model produces), "bf16" = all experts in one pass on the bf16 trajectory
+    expert_trajectory: str = "quantized"
 
 
 @dataclass

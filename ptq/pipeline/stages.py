@@ -8,6 +8,7 @@ Everything per quantized module is keyed by the adapter's target name (``"transf
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -26,7 +27,7 @@ from ptq.algorithms.recipe import GPTQWeight, QuantRecipe
 from ptq.calibration.needs import CalibrationNeeds
 from ptq.calibration.observers import LinearInputObserver, LinearInputStats
 from ptq.calibration.recorder import ForwardInputRecorder
-from ptq.export import ExportResult, export_model
+from ptq.export import EXPORTERS, ExportResult, export_model
 from ptq.models.base import ModelAdapter
 from ptq.pipeline.sampling import PromptSet, sample_prompts
 
@@ -202,12 +203,33 @@ def evaluate(adapter: ModelAdapter, ps: PromptSet, *, desc: str, progress: bool,
 
 def export(adapter: ModelAdapter, cfg: Any, out_dir: Path, *, metadata: dict[str, Any], progress: bool
            ) -> list[ExportResult]:
-    """Write (and verify, with ``cfg.verify``) every export target for every quantized module."""
+    """Write (and verify, with ``cfg.verify``) every export target for every quantized module. Several targets
+    (experts): one file per expert for single-file targets (``cfg.filename`` with ``{expert}`` replaced by the
+    expert's stem, or ``<filename>_<stem>``), one folder with a component per expert for folder targets."""
     targets = adapter.targets()
+    if len(targets) == 1:
+        key_maps = {t: (lambda key, _t=t: adapter.target_key(key, _t)) for t in cfg.targets}
+        name, target = next(iter(targets.items()))
+        return export_model(target.module, cfg, out_dir, progress=progress, metadata=metadata,
+                            stem=cfg.filename.replace("{expert}", adapter.export_stem(name)), key_maps=key_maps)
     results = []
     for name, target in targets.items():
-        stem = cfg.filename if len(targets) == 1 else f"{cfg.filename}_{adapter.export_stem(name)}"
-        key_maps = {t: (lambda key, _t=t: adapter.target_key(key, _t)) for t in cfg.targets}
-        results += export_model(target.module, cfg, out_dir, progress=progress, metadata=metadata, stem=stem,
-                                key_maps=key_maps)
+        meta = {**metadata, "ptq_expert": name, "ptq_component": adapter.export_component(name)}
+        for t in cfg.targets:
+            one = copy.copy(cfg)
+            one.targets = [t]
+            results += export_model(target.module, one, out_dir, progress=progress, metadata=meta,
+                                    stem=expert_stem(cfg.filename, adapter.export_stem(name),
+                                                     folder=EXPORTERS[t].folder),
+                                    key_maps={t: lambda key, _t=t: adapter.target_key(key, _t)},
+                                    component=adapter.export_component(name))
     return results
+
+
+def expert_stem(filename: str, stem: str, *, folder: bool) -> str:
+    """File stem of one expert's export: ``filename`` with ``{expert}`` replaced (``wan2.2_t2v_{expert}_14B`` ->
+    ``wan2.2_t2v_high_noise_14B``, ComfyUI's WAN 2.2 naming) or ``<filename>_<stem>``; a folder export holding
+    every expert drops the placeholder (``wan2.2_t2v_14B``)."""
+    if folder:
+        return filename.replace("_{expert}", "").replace("{expert}_", "").replace("{expert}", "")
+    return filename.replace("{expert}", stem) if "{expert}" in filename else f"{filename}_{stem}"

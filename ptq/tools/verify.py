@@ -162,7 +162,10 @@ def capture_linear_inputs(
     p = cfg.patch_size
     frames, h, w = 3, 4 * p[1], 4 * p[2]
     x = torch.randn(1, cfg.in_channels, frames, h, w, generator=g).to(device, model.dtype)
-    text = torch.randn(1, 32, cfg.text_dim, generator=g).to(device, model.dtype)
+    # an image-conditioned model (WAN 2.1 I2V) splits its context into image tokens + 512 text tokens
+    text = torch.randn(1, 512 if cfg.image_dim else 32, cfg.text_dim, generator=g).to(device, model.dtype)
+    extra = {} if not cfg.image_dim else {
+        "encoder_hidden_states_image": torch.randn(1, 257, cfg.image_dim, generator=g).to(device, model.dtype)}
     seq = frames * (h // p[1]) * (w // p[2])
     timestep = torch.full((1, seq), 500.0, device=device)
     captured: dict[str, torch.Tensor] = {}
@@ -176,11 +179,38 @@ def capture_linear_inputs(
         handles.append(modules[n].register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
-            model(x, timestep, text)
+            model(x, timestep, text, **extra)
     finally:
         for h_ in handles:
             h_.remove()
     return captured
+
+
+def model_component(path: str | Path, metadata: dict[str, str], root: Path, component: str | None) -> str:
+    """Which component of the model folder a file holds: ``component`` if given, else the file's ``ptq_component``
+    header entry, else ``transformer_2`` for a ``*low_noise*`` file of a two-expert folder, else ``transformer``."""
+    if component:
+        chosen = component
+    elif metadata.get("ptq_component"):
+        chosen = metadata["ptq_component"]
+    elif "low_noise" in Path(path).name and (root / "transformer_2").is_dir():
+        chosen = "transformer_2"
+    else:
+        chosen = "transformer"
+    if not (root / chosen / "config.json").is_file():
+        raise FileNotFoundError(f"{root} has no {chosen}/config.json (the component {Path(path).name} holds)")
+    return chosen
+
+
+def resolve_model_root(model_path: str | None) -> Path:
+    """The bf16 model folder: ``model_path`` (folder or hub id), the packaged tiny model for None, the packaged
+    two-expert tiny model for ``tiny_wan_moe``."""
+    from ptq.models.tiny_wan.adapter import TinyWanAdapter
+    from ptq.models.tiny_wan.moe_adapter import TinyWanMoEAdapter
+
+    if model_path in ("tiny_moe", "tiny_wan_moe"):
+        return TinyWanMoEAdapter.resolve(model_path)
+    return TinyWanAdapter.resolve(model_path)
 
 
 def verify_file(
@@ -190,10 +220,11 @@ def verify_file(
     tolerance: float = 1.5,
     device: str = "cpu",
     check_load: bool = True,
+    component: str | None = None,
 ) -> VerifyReport:
     """Verify ``path`` against the bf16 model at ``model_path`` (diffusers folder, hub id in the HF cache, or
-    None for the packaged tiny model). Raises HeaderError for unreadable files."""
-    from ptq.models.tiny_wan.adapter import TinyWanAdapter
+    None for the packaged tiny model); ``component``: the folder's transformer the file holds (default: from the
+    file, see :func:`model_component`). Raises HeaderError for unreadable files."""
     from ptq.models.wan import loading
     from ptq.tools.conventions import detect_convention
 
@@ -207,8 +238,9 @@ def verify_file(
     expected = "high_first/tiled" if comfy else "low_first/row_major"
     report = VerifyReport(str(path), conv.name, expected, tolerance)
 
-    root = TinyWanAdapter.resolve(model_path)
-    model = loading.load_transformer(root, device=device)
+    root = resolve_model_root(model_path)
+    component = model_component(path, header.metadata, root, component)
+    model = loading.load_transformer(root, device=device, subfolder=component)
     ref_state = model.state_dict()
     prefix = _strip_prefix(list(header.tensors))
     with safe_open(str(path), framework="pt") as f:
@@ -342,7 +374,7 @@ def verify_file(
         if bias is not None:
             dequant_state[f"{dname}.bias"] = bias
     if check_load:
-        _check_diffusers_load(report, root, groups, quant_layers, dequant_state)
+        _check_diffusers_load(report, root / component, groups, quant_layers, dequant_state)
     return report
 
 
@@ -374,7 +406,8 @@ def _check_diffusers_load(
     quant_layers: dict[str, dict[str, torch.Tensor]],
     dequant_state: dict[str, torch.Tensor],
 ) -> None:
-    """Strict load of the dequantized, diffusers-named state into a meta-built WanTransformer3DModel."""
+    """Strict load of the dequantized, diffusers-named state into a meta-built WanTransformer3DModel (``root``: the
+    component's folder)."""
     from diffusers import WanTransformer3DModel
 
     state: dict[str, torch.Tensor] = {}
@@ -392,7 +425,7 @@ def _check_diffusers_load(
             "tensors must be bf16 or float32 (fp16 overflows in the modulation/norm paths)"
         )
     state.update(dequant_state)
-    config = WanTransformer3DModel.load_config(root / "transformer")
+    config = WanTransformer3DModel.load_config(root)
     with torch.device("meta"):
         model = WanTransformer3DModel.from_config(config)
     expected = model.state_dict()

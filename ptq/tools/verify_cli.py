@@ -60,7 +60,14 @@ def main(argv: list[str]) -> int:
     ap.add_argument(
         "--model",
         default=None,
-        help="bf16 model: diffusers folder or hub id (HF cache); default: the packaged tiny WAN model",
+        help="bf16 model: diffusers folder or hub id (HF cache); default: the packaged tiny WAN model "
+        "(tiny_wan_moe: the packaged two-expert one)",
+    )
+    ap.add_argument(
+        "--component",
+        default=None,
+        help="the folder's transformer the file holds (transformer / transformer_2); default: the file's "
+        "ptq_component metadata, else transformer_2 for *low_noise* files of two-expert folders",
     )
     ap.add_argument("--tolerance", type=float, default=1.5)
     ap.add_argument("--device", default="cpu")
@@ -68,7 +75,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--max-layers", type=int, default=20)
     args = ap.parse_args(argv)
     try:
-        report = verify_file(args.file, args.model, tolerance=args.tolerance, device=args.device)
+        report = verify_file(args.file, args.model, tolerance=args.tolerance, device=args.device,
+                             component=args.component)
     except (HeaderError, FileNotFoundError) as exc:
         print(f"ptq verify: {exc}", file=sys.stderr)
         return 2

@@ -199,11 +199,16 @@ def _component_class(root: Path, component: str, default: str) -> Any:
         raise ModelLoadError(f"{root / 'model_index.json'}: cannot import {component} class {library}.{name}") from None
 
 
-def read_sample_defaults(root: Path) -> dict[str, Any]:
-    """The 5B's sampling defaults, overridden by the folder's ``model_index.json`` (the tiny model stores its own)."""
+#: Sampling keys a folder's ``model_index.json`` may override (the tiny models store theirs there).
+SAMPLE_KEYS = (*WAN22_TI2V_5B_SAMPLE_DEFAULTS, "guidance_scale_2", "negative_prompt", "fps")
+
+
+def read_sample_defaults(root: Path, spec_defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The model's sampling defaults (``spec_defaults``, else the 5B's), overridden by the folder's
+    ``model_index.json``, with the VAE factors of its ``vae/config.json``."""
     index = _read_json(root / "model_index.json") if (root / "model_index.json").exists() else {}
-    defaults = dict(WAN22_TI2V_5B_SAMPLE_DEFAULTS)
-    defaults.update({k: index[k] for k in WAN22_TI2V_5B_SAMPLE_DEFAULTS if k in index})
+    defaults = dict(WAN22_TI2V_5B_SAMPLE_DEFAULTS if spec_defaults is None else spec_defaults)
+    defaults.update({k: index[k] for k in SAMPLE_KEYS if k in index})
     vae_cfg = root / "vae" / "config.json"
     if vae_cfg.exists():
         cfg = _read_json(vae_cfg)
@@ -214,22 +219,59 @@ def read_sample_defaults(root: Path) -> dict[str, Any]:
     return defaults
 
 
-def load_transformer(root: Path, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"):
-    """``WanTransformer3DModel`` in ``dtype`` (diffusers keeps time_embedder, scale_shift_table, norm2 in fp32)."""
+def read_pipeline_config(root: Path) -> dict[str, Any]:
+    """``model_index.json`` (empty when the folder has none)."""
+    return _read_json(root / "model_index.json") if (root / "model_index.json").exists() else {}
+
+
+def load_transformer(root: Path, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+                     subfolder: str = "transformer"):
+    """``WanTransformer3DModel`` from ``subfolder`` (``transformer_2``: A14B's low-noise expert) in ``dtype``
+    (diffusers keeps time_embedder, scale_shift_table, norm2 in fp32)."""
     from diffusers import WanTransformer3DModel
 
-    if not (root / "transformer" / "config.json").exists():
-        raise ModelLoadError(f"{root} has no transformer/config.json: not a WAN diffusers folder")
-    model = WanTransformer3DModel.from_pretrained(root, subfolder="transformer", torch_dtype=dtype)
+    if not (root / subfolder / "config.json").exists():
+        raise ModelLoadError(f"{root} has no {subfolder}/config.json: not a WAN diffusers folder"
+                             + (" with two experts" if subfolder != "transformer" else ""))
+    model = WanTransformer3DModel.from_pretrained(root, subfolder=subfolder, torch_dtype=dtype)
     return model.to(device).eval().requires_grad_(False)
 
 
-def load_scheduler(root: Path) -> Any:
-    """The folder's scheduler (UniPC flow-prediction for WAN 2.2)."""
+def load_image_encoder(root: Path, *, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Any]:
+    """WAN 2.1 I2V: (CLIP vision model in float32, its image processor) from ``image_encoder/`` and
+    ``image_processor/``."""
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    for sub in ("image_encoder", "image_processor"):
+        if not (root / sub).exists():
+            raise ModelLoadError(f"{root} has no {sub}/ folder (WAN 2.1 image-to-video needs it)")
+    enc = CLIPVisionModel.from_pretrained(root, subfolder="image_encoder", dtype=torch.float32)
+    return enc.to(device).eval().requires_grad_(False), CLIPImageProcessor.from_pretrained(root / "image_processor")
+
+
+#: The keyword of the flow shift in each scheduler class that has one.
+FLOW_SHIFT_KEYS = {"UniPCMultistepScheduler": "flow_shift", "DPMSolverMultistepScheduler": "flow_shift",
+                   "FlowMatchEulerDiscreteScheduler": "shift"}
+
+
+def load_scheduler(root: Path, *, class_name: str | None = None, flow_shift: float | None = None) -> Any:
+    """The folder's scheduler (UniPC flow-prediction for WAN), optionally as another diffusers scheduler class
+    (``class_name``, configured from the folder's config: e.g. ``FlowMatchEulerDiscreteScheduler`` for few-step
+    distilled schedules) and with another ``flow_shift``."""
     import diffusers
 
     cfg = _read_json(root / "scheduler" / "scheduler_config.json")
-    return getattr(diffusers, cfg.get("_class_name", "UniPCMultistepScheduler")).from_config(cfg)
+    name = class_name or cfg.get("_class_name", "UniPCMultistepScheduler")
+    cls = getattr(diffusers, name, None)
+    if cls is None or not hasattr(cls, "from_config"):
+        raise ModelLoadError(f"model.scheduler={name!r} is not a diffusers scheduler class")
+    overrides: dict[str, Any] = {}
+    if flow_shift is not None:
+        if name not in FLOW_SHIFT_KEYS:
+            raise ModelLoadError(f"model.flow_shift: scheduler {name} has no flow shift "
+                                 f"(one of {', '.join(FLOW_SHIFT_KEYS)})")
+        overrides[FLOW_SHIFT_KEYS[name]] = float(flow_shift)
+    return cls.from_config(cfg, **overrides)
 
 
 def load_vae(root: Path, *, device: str | torch.device = "cpu") -> torch.nn.Module | None:
