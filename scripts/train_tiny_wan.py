@@ -8,6 +8,12 @@ Subcommands:
   wall-clock budget with a cosine LR over that budget, EMA weights saved with :func:`save_tiny_wan`.
   Runs on CPU too (``--device cpu --max-steps 3 --batch 4`` as a smoke test).
 - ``report``: loss-curve PNG, trained-vs-untrained held-out loss, sample frame strips (CPU).
+- ``train-moe``: the small two-expert model (``ptq/models/tiny_wan/moe.py``): both experts start from the trained
+  tiny model (``--init``), the high-noise expert is trained only on noise levels ``s >= boundary`` (timesteps
+  >= 875), the low-noise one only below, the text encoder stays the tiny model's (frozen, shared). ``--install``
+  copies the result to ``ptq/assets/tiny_wan_moe``. One H200: ``--time-budget 240`` (~4 min). CPU smoke test:
+  ``--device cpu --max-steps 3 --batch 4 --eval-every 2``.
+- ``random-moe``: write a random-weight two-expert model (same format) for tests before the trained one exists.
 
 Objective (as WAN): ``x_s = (1 - s) x0 + s noise``, the transformer predicts ``noise - x0`` at timestep
 ``1000 s`` given per token (``expand_timesteps``); ``s`` half uniform, half shifted logit-normal; the prompt is
@@ -21,6 +27,7 @@ import copy
 import json
 import math
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -35,7 +42,6 @@ from ptq.models.tiny_wan import (  # noqa: E402
     TINY_MAX_SEQUENCE_LENGTH,
     TINY_VOCAB,
     TinyWanComponents,
-    _encode,
     build_random_tiny_wan,
     encode_prompts,
     expand_timestep,
@@ -52,6 +58,7 @@ from ptq.models.tiny_wan import (  # noqa: E402
     scene_to_prompt,
     video_to_uint8,
 )
+from ptq.models.tiny_wan.model import _encode  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CALIB_PATH = REPO / "ptq" / "data" / "tiny_calib.txt"
@@ -251,6 +258,126 @@ def train(args: argparse.Namespace) -> None:
     print(f"saved {path}", flush=True)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# train-moe: the two-expert model
+# ---------------------------------------------------------------------------------------------------------
+
+
+def expert_sigmas(n: int, gen: torch.Generator, high: bool, boundary: float) -> torch.Tensor:
+    """Noise levels of one expert's batch: the high-noise expert uniform in [boundary, 0.999], the low-noise one
+    the tiny model's mix (half uniform, half shifted logit-normal) scaled into (0, boundary)."""
+    if high:
+        return boundary + (0.999 - boundary) * torch.rand(n, generator=gen)
+    return (sample_sigmas(n, gen) * boundary).clamp(1e-3, boundary - 1e-4)
+
+
+def train_moe(args: argparse.Namespace) -> None:
+    """The ``train-moe`` subcommand (see the module docstring)."""
+    from ptq.models.tiny_wan.moe import TINY_MOE_BOUNDARY_RATIO, TINY_MOE_PATH, init_from_tiny, save_tiny_moe
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    use_amp = device.type == "cuda"
+    if use_amp:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    tiny = load_tiny_wan(args.init, dtype=torch.float32)
+    moe = init_from_tiny(tiny)
+    boundary = TINY_MOE_BOUNDARY_RATIO
+    te, tok = moe.base.text_encoder.to(device).eval().requires_grad_(False), moe.base.tokenizer
+    experts = {"high_noise": moe.transformer.to(device).train(), "low_noise": moe.transformer_2.to(device).train()}
+    opts = {n: torch.optim.AdamW(m.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01, fused=use_amp)
+            for n, m in experts.items()}
+    emas = {n: copy.deepcopy(m).eval().requires_grad_(False) for n, m in experts.items()}
+    eval_prompts = read_prompts(EVAL_PATH)
+    held_out = set(eval_prompts)
+    ev_prompts, ev_x0, ev_noise, _ = heldout_batch(eval_prompts, seed=1234, repeats=2)
+    ev_gen = torch.Generator().manual_seed(4321)
+    ev_sig = {n: expert_sigmas(len(ev_prompts), ev_gen, n == "high_noise", boundary) for n in experts}
+    with torch.no_grad():
+        ev_emb = _encode(te, tok, ev_prompts, TINY_MAX_SEQUENCE_LENGTH).to(device)
+
+    def eval_loss(model, name: str) -> float:
+        was = model.training
+        model.eval()
+        with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
+            loss = float(flow_matching_loss(model, ev_x0.to(device), ev_emb, ev_sig[name].to(device),
+                                            ev_noise.to(device)))
+        model.train(was)
+        return loss
+
+    log_f = open(out / "loss_log.jsonl", "w")
+    start = {n: eval_loss(m, n) for n, m in experts.items()}
+    log_f.write(json.dumps({"step": 0, "eval_loss": start}) + "\n")
+    print(f"initial held-out loss per expert {start}", flush=True)
+    rng, gen = random.Random(args.seed + 17), torch.Generator().manual_seed(args.seed + 23)
+    dev_gen = torch.Generator(device=device).manual_seed(args.seed + 29)
+    t0, step = time.time(), 0
+    while True:
+        frac = max((time.time() - t0) / args.time_budget, step / args.max_steps if args.max_steps else 0.0)
+        if frac >= 1.0:
+            break
+        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        scenes = []
+        while len(scenes) < args.batch:
+            sc = sample_scene(rng)
+            if scene_to_prompt(sc) not in held_out:
+                scenes.append(sc)
+        prompts = [scene_to_prompt(sc) if rng.random() >= args.cfg_drop else "" for sc in scenes]
+        with torch.no_grad():
+            x0 = moe.base.vae.encode(render_scenes(scenes, gen, device=device))
+            emb = _encode(te, tok, prompts, TINY_MAX_SEQUENCE_LENGTH)
+        rec = {"step": step + 1, "time": round(time.time() - t0, 2), "lr": lr}
+        for name, model in experts.items():
+            for g in opts[name].param_groups:
+                g["lr"] = lr
+            noise = torch.randn(x0.shape, generator=dev_gen, device=device)
+            sig = expert_sigmas(args.batch, gen, name == "high_noise", boundary).to(device)
+            with torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
+                loss = flow_matching_loss(model, x0, emb, sig, noise)
+            opts[name].zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opts[name].step()
+            decay = min(args.ema, (1 + step) / (10 + step))
+            with torch.no_grad():
+                torch._foreach_lerp_(list(emas[name].parameters()), list(model.parameters()), 1 - decay)
+            rec[f"train_loss_{name}"] = float(loss.detach()) if step % args.log_every == 0 else None
+        step += 1
+        if step % args.eval_every == 0:
+            rec["eval_loss"] = {n: eval_loss(m, n) for n, m in experts.items()}
+            rec["eval_loss_ema"] = {n: eval_loss(emas[n], n) for n in experts}
+            print(json.dumps(rec), flush=True)
+        if step % args.log_every == 0 or "eval_loss" in rec:
+            log_f.write(json.dumps(rec) + "\n")
+            log_f.flush()
+    final = {"steps": step, "train_seconds": round(time.time() - t0, 1), "batch": args.batch, "lr": args.lr,
+             "boundary_ratio": boundary, "init": str(args.init), "initial_eval_loss": start,
+             "final_eval_loss_ema": {n: eval_loss(emas[n], n) for n in experts},
+             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
+    log_f.write(json.dumps({"step": step, "final": final}) + "\n")
+    log_f.close()
+    moe.base.transformer, moe.transformer_2 = emas["high_noise"].cpu(), emas["low_noise"].cpu()
+    moe.base.text_encoder = te.cpu()
+    path = save_tiny_moe(moe, out / "tiny_wan_moe")
+    (path / "training_summary.json").write_text(json.dumps(final, indent=2) + "\n")
+    shutil.copy(out / "loss_log.jsonl", path / "training_log.jsonl")
+    print(json.dumps(final), flush=True)
+    if args.install:
+        if TINY_MOE_PATH.exists():
+            shutil.rmtree(TINY_MOE_PATH)
+        shutil.copytree(path, TINY_MOE_PATH)
+        print(f"installed {TINY_MOE_PATH}", flush=True)
+    print(f"saved {path}", flush=True)
+
+
+def random_moe(args: argparse.Namespace) -> None:
+    """The ``random-moe`` subcommand."""
+    from ptq.models.tiny_wan.moe import build_random_tiny_moe, save_tiny_moe
+
+    print(f"saved {save_tiny_moe(build_random_tiny_moe(args.seed), args.out)}")
+
+
 def _save(tr, te, comps: TinyWanComponents, path: Path) -> Path:
     """Save EMA weights with the other components (bf16 on disk)."""
     tmp = TinyWanComponents(tr, te, comps.tokenizer, comps.scheduler, comps.vae, comps.sample_defaults)
@@ -423,6 +550,24 @@ def main() -> None:
     t.add_argument("--init", default=None, help="start from this saved model folder instead of random init")
     t.add_argument("--tar", action="store_true", help="also pack the model folder(s) into .tar files")
     t.add_argument("--save-mid", action="store_true", help="save an EMA snapshot at half the budget")
+    m = sub.add_parser("train-moe")
+    m.add_argument("--out", default="outputs/tiny_moe_train")
+    m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    m.add_argument("--init", default=str(REPO / "ptq" / "assets" / "tiny_wan"), help="the trained tiny model")
+    m.add_argument("--batch", type=int, default=64)
+    m.add_argument("--lr", type=float, default=2e-4)
+    m.add_argument("--warmup", type=int, default=100)
+    m.add_argument("--ema", type=float, default=0.999)
+    m.add_argument("--cfg-drop", type=float, default=0.1)
+    m.add_argument("--time-budget", type=float, default=240.0, help="seconds of training (cosine LR over it)")
+    m.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = time only)")
+    m.add_argument("--log-every", type=int, default=50)
+    m.add_argument("--eval-every", type=int, default=250)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--install", action="store_true", help="copy the model to ptq/assets/tiny_wan_moe")
+    rm = sub.add_parser("random-moe")
+    rm.add_argument("--out", required=True)
+    rm.add_argument("--seed", type=int, default=0)
     r = sub.add_parser("report")
     r.add_argument("--model", default=str(REPO / "ptq" / "assets" / "tiny_wan"))
     r.add_argument("--log", nargs="*", default=None, help="loss_log.jsonl files, in training order")
@@ -435,6 +580,10 @@ def main() -> None:
         make_prompt_files()
     elif args.cmd == "train":
         train(args)
+    elif args.cmd == "train-moe":
+        train_moe(args)
+    elif args.cmd == "random-moe":
+        random_moe(args)
     else:
         report(args)
 

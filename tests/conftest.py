@@ -41,3 +41,13 @@ def packaged_tiny_dir() -> Path:
     path = Path(TINY_WAN_PATH)
     assert (path / "transformer" / "config.json").is_file(), f"packaged tiny model missing at {path}"
     return path
+
+
+@pytest.fixture(scope="session")
+def random_tiny_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A two-expert tiny WAN folder (transformer + transformer_2, boundary 0.875) with seeded random weights."""
+    from ptq.models.tiny_wan.moe import build_random_tiny_moe, save_tiny_moe
+
+    path = tmp_path_factory.mktemp("models") / "tiny_moe_random"
+    save_tiny_moe(build_random_tiny_moe(seed=0), path)
+    return path

@@ -75,3 +75,40 @@ def merge_loras(modules: Mapping[str, torch.nn.Module], loras: Sequence[LoraSpec
         merged.append({"name": path.name, "sha256": lora_file_sha256(path), "scale": float(lora.scale),
                        "targets": targets, "layers": layers})
     return merged
+
+
+def make_random_lora(model: torch.nn.Module, rank: int = 4, seed: int = 0, std: float = 0.02,
+                     patterns: tuple[str, ...] = ("attn1.", "attn2.", "ffn.")) -> dict[str, torch.Tensor]:
+    """A random LoRA for the block Linears of a WAN transformer (names containing one of ``patterns``) in
+    diffusers/PEFT keys (``transformer.<layer>.lora_A.weight [rank, in]``, ``lora_B.weight [out, rank]``, float32):
+    the small LoRA the tests and docs make for the small models."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and name.startswith("blocks.") and any(p in name for p in patterns):
+            out[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, m.in_features, generator=g) * std
+            out[f"transformer.{name}.lora_B.weight"] = torch.randn(m.out_features, rank, generator=g) * std
+    return out
+
+
+def lora_in_original_keys(state: dict[str, torch.Tensor], alpha: float, style: str = "comfyui"
+                          ) -> dict[str, torch.Tensor]:
+    """A diffusers-keyed LoRA in the layouts WAN LoRAs are shared in: ``comfyui`` (``diffusion_model.<original
+    name>.lora_down/lora_up.weight`` + ``.alpha``) or ``kohya`` (``lora_unet_<original_name_with_underscores>``).
+    ``alpha``: the stored alpha; the factors are rescaled by ``rank / alpha`` so the LoRA's effect is unchanged."""
+    from ptq.models.wan.names import diffusers_to_original
+
+    if style not in ("comfyui", "kohya"):
+        raise ValueError(f"style={style!r}: expected 'comfyui' or 'kohya'")
+    out = {}
+    for key, a in state.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        layer = key[len("transformer."):-len(".lora_A.weight")]
+        b = state[key.replace("lora_A", "lora_B")]
+        orig = diffusers_to_original(layer)
+        prefix = f"diffusion_model.{orig}" if style == "comfyui" else "lora_unet_" + orig.replace(".", "_")
+        out[f"{prefix}.lora_down.weight"] = a * (a.shape[0] / alpha)
+        out[f"{prefix}.lora_up.weight"] = b.clone()
+        out[f"{prefix}.alpha"] = torch.tensor(float(alpha))
+    return out

@@ -1,0 +1,146 @@
+"""Two experts (WAN 2.2 A14B layout) on the small two-expert model: each expert is calibrated only on the steps
+it serves, the low-noise expert by default on the quantized high-noise expert's trajectory, `ptq run` writes one
+ComfyUI file per expert (ComfyUI's WAN 2.2 names) and one diffusers folder with transformer / transformer_2, both
+pass `ptq verify`, and the report has a section per expert."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ptq.algorithms.recipe import QuantRecipe
+from ptq.models.tiny_wan.moe_adapter import TinyWanMoEAdapter
+from ptq.pipeline import stages
+from ptq.pipeline.experts import ExpertView, calibration_passes
+from ptq.pipeline.job import _prompt_set
+from ptq.pipeline.settings import SamplingConfig
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def adapter(random_tiny_moe_dir: Path) -> TinyWanMoEAdapter:
+    a = TinyWanMoEAdapter(random_tiny_moe_dir)
+    a._ps = _prompt_set(a, ["a red circle moving left", "a blue square growing"],
+                        a.encode_prompts(["a red circle moving left", "a blue square growing"]),
+                        a.encode_prompts([""]), SamplingConfig(num_prompts=2, num_steps=STEPS))
+    a.free_text_encoder()
+    a.load(decoder=False)
+    return a
+
+
+def test_targets_and_routing(adapter: TinyWanMoEAdapter) -> None:
+    targets = adapter.targets()
+    assert list(targets) == ["high_noise", "low_noise"]
+    assert targets["high_noise"].module is adapter.components.transformer
+    assert targets["low_noise"].module is adapter.components.transformer_2
+    assert targets["high_noise"].module.config.attention_head_dim == 128  # ComfyUI: num_heads = dim / 128
+    spec = adapter._ps.specs[0]
+    seen = {"high_noise": [], "low_noise": []}
+
+    def rec(name):
+        module = targets[name].module
+        return lambda **kw: seen[name].append(float(kw["timestep"].flatten()[0])) or module(**kw)
+
+    adapter.denoise(adapter._ps.embeds[:1], adapter._ps.negative, spec,
+                    forward={"high_noise": rec("high_noise"), "low_noise": rec("low_noise")})
+    ts = adapter.step_timesteps(spec)
+    for name, target in targets.items():
+        assert seen[name] == [t for t in ts if target.serves(t) for _ in range(2)]  # cond + uncond, its steps only
+    assert seen["high_noise"] and seen["low_noise"] and all(t >= 875 for t in seen["high_noise"])
+
+
+def _calibrate(adapter, part) -> stages.Calibration:
+    return stages.calibrate(part, QuantRecipe(format="nvfp4"), adapter._ps, samples_per_call=0, seed=0,
+                            progress=False, cuda_graphs=False)
+
+
+def test_each_expert_is_calibrated_on_its_own_steps(adapter: TinyWanMoEAdapter) -> None:
+    cal = _calibrate(adapter, adapter)  # one pass, both experts (the bf16 trajectory)
+    ts = adapter.step_timesteps(adapter._ps.specs[0])
+    for name, target in adapter.targets().items():
+        step_amax = cal.stats[name]["blocks.0.attn1.to_q"].step_amax
+        served = torch.tensor([target.serves(t) for t in ts])
+        assert (step_amax[served] > 0).all() and (step_amax[~served] == 0).all()
+        assert cal.stats[name]["blocks.0.attn1.to_q"].calls == 2 * 2 * int(served.sum())  # prompts x (cond, uncond)
+
+
+def test_view_stops_after_its_last_step(adapter: TinyWanMoEAdapter) -> None:
+    view = ExpertView(adapter, ["high_noise"])
+    steps = []
+    view.denoise(adapter._ps.embeds[:1], adapter._ps.negative, adapter._ps.specs[0],
+                 on_step_end=lambda i, t, z: steps.append(i))
+    ts = adapter.step_timesteps(adapter._ps.specs[0])
+    assert steps == [i for i, t in enumerate(ts) if t >= 875]
+    assert list(view.targets()) == ["high_noise"]
+
+
+def test_low_noise_expert_calibrated_on_the_quantized_trajectory(random_tiny_moe_dir: Path) -> None:
+    """Sequential passes: the high-noise expert's statistics equal the one-pass ones, the low-noise expert's
+    differ (its inputs come from the quantized high-noise expert's latents)."""
+    stats = {}
+    for trajectory in ("bf16", "quantized"):
+        a = TinyWanMoEAdapter(random_tiny_moe_dir)
+        ps = _prompt_set(a, ["a red circle moving left"], a.encode_prompts(["a red circle moving left"]),
+                         a.encode_prompts([""]), SamplingConfig(num_prompts=1, num_steps=STEPS))
+        a.load(decoder=False)
+        passes = calibration_passes(a, trajectory)
+        assert len(passes) == (1 if trajectory == "bf16" else 2)
+        got = {}
+        for part in passes:
+            cal = stages.calibrate(part, QuantRecipe(format="nvfp4"), ps, samples_per_call=0, seed=0,
+                                   progress=False, cuda_graphs=False)
+            got.update(cal.stats)
+            stages.quantize(part, {n: QuantRecipe(format="nvfp4") for n in part.targets()}, cal, progress=False)
+        stats[trajectory] = got
+    layer = "blocks.1.ffn.net.2"
+    assert torch.equal(stats["bf16"]["high_noise"][layer].amax, stats["quantized"]["high_noise"][layer].amax)
+    assert not torch.equal(stats["bf16"]["low_noise"][layer].channel_amax,
+                           stats["quantized"]["low_noise"][layer].channel_amax)
+
+
+def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "ptq", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.slow
+def test_run_exports_one_comfyui_file_per_expert_that_verify_passes(random_tiny_moe_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    proc = _cli(["run", "config=tiny_moe_nvfp4", f"model.path={random_tiny_moe_dir}", f"hydra.run.dir={tmp_path}",
+                 f"eval.cache_dir={tmp_path / 'cache'}", "calib.num_prompts=2", "calib.num_steps=5",
+                 "eval.num_prompts=1", "eval.num_steps=5", "progress=false"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    files = sorted(Path(e["path"]).name for e in report["exports"] if e["target"] == "comfyui")
+    assert files == ["tiny_wan_moe_high_noise_nvfp4_comfyui.safetensors",
+                     "tiny_wan_moe_low_noise_nvfp4_comfyui.safetensors"]
+    folder = tmp_path / "tiny_wan_moe_nvfp4_diffusers"
+    assert (folder / "transformer" / "config.json").is_file() and (folder / "transformer_2" / "config.json").is_file()
+    assert all(e["verified"] for e in report["exports"])
+    assert list(report["experts"]) == ["high_noise", "low_noise"]
+    assert report["run"]["experts"]["trajectory"] == "quantized"
+    hi, lo = (report["experts"][n] for n in ("high_noise", "low_noise"))
+    assert hi["quantized_layers"] == lo["quantized_layers"] == 20
+    assert sorted(hi["eval_steps"] + lo["eval_steps"]) == list(range(5))
+    assert 0 < hi["rel_l2_at_its_last_step"] < lo["rel_l2_at_its_last_step"] < 0.5
+    assert "### high_noise" in (tmp_path / "report.md").read_text()
+    assert len([r for r in report["layers"] if r["name"].startswith("low_noise/")]) == 26
+    for name in files:
+        ok = _cli(["verify", str(tmp_path / name), "--model", str(random_tiny_moe_dir)], cwd=tmp_path)
+        assert ok.returncode == 0 and "RESULT: OK" in ok.stdout, ok.stdout[-2000:]
+    wrong = _cli(["verify", str(tmp_path / files[1]), "--model", str(random_tiny_moe_dir), "--component",
+                  "transformer"], cwd=tmp_path)  # the low-noise file against the high-noise expert's weights
+    assert wrong.returncode == 1 and "RESULT: FAILED" in wrong.stdout
+    from ptq.export.diffusers_bfl import load_diffusers_export
+
+    low = load_diffusers_export(folder, component="transformer_2")
+    assert low.config.num_attention_heads == 2
