@@ -134,12 +134,17 @@ def test_run_exports_one_comfyui_file_per_expert_that_verify_passes(random_tiny_
     assert 0 < hi["rel_l2_at_its_last_step"] < lo["rel_l2_at_its_last_step"] < 0.5
     assert "### high_noise" in (tmp_path / "report.md").read_text()
     assert len([r for r in report["layers"] if r["name"].startswith("low_noise/")]) == 26
-    for name in files:
-        ok = _cli(["verify", str(tmp_path / name), "--model", str(random_tiny_moe_dir)], cwd=tmp_path)
-        assert ok.returncode == 0 and "RESULT: OK" in ok.stdout, ok.stdout[-2000:]
-    wrong = _cli(["verify", str(tmp_path / files[1]), "--model", str(random_tiny_moe_dir), "--component",
-                  "transformer"], cwd=tmp_path)  # the low-noise file against the high-noise expert's weights
-    assert wrong.returncode == 1 and "RESULT: FAILED" in wrong.stdout
+    from ptq.tools.verify import verify_file
+
+    for name, component in zip(files, ("transformer", "transformer_2")):
+        rep = verify_file(tmp_path / name, str(random_tiny_moe_dir))  # `ptq verify FILE --model DIR`
+        assert rep.ok and rep.loads_into_diffusers, rep.problems
+        assert rep.load_detail.startswith("all 69") and len(rep.layers) == 20
+        assert verify_file(tmp_path / name, str(random_tiny_moe_dir), component=component,
+                           check_load=False).ok
+    # the low-noise file against the high-noise expert's weights: every layer's output error is far off
+    wrong = verify_file(tmp_path / files[1], str(random_tiny_moe_dir), component="transformer", check_load=False)
+    assert not wrong.ok and sum(not c.ok for c in wrong.layers) >= 15
     from ptq.export.diffusers_bfl import load_diffusers_export
 
     low = load_diffusers_export(folder, component="transformer_2")
