@@ -60,5 +60,13 @@ def validate_config(cfg: RunConfig) -> None:
     if cfg.export.unquantized_dtype not in ("bfloat16", "float32"):
         raise ValueError(f"export.unquantized_dtype={cfg.export.unquantized_dtype!r}: expected bfloat16 or float32 "
                          "(float16 breaks WAN: ComfyUI/diffusers expect bf16/fp32 for unquantized tensors)")
+    from ptq.pipeline.experts import TRAJECTORIES
+
+    if cfg.calib.expert_trajectory not in TRAJECTORIES:
+        raise ValueError(f"calib.expert_trajectory={cfg.calib.expert_trajectory!r}: expected one of "
+                         f"{', '.join(TRAJECTORIES)}")
+    for i, lora in enumerate(cfg.model.loras):
+        if not lora.path:
+            raise ValueError(f"model.loras[{i}].path is empty: give the LoRA's .safetensors file")
     if cfg.quant.needs().samples and cfg.calib.samples_per_call <= 0:
         raise ValueError(f"quant.activation={cfg.quant.activation.label!r} needs calib.samples_per_call > 0")
