@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ptq.algorithms.recipe import QuantRecipe
+from ptq.algorithms.recipe import ActivationMethod, QuantRecipe
 from ptq.models.tiny_wan.moe_adapter import TinyWanMoEAdapter
 from ptq.pipeline import stages
 from ptq.pipeline.experts import ExpertView, calibration_passes
@@ -149,3 +149,24 @@ def test_run_exports_one_comfyui_file_per_expert_that_verify_passes(random_tiny_
 
     low = load_diffusers_export(folder, component="transformer_2")
     assert low.config.num_attention_heads == 2
+
+
+def test_offload_gives_the_same_latents_and_survives_quantization(random_tiny_moe_dir: Path) -> None:
+    """model.offload (diffusers' group offloading; onload device = CPU here, CUDA on a GPU): same latents as
+    without, and after the Linears are replaced by QuantLinears (re-applied offloading) the same as well."""
+    from ptq.algorithms.quantize import quantize_
+
+    runs = []
+    for offload in (False, True):
+        a = TinyWanMoEAdapter(random_tiny_moe_dir, offload=offload)
+        emb, neg = a.encode_prompts(["a red circle moving left"]), a.encode_prompts([""])
+        a.load(decoder=False)
+        spec = a.sample_spec(num_steps=3)
+        before = a.denoise(emb, neg, spec)
+        for name, target in a.targets().items():
+            recipe = QuantRecipe(format="nvfp4", activation=ActivationMethod(method="none"))  # weight-only
+            quantize_(target.module, recipe, {}, rules=a.layer_rules, progress=False)
+            a.after_quantize(name)
+        runs.append((before, a.denoise(emb, neg, spec)))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert not torch.equal(runs[0][0], runs[0][1])
