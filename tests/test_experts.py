@@ -170,3 +170,22 @@ def test_offload_gives_the_same_latents_and_survives_quantization(random_tiny_mo
         runs.append((before, a.denoise(emb, neg, spec)))
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
     assert not torch.equal(runs[0][0], runs[0][1])
+
+
+def test_few_step_schedule_is_what_calibration_sees(random_tiny_moe_dir: Path) -> None:
+    """4 steps, CFG 1, flow-matching Euler (a distilled LoRA's schedule): one forward per step (no uncond pass),
+    each expert on its own steps of that schedule."""
+    a = TinyWanMoEAdapter(random_tiny_moe_dir, scheduler="FlowMatchEulerDiscreteScheduler", flow_shift=5.0)
+    ps = _prompt_set(a, ["a red circle moving left"], a.encode_prompts(["a red circle moving left"]),
+                     a.encode_prompts([""]), SamplingConfig(num_prompts=1, num_steps=4, guidance_scale=1.0,
+                                                            guidance_scale_2=1.0))
+    a.load(decoder=False)
+    assert type(a.components.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert a.components.scheduler.config.shift == 5.0
+    cal = stages.calibrate(a, QuantRecipe(format="nvfp4"), ps, samples_per_call=0, seed=0, progress=False,
+                           cuda_graphs=False)
+    ts = a.step_timesteps(ps.specs[0])
+    assert len(ts) == 4
+    for name, target in a.targets().items():
+        served = sum(target.serves(t) for t in ts)
+        assert served >= 1 and cal.stats[name]["blocks.0.attn1.to_q"].calls == served

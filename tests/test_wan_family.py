@@ -73,6 +73,23 @@ def test_i2v_extra_layers_are_mapped_and_kept(meta_model: tuple[str, torch.nn.Mo
     assert len(linears) - len(layers) == (8 if has_clip else 6)  # + the image embedder's two Linears
 
 
+def test_comfyui_wan_detection_reads_the_right_head_count() -> None:
+    """ComfyUI builds a WAN model with ``num_heads = head.modulation.shape[-1] // 128`` and ``out_dim =
+    head.head.weight.shape[0] // 4`` (comfy/model_detection.py): right for every published model and for the small
+    two-expert model (2 x 128), not for the 4 x 64 tiny model (which needs ComfyUI's ``config`` metadata)."""
+    from ptq.models.tiny_wan import TINY_TRANSFORMER_CONFIG
+    from ptq.models.tiny_wan.moe import TINY_MOE_TRANSFORMER_CONFIG
+
+    for cfg in [s.transformer for s in wan_models().values()] + [TINY_MOE_TRANSFORMER_CONFIG]:
+        orig = convert_state_dict_keys(build_meta_transformer(
+            {**cfg, "patch_size": tuple(cfg["patch_size"])}).state_dict(), "original")
+        assert orig["head.modulation"].shape[-1] // 128 == cfg["num_attention_heads"]
+        assert orig["head.head.weight"].shape[0] // 4 == cfg["out_channels"]
+        assert orig["patch_embedding.weight"].shape[1] == cfg["in_channels"]
+    tiny = TINY_TRANSFORMER_CONFIG
+    assert tiny["num_attention_heads"] * tiny["attention_head_dim"] // 128 != tiny["num_attention_heads"]
+
+
 def test_two_experts_and_boundaries() -> None:
     for spec in wan_models().values():
         assert len(spec.experts) == (2 if spec.two_experts else 1)
