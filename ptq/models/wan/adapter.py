@@ -53,6 +53,7 @@ class WanAdapter(ModelAdapter):
         self.loras = [LoraSpec(str(lo.path), float(lo.scale), lo.expert) for lo in loras]
         self.scheduler_class, self.flow_shift, self.offload = scheduler, flow_shift, bool(offload)
         self.merged_loras: list[dict[str, Any]] = []
+        self._conditions: dict[int, tuple[torch.Tensor, sampling.WanImageCondition]] = {}
         self._encoder: loading.WanComponents | None = None
         self.components: loading.WanComponents | None = None
 
@@ -221,8 +222,11 @@ class WanAdapter(ModelAdapter):
             return sampling.encode_image(self._loaded(), image)
         if kind == "none":
             raise ValueError(f"{self.display_name} is a text-to-video model: remove calib.images / eval.images")
-        embeds = sampling.clip_image_embeds(self._loaded(), image) if kind == "concat_clip" else None
-        return sampling.WanImageCondition(image.float(), embeds)
+        cached = self._conditions.get(id(image))
+        if cached is None or cached[0] is not image:  # the VAE / CLIP encodings of an image are built once
+            embeds = sampling.clip_image_embeds(self._loaded(), image) if kind == "concat_clip" else None
+            cached = self._conditions[id(image)] = (image, sampling.WanImageCondition(image.float(), embeds))
+        return cached[1]
 
     @property
     def can_decode(self) -> bool:

@@ -4,7 +4,7 @@ prompt encoding, image conditioning and latent decoding, as plain functions over
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -61,6 +61,15 @@ class WanImageCondition:
 
     image: torch.Tensor
     image_embeds: torch.Tensor | None = None
+    #: the image-video latents already built, by (frames, height, width)
+    latents: dict[tuple[int, int, int], torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+
+    def video_latents(self, components: WanComponents, spec: SampleSpec) -> torch.Tensor:
+        """:func:`image_video_condition` for ``spec``, built once per video size."""
+        key = (spec.num_frames, spec.height, spec.width)
+        if key not in self.latents:
+            self.latents[key] = image_video_condition(components, self.image, spec).cpu()
+        return self.latents[key]
 
 
 @torch.no_grad()
@@ -110,7 +119,7 @@ def denoise(
     mask = torch.ones(shape, dtype=torch.float32, device=device)
     first_frame = concat = image_embeds = None
     if isinstance(condition_latents, WanImageCondition):
-        concat = image_video_condition(components, condition_latents.image, spec).to(device)
+        concat = condition_latents.video_latents(components, spec).to(device)
         concat = concat.expand(shape[0], *concat.shape[1:])
         if condition_latents.image_embeds is not None:
             image_embeds = condition_latents.image_embeds.to(device, tdtype).expand(shape[0], -1, -1)
@@ -142,7 +151,7 @@ def denoise(
         if components.expand_timesteps:
             timestep = (mask[:, 0, :: p[0], :: p[1], :: p[2]] * t).flatten(1)
         else:
-            timestep = t.expand(shape[0])
+            timestep = t.expand(shape[0]).contiguous()
         noise_pred = call(hidden_states=x, timestep=timestep, encoder_hidden_states=cond, return_dict=False,
                           **extra)[0].float()
         if do_cfg and scale != 1.0:
