@@ -71,8 +71,8 @@ def open_adapter(cfg: RunConfig) -> ModelAdapter:
 
 
 def model_options(m: Any) -> dict[str, Any]:
-    """The adapter keywords of the model settings beyond path/dtype/device, only those set (an adapter that
-    does not take them is never handed one)."""
+    """The adapter keywords beyond path/dtype/device: ``model_name`` (``model.name``), and ``loras``,
+    ``scheduler``, ``flow_shift``, ``offload`` only when set (an adapter takes the ones it knows and ``**kwargs``)."""
     out: dict[str, Any] = {}
     if m.name:
         out["model_name"] = m.name
@@ -113,9 +113,9 @@ def _prompt_set(adapter: ModelAdapter, prompts: list[str], embeds: torch.Tensor,
     return PromptSet(prompts, embeds, negative, specs, images)
 
 
-def experts_run_info(adapter: ModelAdapter, cfg: RunConfig, calib: PromptSet, evals: PromptSet | None
+def model_run_info(adapter: ModelAdapter, cfg: RunConfig, calib: PromptSet, evals: PromptSet | None
                      ) -> dict[str, Any]:
-    """Run-info entries of a model with several experts: the merged LoRAs, the experts' steps and trajectory."""
+    """Run-info entries of the model: the merged LoRAs and, with several experts, their steps and trajectory."""
     out: dict[str, Any] = {}
     info = adapter.export_info()
     if info.get("ptq_loras"):
@@ -209,7 +209,7 @@ def _run(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
         "baseline_cache": str(cache_file) if cache_file else None, "peak_gpu_gib": peak,
         "peak_gpu_gib_by_phase": dict(timer.peak_gib) if device.type == "cuda" else None,
         "cuda_graphs": cfg.model.cuda_graphs and device.type == "cuda",
-        **experts_run_info(adapter, cfg, calib, evals),
+        **model_run_info(adapter, cfg, calib, evals),
     }
     multi = len(records) > 1
     with timer("report"):
