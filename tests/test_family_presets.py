@@ -55,3 +55,13 @@ def test_lora_and_expert_overrides_parse() -> None:
     assert cfg.calib.expert_trajectory == "bf16" and cfg.model.offload and cfg.model.adapter == "tiny_wan_moe"
     with pytest.raises(Exception, match="scael"):
         _compose("config=tiny_moe_nvfp4", "model.loras=[{path: /x.safetensors, scael: 1}]")
+
+
+@pytest.mark.parametrize("preset,adapter", [("tiny_moe_nvfp4", "tiny_wan_moe"), ("tiny_moe_4step_nvfp4", "tiny_wan_moe"),
+                                            ("tiny_i2v_nvfp4", "tiny_wan")])
+def test_tiny_family_presets_compose(preset: str, adapter: str) -> None:
+    cfg = _compose(f"config={preset}")
+    validate_config(cfg)
+    assert cfg.model.adapter == adapter and cfg.preset == preset
+    for img in cfg.calib.images + cfg.eval.images:
+        assert resolve_data_path(img).is_file()

@@ -115,3 +115,23 @@ def test_job_merges_lora_before_calibration_and_names_it(random_tiny_dir: Path, 
     with safe_open(merged["exports"][0]["path"], "pt") as f:
         meta = json.loads(f.metadata()["ptq_loras"])
     assert meta[0]["sha256"] == merged["run"]["loras"][0]["sha256"] and len(meta[0]["sha256"]) == 64
+
+
+def test_expert_lora_merges_into_that_expert_only(random_tiny_moe_dir: Path, tmp_path: Path) -> None:
+    """A14B LoRA pairs: ``expert: low_noise`` changes transformer_2 only; the LoRA is part of the fingerprint (the
+    bf16 baseline cache key)."""
+    from ptq.models.tiny_wan.moe_adapter import TinyWanMoEAdapter
+
+    plain = TinyWanMoEAdapter(random_tiny_moe_dir)
+    plain.load(decoder=False)
+    path = tmp_path / "low.safetensors"
+    save_file(make_random_lora(plain.targets()["low_noise"].module, rank=RANK, seed=4), str(path))
+    merged = TinyWanMoEAdapter(random_tiny_moe_dir, loras=[LoraSpec(str(path), 1.0, "low_noise")])
+    merged.load(decoder=False)
+    assert merged.fingerprint() != plain.fingerprint()
+    assert merged.merged_loras[0]["targets"] == ["low_noise"] and merged.merged_loras[0]["layers"] == {"low_noise": 20}
+    for name, changed in (("high_noise", False), ("low_noise", True)):
+        a = plain.targets()[name].module.state_dict()
+        b = merged.targets()[name].module.state_dict()
+        assert set(a) == set(b)
+        assert any(not torch.equal(a[k], b[k]) for k in a) == changed, name
