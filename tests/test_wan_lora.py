@@ -135,3 +135,21 @@ def test_expert_lora_merges_into_that_expert_only(random_tiny_moe_dir: Path, tmp
         b = merged.targets()[name].module.state_dict()
         assert set(a) == set(b)
         assert any(not torch.equal(a[k], b[k]) for k in a) == changed, name
+
+
+def test_distillation_lora_bias_deltas_are_merged(model, lora, tmp_path: Path) -> None:
+    """Few-step distillation LoRAs (lightx2v-style) also carry ``.diff_b`` bias deltas and zeroed norm ``.diff``s."""
+    state = lora_in_original_keys(lora, alpha=4.0)
+    g = torch.Generator().manual_seed(9)
+    for k in [k for k in state if k.endswith(".lora_up.weight")]:
+        state[k.replace(".lora_up.weight", ".diff_b")] = torch.randn(state[k].shape[0], generator=g) * 0.01
+    state["diffusion_model.blocks.0.norm3.diff"] = torch.zeros(256)
+    path = tmp_path / "distill.safetensors"
+    save_file(state, str(path))
+    merged = copy.deepcopy(model)
+    assert merge_lora(merged, path, 1.0) == 50
+    for layer in ("blocks.0.attn1.to_q", "blocks.4.ffn.net.2"):
+        from ptq.models.wan.names import diffusers_to_original
+
+        want = model.get_submodule(layer).bias + state[f"diffusion_model.{diffusers_to_original(layer)}.diff_b"]
+        assert torch.allclose(merged.get_submodule(layer).bias, want, atol=1e-6)
