@@ -71,6 +71,18 @@ class ModelAdapter(ABC):
 
     root: Path
 
+    @classmethod
+    def resolve(cls, path: Any) -> Path:
+        """The model folder for ``path`` (raise :class:`ModelLoadError` when there is none)."""
+        if path is None:
+            raise ModelLoadError("model.path is not set")
+        return Path(path)
+
+    @classmethod
+    def missing_parts(cls, root: Path) -> list[str]:
+        """Parts (sub-folders, files) a usable model folder needs that ``root`` lacks."""
+        return []
+
     # -- identity -------------------------------------------------------------------------------------------
     @property
     @abstractmethod

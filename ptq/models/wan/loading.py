@@ -8,6 +8,7 @@ import importlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,9 +95,19 @@ def resolve_model_path(path: str | os.PathLike[str] | None) -> Path:
             raise ModelLoadError(
                 f"model.path={path!r}: not a local folder, and not found in the Hugging Face cache "
                 f"(offline: {type(exc).__name__}). Download it on a machine with internet "
-                f"(`huggingface-cli download {path}`) or pass model.path=/local/diffusers/folder."
+                f"(`{_hub_download_command()} {path}`) or pass model.path=/local/diffusers/folder."
             ) from exc
     raise ModelLoadError(f"model.path={path!r} does not exist")
+
+
+def _hub_download_command() -> str:
+    """The download command of the installed huggingface_hub: ``hf download`` (>= 0.34), else the older CLI."""
+    try:
+        from huggingface_hub import __version__
+    except ImportError:
+        return "hf download"
+    major, minor = (int(x) for x in re.findall(r"\d+", __version__)[:2])
+    return "hf download" if (major, minor) >= (0, 34) else "huggingface-cli download"
 
 
 def model_display_name(path: str | os.PathLike[str] | None, root: Path) -> str:
