@@ -59,12 +59,18 @@ class UserError(ValueError):
     """A mistake on the command line or in the settings: printed as one line, exit code 2."""
 
 
-def run_pipeline(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
+def run_pipeline(cfg: RunConfig, out_dir: Path, *, recipe_name: str | None = None) -> dict[str, Any]:
     """Validate ``cfg`` and run the whole job; returns the report dict (also written to ``out_dir``)."""
     from ptq.pipeline.job import run_job
 
     validate_config(cfg)
-    return run_job(cfg, out_dir)
+    return run_job(cfg, out_dir, recipe_name=recipe_name)
+
+
+def _recipe_name(choices: dict[str, Any], overrides: list[str]) -> str | None:
+    """The ``quant=`` preset's name when no override changed the recipe, else None."""
+    changed = any(o.lstrip("+~").startswith(("quant.", "quant/")) for o in overrides)
+    return None if changed else choices.get("quant")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -217,9 +223,10 @@ def _task(dcfg: Any) -> None:
 
     cfg: RunConfig = OmegaConf.to_object(dcfg)
     logging.getLogger("ptq").setLevel(cfg.log_level)
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    hc = HydraConfig.get()
+    out_dir = Path(hc.runtime.output_dir)
     try:
-        run_pipeline(cfg, out_dir)
+        run_pipeline(cfg, out_dir, recipe_name=_recipe_name(dict(hc.runtime.choices), list(hc.overrides.task)))
     except (JobError, PromptError, ModelLoadError) as exc:
         print(f"ptq run: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ptq.eval.report import write_report
+from ptq.eval.summary import run_summary
 from ptq.models import get_adapter
 from ptq.models.base import ModelAdapter
 from ptq.models.cpu_matmul import Float32LinearOnCPU
@@ -75,11 +76,12 @@ def sample_specs(adapter: ModelAdapter, cfg: SamplingConfig, n: int) -> list:
             for i in range(n)]
 
 
-def run_job(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
-    """The whole job; returns the report dict (also written to ``out_dir``)."""
+def run_job(cfg: RunConfig, out_dir: Path, *, recipe_name: str | None = None) -> dict[str, Any]:
+    """The whole job; returns the report dict (also written to ``out_dir``). ``recipe_name``: the recipe's preset
+    name (``quant=NAME``) when it was used unchanged, for the report's title and reference numbers."""
     fast_cpu = pick_device(cfg.model.device).type == "cpu" and cfg.model.cpu_float32_linear
     with Float32LinearOnCPU() if fast_cpu else contextlib.nullcontext():
-        return _run(cfg, out_dir)
+        return _run(cfg, out_dir, recipe_name)
 
 
 def _prompt_set(adapter: ModelAdapter, prompts: list[str], embeds: torch.Tensor, negative: torch.Tensor,
@@ -89,7 +91,7 @@ def _prompt_set(adapter: ModelAdapter, prompts: list[str], embeds: torch.Tensor,
     return PromptSet(prompts, embeds, negative, specs, images)
 
 
-def _run(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
+def _run(cfg: RunConfig, out_dir: Path, recipe_name: str | None) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     timer = PhaseTimer()
     device = pick_device(cfg.model.device)
@@ -155,8 +157,9 @@ def _run(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
     used = recipes[target]
     peak = timer.peak() if device.type == "cuda" else None
     run_info = {
-        "preset": cfg.preset, "model": str(adapter.root), "adapter": adapter.name, "device": str(device),
-        "dtype": cfg.model.dtype, "recipe": used.summary(), "recipe_config": asdict(used),
+        "preset": cfg.preset, "model": str(adapter.root), "source_model": adapter.display_name,
+        "adapter": adapter.name, "device": str(device), "dtype": cfg.model.dtype, "recipe_name": recipe_name,
+        "recipe_title": used.title(), "recipe": used.summary(), "recipe_config": asdict(used),
         "calib_prompts": len(calib_prompts), "eval_prompts": len(eval_prompts),
         "calib_spec": asdict(calib.specs[0]), "eval_spec": asdict(evals.specs[0]) if evals is not None else None,
         "baseline_cache": str(cache_file) if cache_file else None, "peak_gpu_gib": peak,
@@ -169,4 +172,6 @@ def _run(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
                               decode=adapter.decode if cfg.eval.decode and adapter.can_decode else None,
                               eval_prompts=eval_prompts, sensitivity=analyses.get(target))
     log.info("wrote %s", out_dir / "report.md")
+    if cfg.progress or cfg.log_level != "WARNING":
+        print(run_summary(report, out_dir), flush=True)
     return report
