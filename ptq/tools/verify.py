@@ -15,6 +15,7 @@ For every quantized Linear of the file:
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,6 +184,28 @@ def capture_linear_inputs(
     return captured
 
 
+def _cache_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("PTQ_CACHE_DIR", ".ptq_cache"))
+
+
+def transformer_folder(model_path: str | os.PathLike[str] | None) -> Path:
+    """The transformer folder of ``--model``: a diffusers model folder (its ``transformer/``), the transformer folder
+    itself (``config.json`` + weights), a hub id in the HF cache, or None for the packaged tiny model."""
+    from ptq.models.base import ModelLoadError
+    from ptq.models.tiny_wan.model import TINY_WAN_PATH
+    from ptq.models.wan import loading
+
+    root = TINY_WAN_PATH if model_path is None else loading.resolve_model_path(model_path, key="--model")
+    if (root / "transformer" / "config.json").is_file():
+        return root / "transformer"
+    if (root / "config.json").is_file():
+        return root
+    raise ModelLoadError(f"--model={str(model_path)!r} ({root}) has neither transformer/config.json nor config.json: "
+                         "pass the diffusers model folder or its transformer folder")
+
+
 def verify_file(
     path: str | Path,
     model_path: str | None,
@@ -193,7 +216,8 @@ def verify_file(
 ) -> VerifyReport:
     """Verify ``path`` against the bf16 model at ``model_path`` (diffusers folder, hub id in the HF cache, or
     None for the packaged tiny model). Raises HeaderError for unreadable files."""
-    from ptq.models.tiny_wan.adapter import TinyWanAdapter
+    from diffusers import WanTransformer3DModel
+
     from ptq.models.wan import loading
     from ptq.tools.conventions import detect_convention
 
@@ -207,8 +231,19 @@ def verify_file(
     expected = "high_first/tiled" if comfy else "low_first/row_major"
     report = VerifyReport(str(path), conv.name, expected, tolerance)
 
-    root = TinyWanAdapter.resolve(model_path)
-    model = loading.load_transformer(root, device=device)
+    tdir = transformer_folder(model_path)
+    recorded = header.metadata.get("ptq_source_sha256")
+    if recorded:
+        actual = loading.transformer_content_hash(tdir.parent, _cache_dir(), component=tdir.name)
+        if actual != recorded:
+            source = header.metadata.get("ptq_source_model", "?")
+            report.problems.append(
+                f"wrong model: the file was made from {source!r} (transformer sha256 {recorded[:12]}), --model "
+                f"{str(model_path) if model_path else 'tiny_wan'} has sha256 {actual[:12]}; pass the bf16 model the "
+                "file was quantized from")
+            return report
+    model = WanTransformer3DModel.from_pretrained(tdir, torch_dtype=torch.bfloat16).to(device).eval()
+    model.requires_grad_(False)
     ref_state = model.state_dict()
     prefix = _strip_prefix(list(header.tensors))
     with safe_open(str(path), framework="pt") as f:
@@ -342,7 +377,7 @@ def verify_file(
         if bias is not None:
             dequant_state[f"{dname}.bias"] = bias
     if check_load:
-        _check_diffusers_load(report, root, groups, quant_layers, dequant_state)
+        _check_diffusers_load(report, tdir, groups, quant_layers, dequant_state)
     return report
 
 
@@ -392,7 +427,7 @@ def _check_diffusers_load(
             "tensors must be bf16 or float32 (fp16 overflows in the modulation/norm paths)"
         )
     state.update(dequant_state)
-    config = WanTransformer3DModel.load_config(root / "transformer")
+    config = WanTransformer3DModel.load_config(root)
     with torch.device("meta"):
         model = WanTransformer3DModel.from_config(config)
     expected = model.state_dict()
