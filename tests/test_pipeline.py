@@ -88,7 +88,7 @@ def test_image_to_video_pins_the_first_frame(random_tiny_dir: Path, tmp_path: Pa
 
     from ptq.config import SamplingConfig
     from ptq.models.tiny_wan.adapter import TinyWanAdapter
-    from ptq.pipeline.job import _prompt_set
+    from ptq.pipeline.job import make_prompt_set
     from ptq.pipeline.prompts import load_images
     from ptq.pipeline.sampling import sample_prompts
 
@@ -98,7 +98,7 @@ def test_image_to_video_pins_the_first_frame(random_tiny_dir: Path, tmp_path: Pa
     emb, neg = adapter.encode_prompts(["a red circle moving left"]), adapter.encode_prompts([""])
     adapter.load()
     cfg = SamplingConfig(num_prompts=1, num_steps=3, images=[str(img)])
-    out = sample_prompts(adapter, _prompt_set(adapter, ["a red circle moving left"], emb, neg, cfg), desc="i2v",
+    out = sample_prompts(adapter, make_prompt_set(adapter, ["a red circle moving left"], emb, neg, cfg), desc="i2v",
                          progress=False, keep_steps=True)
 
     cond = adapter.encode_condition(load_images([str(img)], 64, 64)[0])

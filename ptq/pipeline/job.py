@@ -84,7 +84,7 @@ def run_job(cfg: RunConfig, out_dir: Path, *, recipe_name: str | None = None) ->
         return _run(cfg, out_dir, recipe_name)
 
 
-def _prompt_set(adapter: ModelAdapter, prompts: list[str], embeds: torch.Tensor, negative: torch.Tensor,
+def make_prompt_set(adapter: ModelAdapter, prompts: list[str], embeds: torch.Tensor, negative: torch.Tensor,
                 cfg: SamplingConfig) -> PromptSet:
     specs = sample_specs(adapter, cfg, len(prompts))
     images = load_images(list(cfg.images), specs[0].height, specs[0].width) if cfg.images else []
@@ -111,8 +111,8 @@ def _run(cfg: RunConfig, out_dir: Path, recipe_name: str | None) -> dict[str, An
         adapter.free_text_encoder()
     with timer("load_model"):
         adapter.load(decoder=bool(cfg.eval.decode or cfg.eval.images or cfg.calib.images))
-    calib = _prompt_set(adapter, calib_prompts, calib_emb, neg_calib, cfg.calib)
-    evals = _prompt_set(adapter, eval_prompts, eval_emb, neg_eval, cfg.eval) if eval_prompts else None
+    calib = make_prompt_set(adapter, calib_prompts, calib_emb, neg_calib, cfg.calib)
+    evals = make_prompt_set(adapter, eval_prompts, eval_emb, neg_eval, cfg.eval) if eval_prompts else None
 
     baseline = cache_file = None
     if evals is not None:
