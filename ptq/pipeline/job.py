@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,10 @@ def _run(cfg: RunConfig, out_dir: Path, recipe_name: str | None) -> dict[str, An
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     adapter = open_adapter(cfg)
+    # sha256 of the weights the exports record as their source: read in the background (GBs for a real model)
+    hasher = ThreadPoolExecutor(1, thread_name_prefix="ptq-hash")
+    source_hash = hasher.submit(adapter.content_hash, Path(cfg.eval.cache_dir))
+    hasher.shutdown(wait=False)
     calib_prompts = load_prompts(cfg.calib, "calib")
     eval_prompts = load_prompts(cfg.eval, "eval") if cfg.eval.enabled else []
     log.info("model %s on %s (%s); %d calibration / %d eval prompts", adapter.root, device, cfg.model.dtype,
@@ -149,8 +154,7 @@ def _run(cfg: RunConfig, out_dir: Path, recipe_name: str | None) -> dict[str, An
             quant_results = stages.evaluate(adapter, evals, desc=f"eval ({recipe.format})", progress=cfg.progress,
                                             cuda_graphs=cfg.model.cuda_graphs)
     with timer("export"):
-        source = {"ptq_source_model": adapter.display_name,
-                  "ptq_source_sha256": adapter.content_hash(Path(cfg.eval.cache_dir))}
+        source = {"ptq_source_model": adapter.display_name, "ptq_source_sha256": source_hash.result()}
         exports = stages.export(adapter, cfg.export, out_dir, metadata=source, progress=cfg.progress)
 
     target = next(iter(adapter.targets()))
