@@ -19,8 +19,15 @@ commands:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch to a subcommand; returns the process exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Dispatch to a subcommand; returns the process exit code (Ctrl-C: one line, 130)."""
+    try:
+        return _dispatch(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:
+        print("\nptq: interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in {"-h", "--help", "help"}:
         print(USAGE)
         return 0 if argv else 2

@@ -12,7 +12,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from ptq.algorithms.recipe import ACTIVATION_METHODS, WEIGHT_METHODS, QuantRecipe
+from ptq.algorithms.recipe import ACTIVATION_METHODS, WEIGHT_METHODS
 from ptq.pipeline.settings import (
     CalibConfig,
     DatasetConfig,
@@ -31,8 +31,6 @@ def register_configs() -> None:
     """Register the schemas so YAML presets are validated against them."""
     cs = ConfigStore.instance()
     cs.store(name="ptq_schema", node=RunConfig)
-    cs.store(group="quant", name="quant_schema", node=QuantRecipe)
-    cs.store(group="model", name="model_schema", node=ModelConfig)
     for name, node in WEIGHT_METHODS.items():
         cs.store(group="quant/weight", name=name, node=node)
     for name, node in ACTIVATION_METHODS.items():

@@ -38,7 +38,7 @@ def exact_weights(model: torch.nn.Module, original: torch.nn.Module) -> None:
     for n, m in model.named_modules():
         if isinstance(m, QuantLinear) and not m.weight_only:
             w = mods[n].weight.detach().float()
-            alpha = m._weight_alpha().float()
+            alpha = m.weight_alpha().float()
             m.weight_values = w / (alpha.reshape(-1, 1) if alpha.dim() else alpha)
 
 
@@ -73,7 +73,7 @@ def main() -> None:
     from ptq.eval.report import bits_per_weight
     from ptq.models.cpu_matmul import Float32LinearOnCPU
     from ptq.pipeline import stages
-    from ptq.pipeline.job import _prompt_set, open_adapter, pick_device
+    from ptq.pipeline.job import make_prompt_set, open_adapter, pick_device
     from ptq.pipeline.prompts import load_prompts
 
     base = [f"config={args.preset}", f"calib.num_prompts={args.calib_prompts}",
@@ -95,8 +95,8 @@ def main() -> None:
         eval_emb, neg_e = stages.encode(adapter, eval_prompts, cfg.eval.negative_prompt)
         adapter.free_text_encoder()
         adapter.load(decoder=False)
-        calib = _prompt_set(adapter, calib_prompts, calib_emb, neg_c, cfg.calib)
-        evals = _prompt_set(adapter, eval_prompts, eval_emb, neg_e, cfg.eval)
+        calib = make_prompt_set(adapter, calib_prompts, calib_emb, neg_c, cfg.calib)
+        evals = make_prompt_set(adapter, eval_prompts, eval_emb, neg_e, cfg.eval)
         t0 = time.perf_counter()
         baseline, _ = stages.bf16_baseline(adapter, evals, None, progress=False, cuda_graphs=False)
         t_base = time.perf_counter() - t0

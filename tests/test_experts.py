@@ -18,7 +18,7 @@ from ptq.algorithms.recipe import ActivationMethod, QuantRecipe
 from ptq.models.tiny_wan.moe_adapter import TinyWanMoEAdapter
 from ptq.pipeline import stages
 from ptq.pipeline.experts import ExpertView, calibration_passes
-from ptq.pipeline.job import _prompt_set
+from ptq.pipeline.job import make_prompt_set
 from ptq.pipeline.settings import SamplingConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ STEPS = 6
 @pytest.fixture(scope="module")
 def adapter(random_tiny_moe_dir: Path) -> TinyWanMoEAdapter:
     a = TinyWanMoEAdapter(random_tiny_moe_dir)
-    a._ps = _prompt_set(a, ["a red circle moving left", "a blue square growing"],
+    a._ps = make_prompt_set(a, ["a red circle moving left", "a blue square growing"],
                         a.encode_prompts(["a red circle moving left", "a blue square growing"]),
                         a.encode_prompts([""]), SamplingConfig(num_prompts=2, num_steps=STEPS))
     a.free_text_encoder()
@@ -88,7 +88,7 @@ def test_low_noise_expert_calibrated_on_the_quantized_trajectory(random_tiny_moe
     stats = {}
     for trajectory in ("bf16", "quantized"):
         a = TinyWanMoEAdapter(random_tiny_moe_dir)
-        ps = _prompt_set(a, ["a red circle moving left"], a.encode_prompts(["a red circle moving left"]),
+        ps = make_prompt_set(a, ["a red circle moving left"], a.encode_prompts(["a red circle moving left"]),
                          a.encode_prompts([""]), SamplingConfig(num_prompts=1, num_steps=STEPS))
         a.load(decoder=False)
         passes = calibration_passes(a, trajectory)
@@ -134,6 +134,8 @@ def test_run_exports_one_comfyui_file_per_expert_that_verify_passes(random_tiny_
     assert 0 < hi["rel_l2_at_its_last_step"] < lo["rel_l2_at_its_last_step"] < 0.5
     assert "### high_noise" in (tmp_path / "report.md").read_text()
     assert len([r for r in report["layers"] if r["name"].startswith("low_noise/")]) == 26
+    from safetensors import safe_open
+
     from ptq.tools.verify import verify_file
 
     for name, component in zip(files, ("transformer", "transformer_2")):
@@ -142,9 +144,12 @@ def test_run_exports_one_comfyui_file_per_expert_that_verify_passes(random_tiny_
         assert rep.load_detail.startswith("all 69") and len(rep.layers) == 20
         assert verify_file(tmp_path / name, str(random_tiny_moe_dir), component=component,
                            check_load=False).ok
-    # the low-noise file against the high-noise expert's weights: every layer's output error is far off
+    # the low-noise file against the high-noise expert: its recorded source sha256 is transformer_2's
     wrong = verify_file(tmp_path / files[1], str(random_tiny_moe_dir), component="transformer", check_load=False)
-    assert not wrong.ok and sum(not c.ok for c in wrong.layers) >= 15
+    assert not wrong.ok and "wrong model" in wrong.problems[0]
+    with safe_open(str(tmp_path / files[1]), "pt") as f:
+        meta = f.metadata()
+    assert (meta["ptq_expert"], meta["ptq_component"]) == ("low_noise", "transformer_2")
     from ptq.export.diffusers_bfl import load_diffusers_export
 
     low = load_diffusers_export(folder, component="transformer_2")
@@ -176,7 +181,7 @@ def test_few_step_schedule_is_what_calibration_sees(random_tiny_moe_dir: Path) -
     """4 steps, CFG 1, flow-matching Euler (a distilled LoRA's schedule): one forward per step (no uncond pass),
     each expert on its own steps of that schedule."""
     a = TinyWanMoEAdapter(random_tiny_moe_dir, scheduler="FlowMatchEulerDiscreteScheduler", flow_shift=5.0)
-    ps = _prompt_set(a, ["a red circle moving left"], a.encode_prompts(["a red circle moving left"]),
+    ps = make_prompt_set(a, ["a red circle moving left"], a.encode_prompts(["a red circle moving left"]),
                      a.encode_prompts([""]), SamplingConfig(num_prompts=1, num_steps=4, guidance_scale=1.0,
                                                             guidance_scale_2=1.0))
     a.load(decoder=False)

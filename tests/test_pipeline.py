@@ -88,7 +88,7 @@ def test_image_to_video_pins_the_first_frame(random_tiny_dir: Path, tmp_path: Pa
 
     from ptq.config import SamplingConfig
     from ptq.models.tiny_wan.adapter import TinyWanAdapter
-    from ptq.pipeline.job import _prompt_set
+    from ptq.pipeline.job import make_prompt_set
     from ptq.pipeline.prompts import load_images
     from ptq.pipeline.sampling import sample_prompts
 
@@ -98,7 +98,7 @@ def test_image_to_video_pins_the_first_frame(random_tiny_dir: Path, tmp_path: Pa
     emb, neg = adapter.encode_prompts(["a red circle moving left"]), adapter.encode_prompts([""])
     adapter.load()
     cfg = SamplingConfig(num_prompts=1, num_steps=3, images=[str(img)])
-    out = sample_prompts(adapter, _prompt_set(adapter, ["a red circle moving left"], emb, neg, cfg), desc="i2v",
+    out = sample_prompts(adapter, make_prompt_set(adapter, ["a red circle moving left"], emb, neg, cfg), desc="i2v",
                          progress=False, keep_steps=True)
 
     cond = adapter.encode_condition(load_images([str(img)], 64, 64)[0])
@@ -139,3 +139,24 @@ def test_sequential_gptq_run(random_tiny_dir: Path, tmp_path: Path) -> None:
     assert report["num_quantized_layers"] == 50 and report["run"]["recipe"]["weight"] == "gptq_max"
     assert all(e["verified"] for e in report["exports"] if not e["skipped"])
     assert report["accuracy"]["mean_final"]["rel_l2"] < 0.5
+
+
+def test_same_seed_same_bytes_and_no_local_paths(run_dir: Path, random_tiny_dir: Path, tmp_path: Path) -> None:
+    """A second same-seed run writes byte-identical files (sha256), and no file records an absolute local path:
+    the source model is its folder name plus a content hash of its transformer weights."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    proc = _run(["run", "config=tiny_nvfp4", f"model.path={random_tiny_dir}", f"hydra.run.dir={tmp_path}",
+                 f"eval.cache_dir={run_dir / 'cache'}", *FAST], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = ["model_comfyui.safetensors", "model_diffusers/transformer/diffusion_pytorch_model_bfl.safetensors"]
+    for name in files:
+        a, b = (hashlib.sha256((d / name).read_bytes()).hexdigest() for d in (run_dir, tmp_path))
+        assert a == b, name
+        with safe_open(str(tmp_path / name), "pt") as f:
+            meta = f.metadata()
+        assert meta["ptq_source_model"] == random_tiny_dir.name and len(meta["ptq_source_sha256"]) == 64
+        assert not any(str(Path.home()) in v or "/tmp" in v or str(random_tiny_dir) in v for v in meta.values())
+    assert "ptq run finished" in proc.stdout and "verified bit-exact" in proc.stdout

@@ -213,7 +213,7 @@ class QuantLinear(nn.Module):
             y = torch.addmm(bias, q, self.weight_values.t(), beta=1, alpha=self._alpha)
         else:  # per-channel weight scale: per-column epilogue in fp32
             acc = _exact_matmul(q, self.weight_values)
-            y = (acc * (self.input_scale * self._weight_alpha().reshape(1, -1)) + bias.float()).to(torch.bfloat16)
+            y = (acc * (self.input_scale * self.weight_alpha().reshape(1, -1)) + bias.float()).to(torch.bfloat16)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     @property
@@ -229,7 +229,8 @@ class QuantLinear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.state().dequantized_weight(dtype)
 
-    def _weight_alpha(self) -> torch.Tensor:
+    def weight_alpha(self) -> torch.Tensor:
+        """The weight's factor of the simulated GEMM's epilogue (float32 ``[]`` or ``[out]``)."""
         return self.fmt.gemm_alpha(self._qweight())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -240,7 +241,7 @@ class QuantLinear(nn.Module):
             w = self.dequantized_weight(out_dtype)
             return F.linear(x, w, None if self.bias is None else self.bias.to(out_dtype))
         xv = self.fmt.activation_values(x, self.input_scale, mode=self.fp8_act_mode)
-        y = _exact_matmul(xv, self.weight_values) * (self.input_scale * self._weight_alpha())
+        y = _exact_matmul(xv, self.weight_values) * (self.input_scale * self.weight_alpha())
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(out_dtype)

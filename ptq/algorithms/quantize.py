@@ -45,6 +45,7 @@ class LayerRecord:
     weight_rel_error: float | None = None  # ||W - deq(W)|| / ||W||
     bits_per_weight: float = 16.0
     reason: str = ""
+    dtype: str = ""  # storage dtype of a kept layer ("bfloat16", "float32")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,7 +54,8 @@ class LayerRecord:
 def kept_record(name: str, module: nn.Linear, reason: str) -> LayerRecord:
     """The record of a Linear left unquantized."""
     return LayerRecord(name, KEEP, False, module.in_features, module.out_features,
-                       bits_per_weight=float(module.weight.element_size() * 8), reason=reason)
+                       bits_per_weight=float(module.weight.element_size() * 8), reason=reason,
+                       dtype=str(module.weight.dtype).removeprefix("torch."))
 
 
 def num_blocks(model: nn.Module, rules: LayerRules | None = None) -> int:

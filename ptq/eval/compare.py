@@ -86,18 +86,30 @@ def write_leaderboard(rows: list[dict[str, Any]], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     pts = [r for r in rows if r["rel_l2"] is not None]
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    markers = {"nvfp4": "o", "fp8": "s"}
+    for fmt in sorted({str(r["format"]) for r in pts}):
+        sel = [r for r in pts if str(r["format"]) == fmt]
+        ax.scatter([r["bits_per_weight"] for r in sel], [r["rel_l2"] for r in sel], s=45,
+                   marker=markers.get(fmt, "^"), label=fmt, zorder=3)
     for r in pts:
-        x = r["bits_per_weight"]
-        ax.scatter(x, r["rel_l2"], s=30)
-        ax.annotate(r["run"][:40], (x, r["rel_l2"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("bits per Linear weight (incl. scales)")
-    ax.set_ylabel("final latent rel. L2 vs bf16")
+        ax.annotate(r["run"][:48], (r["bits_per_weight"], r["rel_l2"]), fontsize=8, xytext=(4, 4),
+                    textcoords="offset points")
+    ax.set_xlabel("bits per weight over all Linear layers (quantized: codes + scales; kept: their dtype)", fontsize=10)
+    ax.set_ylabel("final-latent rel. L2 vs bf16 (lower is better)", fontsize=10)
     ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.set_title("size vs error")
+    from matplotlib.ticker import FormatStrFormatter
+
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%.2f"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2f"))
+    ax.tick_params(labelsize=9)
+    ax.tick_params(which="minor", labelsize=8)
+    ax.grid(alpha=0.3, which="both")
+    if pts:
+        ax.legend(title="format", fontsize=9)
+    ax.set_title(f"size vs error ({len(pts)} runs)", fontsize=11)
     fig.tight_layout()
-    fig.savefig(out / "size_vs_error.png", dpi=120)
+    fig.savefig(out / "size_vs_error.png", dpi=150)
     plt.close(fig)
 
 

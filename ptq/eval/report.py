@@ -12,8 +12,12 @@ from typing import Any
 import torch
 
 from ptq.algorithms.recipe import KEEP
+from ptq.eval.anchors import meaning_markdown
 from ptq.eval.experts import experts_markdown
 from ptq.eval.metrics import latent_metrics, psnr, ssim
+
+#: How a kept layer's dtype is shown.
+_DTYPE_NAMES = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
 
 
 def _finite(x: float) -> float | None:
@@ -81,18 +85,31 @@ def _plot_layers(path: Path, records: list[Any]) -> None:
     plt.close(fig)
 
 
-def _frames_png(path: Path, ref: torch.Tensor, test: torch.Tensor, max_frames: int = 5) -> None:
-    """Top row: bf16 frames; bottom row: quantized frames (``[F, H, W, 3]`` in [0, 1])."""
-    from PIL import Image
+def _frames_png(path: Path, ref: torch.Tensor, test: torch.Tensor, *, prompt: str = "", label: str = "quantized",
+                max_frames: int = 5) -> None:
+    """A labelled grid: top row the bf16 frames, bottom row the quantized ones (``[F, H, W, 3]`` in [0, 1]), the
+    frame index above each column and the prompt as title."""
+    import matplotlib
 
-    idx = torch.linspace(0, ref.shape[0] - 1, min(max_frames, ref.shape[0])).round().long()
-    top = torch.cat([ref[i] for i in idx], dim=1)
-    bottom = torch.cat([test[i] for i in idx], dim=1)
-    grid = (torch.cat([top, bottom], dim=0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-    img = Image.fromarray(grid)
-    if img.height < 256:  # upscale small videos so they are visible
-        img = img.resize((img.width * 4, img.height * 4), Image.NEAREST)
-    img.save(path)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    idx = torch.linspace(0, ref.shape[0] - 1, min(max_frames, ref.shape[0])).round().long().tolist()
+    fig, axes = plt.subplots(2, len(idx), figsize=(1.9 * len(idx) + 0.8, 4.3), squeeze=False)
+    for col, i in enumerate(idx):
+        for row, (video, name) in enumerate(((ref, "bf16"), (test, label))):
+            ax = axes[row][col]
+            ax.imshow(video[i].clamp(0, 1).numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(f"frame {i}", fontsize=9)
+            if col == 0:
+                ax.set_ylabel(name, fontsize=9)
+    fig.suptitle(prompt if len(prompt) <= 90 else prompt[:87] + "...", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def write_report(out_dir: Path, *, run_info: dict[str, Any], records: list[Any],
@@ -110,6 +127,7 @@ def write_report(out_dir: Path, *, run_info: dict[str, Any], records: list[Any],
                               "layers": [r.to_dict() for r in records], "exports": [asdict(e) for e in exports]}
     quantized_records = [r for r in records if r.format != KEEP]
     report["num_quantized_layers"] = len(quantized_records)
+    report["bits_per_quantized_weight"] = bits_per_weight(quantized_records)
     report["num_linear_layers"] = len(records)
     images: list[str] = []
     if baseline is not None and quantized is not None:
@@ -119,11 +137,13 @@ def write_report(out_dir: Path, *, run_info: dict[str, Any], records: list[Any],
         images.append("error_over_steps.png")
         if decode is not None:
             frames = []
+            label = run_info.get("recipe_title") or "quantized"
             for i, (b, q) in enumerate(zip(baseline, quantized)):
                 fb, fq = decode(b["final"]), decode(q["final"])
                 frames.append({"psnr": _finite(psnr(fb, fq, data_range=1.0)), "ssim": ssim(fb, fq)})
                 name = f"frames_prompt{i}.png"
-                _frames_png(out_dir / name, fb, fq)
+                prompt = (eval_prompts or [""] * (i + 1))[i]
+                _frames_png(out_dir / name, fb, fq, prompt=f"prompt {i}: {prompt}", label=label)
                 images.append(name)
             report["frames"] = frames
             vals = [f["psnr"] for f in frames if f["psnr"] is not None]
@@ -147,12 +167,16 @@ def render_markdown(report: dict[str, Any]) -> str:
     """Human-readable report."""
     run = report["run"]
     recipe = run.get("recipe", {})
-    lines = [f"# ptq report: {run.get('preset') or recipe.get('format')}", ""]
-    lines += [f"- model: `{run['model']}` ({run['dtype']} on {run['device']})",
-              f"- recipe: format={recipe.get('format')} weight_only={recipe.get('weight_only')} "
-              f"activation={recipe.get('activation')} weight={recipe.get('weight')}",
-              f"- quantized Linears: {report['num_quantized_layers']} / {report['num_linear_layers']}, "
-              f"{report['bits_per_weight']:.2f} bits per Linear weight",
+    name = run.get("recipe_name")
+    title = run.get("recipe_title") or recipe.get("format")
+    lines = [f"# ptq report: {run.get('preset', '')} / {name or title}", ""]
+    lines += [f"- model: `{run.get('source_model') or run['model']}` ({run['dtype']} on {run['device']})",
+              f"- recipe: `{name or 'custom'}` = {title} (format={recipe.get('format')} "
+              f"weight={recipe.get('weight')} activation={recipe.get('activation')}"
+              f"{', weight-only' if recipe.get('weight_only') else ''})",
+              f"- quantized Linears: {report['num_quantized_layers']} of {report['num_linear_layers']}; storage "
+              f"{report.get('bits_per_quantized_weight', 0.0):.2f} bits per weight over the quantized layers (codes + "
+              f"scales), {report['bits_per_weight']:.2f} over all Linear layers (kept layers at their dtype's width)",
               f"- calibration: {run['calib_prompts']} prompts, spec {run['calib_spec']}",
               f"- evaluation: {run['eval_prompts']} held-out prompts, spec {run['eval_spec']}"]
     if run.get("peak_gpu_gib") is not None:
@@ -173,8 +197,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report.get("frames"):
         fm = report["frames_mean"]
         lines += ["", "## Decoded frames", "", f"mean frame PSNR {fm['psnr']:.2f} dB, SSIM {fm['ssim']:.4f} "
-                  "(top row bf16, bottom row quantized)", ""]
+                  "(in each image: top row bf16, bottom row quantized; frame index above each column)", ""]
         lines += [f"![prompt {i}](frames_prompt{i}.png)" for i in range(len(report["frames"]))]
+    if acc:
+        lines += meaning_markdown(run.get("source_model") or "", name, acc["mean_final"]["rel_l2"])
     if report.get("sensitivity"):
         lines += sensitivity_markdown(report["sensitivity"], report["layers"])
     lines += experts_markdown(report, sensitivity_markdown)
@@ -192,7 +218,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         return "" if v is None else format(v, spec)
 
     for r in report["layers"]:
-        lines.append(f"| {r['name']} | {r['format']}{' (W only)' if r['weight_only'] else ''} | "
+        shown = _DTYPE_NAMES.get(r.get("dtype") or "", r["format"]) if r["format"] == KEEP else r["format"]
+        lines.append(f"| {r['name']} | {shown}{' (W only)' if r['weight_only'] else ''} | "
                      f"{fmt(r['weight_rel_error'], '.4f')} | {fmt(r['input_amax'], '.3g')} | "
                      f"{fmt(r['clip_ratio'], '.3f')} | {fmt(r['input_scale'], '.3g')} | "
                      f"{r['bits_per_weight']:.2f} | {r['reason']} |")

@@ -85,6 +85,18 @@ class ModelAdapter(ABC):
 
     root: Path
 
+    @classmethod
+    def resolve(cls, path: Any) -> Path:
+        """The model folder for ``path`` (raise :class:`ModelLoadError` when there is none)."""
+        if path is None:
+            raise ModelLoadError("model.path is not set")
+        return Path(path)
+
+    @classmethod
+    def missing_parts(cls, root: Path) -> list[str]:
+        """Parts (sub-folders, files) a usable model folder needs that ``root`` lacks."""
+        return []
+
     # -- identity -------------------------------------------------------------------------------------------
     @property
     @abstractmethod
@@ -182,6 +194,10 @@ class ModelAdapter(ABC):
 
     def export_info(self) -> dict[str, Any]:
         """Extra header metadata of every export (e.g. the merged LoRAs); str -> JSON-able."""
+        return {}
+
+    def export_metadata(self, target_name: str) -> dict[str, Any]:
+        """Header metadata of the exports of one target (several targets: which one it is)."""
         return {}
 
     def module_config(self, target_name: str) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import torch
 
 from ptq.eval.experts import expert_records, expert_sections
 from ptq.eval.report import write_report
+from ptq.eval.summary import run_summary
 from ptq.models import get_adapter
 from ptq.models.base import ModelAdapter
 from ptq.models.cpu_matmul import Float32LinearOnCPU
@@ -99,14 +101,15 @@ def negative_prompt(adapter: ModelAdapter, cfg: SamplingConfig) -> str:
     return str(adapter.sample_defaults.get("negative_prompt") or "")
 
 
-def run_job(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
-    """The whole job; returns the report dict (also written to ``out_dir``)."""
+def run_job(cfg: RunConfig, out_dir: Path, *, recipe_name: str | None = None) -> dict[str, Any]:
+    """The whole job; returns the report dict (also written to ``out_dir``). ``recipe_name``: the recipe's preset
+    name (``quant=NAME``) when it was used unchanged, for the report's title and reference numbers."""
     fast_cpu = pick_device(cfg.model.device).type == "cpu" and cfg.model.cpu_float32_linear
     with Float32LinearOnCPU() if fast_cpu else contextlib.nullcontext():
-        return _run(cfg, out_dir)
+        return _run(cfg, out_dir, recipe_name)
 
 
-def _prompt_set(adapter: ModelAdapter, prompts: list[str], embeds: torch.Tensor, negative: torch.Tensor,
+def make_prompt_set(adapter: ModelAdapter, prompts: list[str], embeds: torch.Tensor, negative: torch.Tensor,
                 cfg: SamplingConfig) -> PromptSet:
     specs = sample_specs(adapter, cfg, len(prompts))
     images = load_images(list(cfg.images), specs[0].height, specs[0].width) if cfg.images else []
@@ -127,13 +130,17 @@ def model_run_info(adapter: ModelAdapter, cfg: RunConfig, calib: PromptSet, eval
     return out
 
 
-def _run(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
+def _run(cfg: RunConfig, out_dir: Path, recipe_name: str | None) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     timer = PhaseTimer()
     device = pick_device(cfg.model.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     adapter = open_adapter(cfg)
+    # sha256 of the weights the exports record as their source: read in the background (GBs for a real model)
+    hasher = ThreadPoolExecutor(1, thread_name_prefix="ptq-hash")
+    source_hash = hasher.submit(adapter.content_hash, Path(cfg.eval.cache_dir))
+    hasher.shutdown(wait=False)
     calib_prompts = load_prompts(cfg.calib, "calib")
     eval_prompts = load_prompts(cfg.eval, "eval") if cfg.eval.enabled else []
     log.info("model %s on %s (%s); %d calibration / %d eval prompts", adapter.root, device, cfg.model.dtype,
@@ -147,8 +154,8 @@ def _run(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
         adapter.free_text_encoder()
     with timer("load_model"):
         adapter.load(decoder=bool(cfg.eval.decode or cfg.eval.images or cfg.calib.images))
-    calib = _prompt_set(adapter, calib_prompts, calib_emb, neg_calib, cfg.calib)
-    evals = _prompt_set(adapter, eval_prompts, eval_emb, neg_eval, cfg.eval) if eval_prompts else None
+    calib = make_prompt_set(adapter, calib_prompts, calib_emb, neg_calib, cfg.calib)
+    evals = make_prompt_set(adapter, eval_prompts, eval_emb, neg_eval, cfg.eval) if eval_prompts else None
 
     baseline = cache_file = None
     if evals is not None:
@@ -194,16 +201,17 @@ def _run(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
             quant_results = stages.evaluate(adapter, evals, desc=f"eval ({recipe.format})", progress=cfg.progress,
                                             cuda_graphs=cfg.model.cuda_graphs)
     with timer("export"):
-        source = {"ptq_source_model": adapter.display_name,
-                  "ptq_source_sha256": adapter.content_hash(Path(cfg.eval.cache_dir)), **adapter.export_info()}
+        source = {"ptq_source_model": adapter.display_name, "ptq_source_sha256": source_hash.result(),
+                  **adapter.export_info()}
         exports = stages.export(adapter, cfg.export, out_dir, metadata=source, progress=cfg.progress)
 
     target = next(iter(adapter.targets()))
     used = recipes[target]
     peak = timer.peak() if device.type == "cuda" else None
     run_info = {
-        "preset": cfg.preset, "model": str(adapter.root), "adapter": adapter.name, "device": str(device),
-        "dtype": cfg.model.dtype, "recipe": used.summary(), "recipe_config": asdict(used),
+        "preset": cfg.preset, "model": str(adapter.root), "source_model": adapter.display_name,
+        "adapter": adapter.name, "device": str(device), "dtype": cfg.model.dtype, "recipe_name": recipe_name,
+        "recipe_title": used.title(), "recipe": used.summary(), "recipe_config": asdict(used),
         "calib_prompts": len(calib_prompts), "eval_prompts": len(eval_prompts),
         "calib_spec": asdict(calib.specs[0]), "eval_spec": asdict(evals.specs[0]) if evals is not None else None,
         "baseline_cache": str(cache_file) if cache_file else None, "peak_gpu_gib": peak,
@@ -221,4 +229,6 @@ def _run(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
                               experts=expert_sections(run_info, records, analyses, baseline, quant_results)
                               if multi else None)
     log.info("wrote %s", out_dir / "report.md")
+    if cfg.progress or cfg.log_level != "WARNING":
+        print(run_summary(report, out_dir), flush=True)
     return report

@@ -214,7 +214,7 @@ def export(adapter: ModelAdapter, cfg: Any, out_dir: Path, *, metadata: dict[str
                             stem=cfg.filename.replace("{expert}", adapter.export_stem(name)), key_maps=key_maps)
     results = []
     for name, target in targets.items():
-        meta = {**metadata, "ptq_expert": name, "ptq_component": adapter.export_component(name)}
+        meta = {**metadata, **adapter.export_metadata(name)}
         for t in cfg.targets:
             one = copy.copy(cfg)
             one.targets = [t]

@@ -166,7 +166,8 @@ class LayerInfo:
 
 @dataclass
 class Problem:
-    """A diagnosed problem: stable ``code``, ``severity`` ("error" / "warning"), affected layers, and a fix."""
+    """A diagnosed problem: stable ``code``, ``severity`` ("error" / "warning"), affected layers (``layers``: the
+    first five, as the text output shows them; ``all_layers``: every one, as ``--json`` writes them), and a fix."""
 
     code: str
     severity: str
@@ -174,6 +175,7 @@ class Problem:
     fix: str
     layers: list[str] = field(default_factory=list)
     count: int = 0
+    all_layers: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -232,6 +234,8 @@ def to_dict(obj: Any) -> Any:
             }
         if isinstance(obj, LayerInfo):
             out["quantized"] = obj.quantized
+        if isinstance(obj, Problem):  # JSON lists every affected layer
+            out["layers"] = out.pop("all_layers") or out["layers"]
         return out
     if isinstance(obj, dict):
         return {str(k): to_dict(v) for k, v in obj.items()}
@@ -273,7 +277,7 @@ class _Inspector:
     # ---- helpers
     def problem(self, code: str, severity: str, layers: Iterable[str], message: str, fix: str) -> None:
         names = sorted(set(layers), key=_natural_key)
-        self.problems.append(Problem(code, severity, message, fix, names[:5], len(names)))
+        self.problems.append(Problem(code, severity, message, fix, names[:5], len(names), names))
 
     def load(self, name: str) -> torch.Tensor | None:
         """Tensor ``name`` within the value budget (``None`` when over budget, unreadable or no reader)."""
@@ -954,6 +958,9 @@ class _Inspector:
         )
 
     def _check_sensitive(self, layers: list[LayerInfo], arch: Architecture) -> None:
+        """Warn about quantized embeddings / output head (small layers that dominate the error). Quantized first or
+        last blocks are ptq's default and usually fine (calibrated; the report measures them), so they are not a
+        problem on their own."""
         if arch.family != "wan":
             return
         hits: list[str] = []
@@ -962,7 +969,7 @@ class _Inspector:
             if not li.quantized:
                 continue
             kind = sensitive_layer_kind(li.canonical, arch.num_layers)
-            if kind:
+            if kind and kind not in ("first block", "last block"):
                 hits.append(li.name)
                 kinds.add(kind)
         if hits:
@@ -972,10 +979,9 @@ class _Inspector:
                 hits,
                 f"quantized layers that are usually kept in bf16 ({', '.join(sorted(kinds))}): they are small, see "
                 "every token / the timestep signal, and dominate the quantization error.",
-                "keep patch_embedding, text/time embeddings, time_projection, head.head and the first/last blocks "
-                "in bf16 unless verify shows the loss is acceptable (ptq: quant.exclude keeps patch_embedding, "
-                "condition_embedder.* and proj_out by default; add quant.keep_first_blocks=1 "
-                "quant.keep_last_blocks=1 for the blocks)",
+                "keep patch_embedding, text/time embeddings, time_projection and head.head in bf16 unless verify "
+                "shows the loss is acceptable (ptq keeps patch_embedding, condition_embedder.* and proj_out by "
+                "default: quant.layers.exclude)",
             )
 
     def _batch_float_check(

@@ -18,12 +18,17 @@ from ptq.tools.safetensors_header import HeaderError, read_header
 __all__ = ["build_parser", "format_diff", "format_report", "main"]
 
 
+#: Affected layers named per problem in the text output (``--json`` lists all).
+PROBLEM_LAYERS_SHOWN = 5
+
+
 def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
+    """Bytes in binary units (KiB, MiB, GiB: one unit system everywhere in ptq's file tools)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
-    return f"{n:.2f} GB"
+    return f"{n:.2f} GiB"
 
 
 def _params(n: int) -> str:
@@ -117,8 +122,9 @@ def format_report(report: InspectReport, max_layers: int = 20) -> str:
         lines.append(f"  [{p.severity}] {p.code}")
         lines.append(f"      {p.message}")
         if p.count:
-            more = f" ... (+{p.count - len(p.layers)} more)" if p.count > len(p.layers) else ""
-            lines.append(f"      affects {p.count}: {', '.join(p.layers)}{more}")
+            first = (p.all_layers or p.layers)[:PROBLEM_LAYERS_SHOWN]
+            more = f" ... (+{p.count - len(first)} more; --json lists all)" if p.count > len(first) else ""
+            lines.append(f"      affects {p.count}: {', '.join(first)}{more}")
         lines.append(f"      fix: {p.fix}")
     if not report.problems:
         lines.append("  none")

@@ -15,6 +15,7 @@ For every quantized Linear of the file:
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,6 +190,8 @@ def capture_linear_inputs(
 def model_component(path: str | Path, metadata: dict[str, str], root: Path, component: str | None) -> str:
     """Which component of the model folder a file holds: ``component`` if given, else the file's ``ptq_component``
     header entry, else ``transformer_2`` for a ``*low_noise*`` file of a two-expert folder, else ``transformer``."""
+    from ptq.models.base import ModelLoadError
+
     if component:
         chosen = component
     elif metadata.get("ptq_component"):
@@ -198,19 +201,37 @@ def model_component(path: str | Path, metadata: dict[str, str], root: Path, comp
     else:
         chosen = "transformer"
     if not (root / chosen / "config.json").is_file():
-        raise FileNotFoundError(f"{root} has no {chosen}/config.json (the component {Path(path).name} holds)")
+        raise ModelLoadError(f"--model: {root} has no {chosen}/config.json (the component {Path(path).name} holds; "
+                             "--component names another)")
     return chosen
 
 
-def resolve_model_root(model_path: str | None) -> Path:
-    """The bf16 model folder: ``model_path`` (folder or hub id), the packaged tiny model for None, the packaged
-    two-expert tiny model for ``tiny_wan_moe``."""
-    from ptq.models.tiny_wan.adapter import TinyWanAdapter
+def _cache_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("PTQ_CACHE_DIR", ".ptq_cache"))
+
+
+def transformer_folder(model_path: str | os.PathLike[str] | None, *, file: str | Path = "",
+                       metadata: dict[str, str] | None = None, component: str | None = None) -> Path:
+    """The transformer folder of ``--model``: a diffusers model folder (its ``transformer/``, or the component the
+    file holds, see :func:`model_component`), the transformer folder itself (``config.json`` + weights), a hub id in
+    the HF cache, None for the packaged tiny model, ``tiny_wan_moe`` for the packaged two-expert one."""
+    from ptq.models.base import ModelLoadError
+    from ptq.models.tiny_wan.model import TINY_WAN_PATH
     from ptq.models.tiny_wan.moe_adapter import TinyWanMoEAdapter
+    from ptq.models.wan import loading
 
     if model_path in ("tiny_moe", "tiny_wan_moe"):
-        return TinyWanMoEAdapter.resolve(model_path)
-    return TinyWanAdapter.resolve(model_path)
+        root = TinyWanMoEAdapter.resolve(model_path)
+    else:
+        root = TINY_WAN_PATH if model_path is None else loading.resolve_model_path(model_path, key="--model")
+    if (root / "transformer" / "config.json").is_file():
+        return root / model_component(file, metadata or {}, root, component)
+    if (root / "config.json").is_file():
+        return root
+    raise ModelLoadError(f"--model={str(model_path)!r} ({root}) has neither transformer/config.json nor config.json: "
+                         "pass the diffusers model folder or its transformer folder")
 
 
 def verify_file(
@@ -225,6 +246,8 @@ def verify_file(
     """Verify ``path`` against the bf16 model at ``model_path`` (diffusers folder, hub id in the HF cache, or
     None for the packaged tiny model); ``component``: the folder's transformer the file holds (default: from the
     file, see :func:`model_component`). Raises HeaderError for unreadable files."""
+    from diffusers import WanTransformer3DModel
+
     from ptq.models.wan import loading
     from ptq.tools.conventions import detect_convention
 
@@ -238,9 +261,19 @@ def verify_file(
     expected = "high_first/tiled" if comfy else "low_first/row_major"
     report = VerifyReport(str(path), conv.name, expected, tolerance)
 
-    root = resolve_model_root(model_path)
-    component = model_component(path, header.metadata, root, component)
-    model = loading.load_transformer(root, device=device, subfolder=component)
+    tdir = transformer_folder(model_path, file=path, metadata=header.metadata, component=component)
+    recorded = header.metadata.get("ptq_source_sha256")
+    if recorded:
+        actual = loading.transformer_content_hash(tdir.parent, _cache_dir(), component=tdir.name)
+        if actual != recorded:
+            source = header.metadata.get("ptq_source_model", "?")
+            report.problems.append(
+                f"wrong model: the file was made from {source!r} (transformer sha256 {recorded[:12]}), --model "
+                f"{str(model_path) if model_path else 'tiny_wan'} has sha256 {actual[:12]}; pass the bf16 model the "
+                "file was quantized from")
+            return report
+    model = WanTransformer3DModel.from_pretrained(tdir, torch_dtype=torch.bfloat16).to(device).eval()
+    model.requires_grad_(False)
     ref_state = model.state_dict()
     prefix = _strip_prefix(list(header.tensors))
     with safe_open(str(path), framework="pt") as f:
@@ -374,7 +407,7 @@ def verify_file(
         if bias is not None:
             dequant_state[f"{dname}.bias"] = bias
     if check_load:
-        _check_diffusers_load(report, root / component, groups, quant_layers, dequant_state)
+        _check_diffusers_load(report, tdir, groups, quant_layers, dequant_state)
     return report
 
 

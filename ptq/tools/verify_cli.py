@@ -11,6 +11,8 @@ from ptq.tools.verify import VerifyReport, verify_file
 
 
 def format_report(r: VerifyReport, max_layers: int = 20) -> str:
+    if r.problems and not r.layers:  # nothing was compared: say why in one line
+        return "\n".join([f"file: {r.path}", *(f"PROBLEM: {p}" for p in r.problems), "RESULT: FAILED"])
     lines = [
         f"file: {r.path}",
         f"convention: {r.convention} (loader reads nvfp4 as {r.expected_packing})",
@@ -56,12 +58,12 @@ def main(argv: list[str]) -> int:
         description="Decode a quantized checkpoint independently and "
         "check it against the bf16 model (layer outputs, packing, diffusers load).",
     )
-    ap.add_argument("file")
+    ap.add_argument("file", help="the quantized .safetensors file (ComfyUI or diffusers/ModelOpt layout)")
     ap.add_argument(
         "--model",
         default=None,
-        help="bf16 model: diffusers folder or hub id (HF cache); default: the packaged tiny WAN model "
-        "(tiny_wan_moe: the packaged two-expert one)",
+        help="the bf16 model the file was made from: its diffusers folder, its transformer folder, or a hub id in "
+        "the HF cache; default: the packaged tiny WAN model (tiny_wan_moe: the packaged two-expert one)",
     )
     ap.add_argument(
         "--component",
@@ -69,10 +71,11 @@ def main(argv: list[str]) -> int:
         help="the folder's transformer the file holds (transformer / transformer_2); default: the file's "
         "ptq_component metadata, else transformer_2 for *low_noise* files of two-expert folders",
     )
-    ap.add_argument("--tolerance", type=float, default=1.5)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--json", action="store_true")
-    ap.add_argument("--max-layers", type=int, default=20)
+    ap.add_argument("--tolerance", type=float, default=1.5,
+                    help="a layer fails when its output error exceeds this many times ptq's own simulation (+1e-3)")
+    ap.add_argument("--device", default="cpu", help="where the bf16 model and the layer checks run (cpu, cuda)")
+    ap.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    ap.add_argument("--max-layers", type=int, default=20, help="rows of the per-layer table")
     args = ap.parse_args(argv)
     try:
         report = verify_file(args.file, args.model, tolerance=args.tolerance, device=args.device,

@@ -54,6 +54,7 @@ class WanAdapter(ModelAdapter):
         self.scheduler_class, self.flow_shift, self.offload = scheduler, flow_shift, bool(offload)
         self.merged_loras: list[dict[str, Any]] = []
         self._conditions: dict[int, tuple[torch.Tensor, sampling.WanImageCondition]] = {}
+        self._component_hashes: dict[str, str] = {}
         self._encoder: loading.WanComponents | None = None
         self.components: loading.WanComponents | None = None
 
@@ -74,9 +75,11 @@ class WanAdapter(ModelAdapter):
         return loading.model_display_name(self.path_arg, self.root)
 
     def content_hash(self, cache_dir: Path | None = None) -> str:
-        """sha256 of the quantized components' files (one component: its hash; several: a hash of theirs)."""
-        hashes = [loading.transformer_content_hash(self.root, cache_dir, c)
-                  for c in self.components_by_target.values()]
+        """sha256 of the quantized components' files (one component: its hash; several: a hash of theirs, and each
+        component's own is recorded in its exports, see :meth:`export_metadata`)."""
+        self._component_hashes = {c: loading.transformer_content_hash(self.root, cache_dir, c)
+                                  for c in self.components_by_target.values()}
+        hashes = list(self._component_hashes.values())
         return hashes[0] if len(hashes) == 1 else hashlib.sha256("".join(hashes).encode()).hexdigest()
 
     def fingerprint(self) -> str:
@@ -244,6 +247,17 @@ class WanAdapter(ModelAdapter):
 
     def export_info(self) -> dict[str, Any]:
         return {"ptq_loras": self.merged_loras} if self.merged_loras else {}
+
+    def export_metadata(self, target_name: str) -> dict[str, Any]:
+        """Two experts: each file names its expert and component, and records its own component's sha256 (what
+        ``ptq verify`` checks against ``--model``)."""
+        if len(self.components_by_target) == 1:
+            return {}
+        c = self.components_by_target[target_name]
+        out: dict[str, Any] = {"ptq_expert": target_name, "ptq_component": c}
+        if c in self._component_hashes:
+            out["ptq_source_sha256"] = self._component_hashes[c]
+        return out
 
     @classmethod
     def target_key(cls, key: str, target: str) -> str:

@@ -8,6 +8,7 @@ import importlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,14 +103,15 @@ def build_random_transformer(
     return model.eval().requires_grad_(False)
 
 
-def resolve_model_path(path: str | os.PathLike[str] | None) -> Path:
-    """A local diffusers folder, or a hub id found in the local HF cache (offline)."""
+def resolve_model_path(path: str | os.PathLike[str] | None, key: str = "model.path") -> Path:
+    """A local diffusers folder, or a hub id found in the local HF cache (offline). ``key``: how errors name the
+    setting (``model.path``, ``--model``)."""
     if path is None or str(path) == "":
-        raise ModelLoadError("model.path is not set: give a diffusers folder or a hub id")
+        raise ModelLoadError(f"{key} is not set: give a diffusers folder or a hub id")
     p = Path(os.path.expanduser(str(path)))
     if p.exists():
         if not p.is_dir():
-            raise ModelLoadError(f"model.path={path!r} is a file; expected a diffusers folder with transformer/")
+            raise ModelLoadError(f"{key}={path!r} is a file; expected a diffusers folder with transformer/")
         return p
     if str(path).count("/") == 1 and not str(path).startswith((".", "/")):
         try:
@@ -118,11 +120,21 @@ def resolve_model_path(path: str | os.PathLike[str] | None) -> Path:
             return Path(snapshot_download(str(path), local_files_only=True))
         except Exception as exc:  # noqa: BLE001 - any hub error means "not available offline"
             raise ModelLoadError(
-                f"model.path={path!r}: not a local folder, and not found in the Hugging Face cache "
+                f"{key}={path!r}: not a local folder, and not found in the Hugging Face cache "
                 f"(offline: {type(exc).__name__}). Download it on a machine with internet "
-                f"(`huggingface-cli download {path}`) or pass model.path=/local/diffusers/folder."
+                f"(`{_hub_download_command()} {path}`) or pass {key}=/local/diffusers/folder."
             ) from exc
-    raise ModelLoadError(f"model.path={path!r} does not exist")
+    raise ModelLoadError(f"{key}={path!r} does not exist")
+
+
+def _hub_download_command() -> str:
+    """The download command of the installed huggingface_hub: ``hf download`` (>= 0.34), else the older CLI."""
+    try:
+        from huggingface_hub import __version__
+    except ImportError:
+        return "hf download"
+    major, minor = (int(x) for x in re.findall(r"\d+", __version__)[:2])
+    return "hf download" if (major, minor) >= (0, 34) else "huggingface-cli download"
 
 
 def model_display_name(path: str | os.PathLike[str] | None, root: Path) -> str:
