@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 
 from ptq import cli
-from ptq.run import hydra_main
+from ptq.run import CONFIG_DIR, hydra_main
+
+#: every preset, as the error lists them (the WAN family's presets included)
+PRESETS = ", ".join(sorted(p.stem for p in (CONFIG_DIR / "config").glob("*.yaml")))
 
 
 @pytest.mark.parametrize("args,expected", [
@@ -19,7 +22,7 @@ from ptq.run import hydra_main
     (["+quant.activaton=max"], "quant.activaton: no such key"),
     (["calib.num_promts=3"], "calib.num_promts: no such key (did you mean calib.num_prompts?)"),
     (["calib.num_prompts=many"], "calib.num_prompts=many: Value 'many'"),
-    (["config=nope"], "config=nope: no such option; choose one of tiny_fp8, tiny_nvfp4, wan_fp8, wan_nvfp4"),
+    (["config=nope"], f"config=nope: no such option; choose one of {PRESETS}"),
     (["quant=nope"], "quant=nope: no such option; choose one of fp8,"),
     (["model.path=/nonexistent/wan"], "model.path='/nonexistent/wan' does not exist"),
     (["quant/activation=mse"], "needs calib.samples_per_call > 0"),
