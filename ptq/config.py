@@ -63,6 +63,11 @@ def validate_config(cfg: RunConfig) -> None:
     if cfg.calib.expert_trajectory not in TRAJECTORIES:
         raise ValueError(f"calib.expert_trajectory={cfg.calib.expert_trajectory!r}: expected one of "
                          f"{', '.join(TRAJECTORIES)}")
+    from ptq.algorithms.recipe import GPTQWeight
+
+    if cfg.model.offload and isinstance(cfg.quant.weight, GPTQWeight):
+        raise ValueError("model.offload=true with quant/weight=gptq: GPTQ needs the weights on the GPU next to its "
+                         "Hessians; use a round-to-nearest or mse weight method, or model.offload=false")
     for i, lora in enumerate(cfg.model.loras):
         if not lora.path:
             raise ValueError(f"model.loras[{i}].path is empty: give the LoRA's .safetensors file")

@@ -65,3 +65,9 @@ def test_tiny_family_presets_compose(preset: str, adapter: str) -> None:
     assert cfg.model.adapter == adapter and cfg.preset == preset
     for img in cfg.calib.images + cfg.eval.images:
         assert resolve_data_path(img).is_file()
+
+
+def test_offload_with_gptq_is_a_clear_error() -> None:
+    cfg = _compose("config=tiny_moe_nvfp4", "quant=nvfp4_gptq", "model.offload=true")
+    with pytest.raises(ValueError, match="model.offload=true with quant/weight=gptq"):
+        validate_config(cfg)
