@@ -13,6 +13,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 
 from ptq.algorithms.recipe import ACTIVATION_METHODS, WEIGHT_METHODS, QuantRecipe
+from ptq.calibration.hessian_store import HESSIAN_STORAGES
 from ptq.pipeline.settings import (
     CalibConfig,
     DatasetConfig,
@@ -60,5 +61,10 @@ def validate_config(cfg: RunConfig) -> None:
     if cfg.export.unquantized_dtype not in ("bfloat16", "float32"):
         raise ValueError(f"export.unquantized_dtype={cfg.export.unquantized_dtype!r}: expected bfloat16 or float32 "
                          "(float16 breaks WAN: ComfyUI/diffusers expect bf16/fp32 for unquantized tensors)")
+    if cfg.calib.checkpoint_every < 0:
+        raise ValueError(f"calib.checkpoint_every={cfg.calib.checkpoint_every}: expected >= 0 (0 = no checkpoints)")
+    if cfg.calib.hessian_storage not in HESSIAN_STORAGES:
+        raise ValueError(f"calib.hessian_storage={cfg.calib.hessian_storage!r}: expected one of "
+                         f"{', '.join(HESSIAN_STORAGES)}")
     if cfg.quant.needs().samples and cfg.calib.samples_per_call <= 0:
         raise ValueError(f"quant.activation={cfg.quant.activation.label!r} needs calib.samples_per_call > 0")

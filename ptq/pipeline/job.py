@@ -16,7 +16,8 @@ from ptq.eval.report import write_report
 from ptq.models import get_adapter
 from ptq.models.base import ModelAdapter
 from ptq.models.cpu_matmul import Float32LinearOnCPU
-from ptq.pipeline import stages
+from ptq.pipeline import parallel, stages
+from ptq.pipeline.distributed import DistContext, broadcast_object, init_from_env, shutdown
 from ptq.pipeline.prompts import load_images, load_prompts
 from ptq.pipeline.sampling import PromptSet
 from ptq.pipeline.settings import RunConfig, SamplingConfig
@@ -90,6 +91,18 @@ def _prompt_set(adapter: ModelAdapter, prompts: list[str], embeds: torch.Tensor,
 
 
 def _run(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
+    ctx = init_from_env(pick_device(cfg.model.device).type)  # torchrun / accelerate launch: one rank of N
+    try:
+        return _run_ranked(cfg, Path(broadcast_object(ctx, str(out_dir))), ctx)
+    finally:
+        shutdown(ctx)
+
+
+def _run_ranked(cfg: RunConfig, out_dir: Path, ctx: DistContext) -> dict[str, Any]:
+    """The job on one rank (every rank calibrates and evaluates its share of the prompts; rank 0 quantizes,
+    exports and reports, the others return ``{}``)."""
+    if not ctx.is_main:
+        cfg.progress = False
     out_dir.mkdir(parents=True, exist_ok=True)
     timer = PhaseTimer()
     device = pick_device(cfg.model.device)
@@ -120,32 +133,41 @@ def _run(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
         cache_file = stages.baseline_cache_file(cfg.eval.cache_dir, payload)
         with timer("baseline_eval"):
             baseline, cached = stages.bf16_baseline(adapter, evals, cache_file, progress=cfg.progress,
-                                                    cuda_graphs=cfg.model.cuda_graphs)
+                                                    cuda_graphs=cfg.model.cuda_graphs, dist=ctx)
         if cached:
             del timer.seconds["baseline_eval"]
             timer.peak_gib.pop("baseline_eval", None)
 
     recipe = cfg.quant
+    session = parallel.calibration_session(ctx, adapter, recipe, calib, cfg.calib, out_dir, resume=cfg.resume,
+                                           settings={"dtype": cfg.model.dtype, "device": device.type,
+                                                     "cpu_float32_linear": cfg.model.cpu_float32_linear})
     with timer("calibrate"):
         cal = stages.calibrate(adapter, recipe, calib, samples_per_call=cfg.calib.samples_per_call,
-                               seed=cfg.calib.seed, progress=cfg.progress, cuda_graphs=cfg.model.cuda_graphs)
+                               seed=cfg.calib.seed, progress=cfg.progress, cuda_graphs=cfg.model.cuda_graphs,
+                               session=session)
     if not cal.needs.any:
         del timer.seconds["calibrate"]
         timer.peak_gib.pop("calibrate", None)
     recipes = {name: recipe for name in adapter.targets()}
     analyses: dict[str, Any] = {}
-    if recipe.mixed.analyse:
+    records: dict[str, Any] = {}
+    if recipe.mixed.analyse and ctx.is_main:
         with timer("sensitivity"):
             recipes, analyses = stages.analyse(adapter, recipe, cal, progress=cfg.progress)
     with timer("quantize"):
-        records = stages.quantize(adapter, recipes, cal, progress=cfg.progress)
+        if ctx.is_main:
+            records = stages.quantize(adapter, recipes, cal, progress=cfg.progress)
+        parallel.share_quantized(ctx, adapter)
     cal.hessians.clear()  # up to several GB on the GPU
 
     quant_results = None
     if evals is not None:
         with timer("quant_eval"):
             quant_results = stages.evaluate(adapter, evals, desc=f"eval ({recipe.format})", progress=cfg.progress,
-                                            cuda_graphs=cfg.model.cuda_graphs)
+                                            cuda_graphs=cfg.model.cuda_graphs, dist=ctx)
+    if not ctx.is_main:
+        return {}
     with timer("export"):
         source = {"ptq_source_model": adapter.display_name,
                   "ptq_source_sha256": adapter.content_hash(Path(cfg.eval.cache_dir))}
@@ -169,4 +191,6 @@ def _run(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
                               decode=adapter.decode if cfg.eval.decode and adapter.can_decode else None,
                               eval_prompts=eval_prompts, sensitivity=analyses.get(target))
     log.info("wrote %s", out_dir / "report.md")
+    if session.checkpoint is not None and session.checkpoint.is_file() and not cfg.calib.keep_checkpoint:
+        session.checkpoint.unlink()  # the run is complete: nothing left to resume
     return report

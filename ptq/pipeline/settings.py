@@ -64,6 +64,13 @@ class CalibConfig(SamplingConfig):
     """Calibration run: hooks on every Linear over the whole denoising schedule, cond + uncond (CFG)."""
 
     samples_per_call: int = 0  # >0 keeps random |x| samples (needed for activation=percentile/mse)
+    # resumable runs: the statistics are checkpointed to <run dir>/calibration_checkpoint.pt after every N prompts
+    # (0 = never); the checkpoint is deleted when the run succeeds unless keep_checkpoint
+    checkpoint_every: int = 1
+    keep_checkpoint: bool = False
+    # where GPTQ Hessians accumulate: "device", "host" (CPU memory, asynchronous copies) or "auto" (host when they
+    # would take more than 25% of the GPU's memory)
+    hessian_storage: str = "auto"
 
 
 @dataclass
@@ -100,3 +107,6 @@ class RunConfig:
     preset: str = "custom"
     progress: bool = True
     log_level: str = "INFO"
+    # continue a killed run's calibration: null = from the checkpoint in hydra.run.dir if there is one (re-running
+    # into the same folder); true = also from the newest matching one in a sibling run folder; false = start over
+    resume: bool | None = None
