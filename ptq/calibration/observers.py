@@ -29,8 +29,9 @@ import torch
 from torch import nn
 
 from ptq.calibration import cuda_graph
-from ptq.calibration.hessian_store import HessianSum, HostAdder, resolve_storage
+from ptq.calibration.hessian_store import HessianSum, StreamedHostAdder, resolve_storage
 from ptq.formats import triton_quant
+from ptq.formats.fp8 import divide_exact
 
 
 @dataclass
@@ -151,8 +152,8 @@ class LinearInputObserver:
     (float32 ``[in, in]``) for GPTQ; read with :meth:`hessians`. Layers that read the same input tensor (e.g.
     attention q/k/v) share one ``X^T X`` product per call and, with ``share_hessians`` (default), one sum (the
     tensors :meth:`hessians` returns for them are one object). ``hessian_storage``: "device" (the model's device,
-    updated in place, no host sync), "host" (host memory, asynchronous copies; :mod:`ptq.calibration.hessian_store`)
-    or "auto". Memory: ``4 * in_features**2`` bytes per sum (37.7 MB for in=3072, 822 MB for in=14336; twice that
+    updated in place, no host sync), "host" (pinned host memory streamed through the GPU per product;
+    :mod:`ptq.calibration.hessian_store`) or "auto". Memory: ``4 * in_features**2`` bytes per sum (37.7 MB for in=3072, 822 MB for in=14336; twice that
     in prompt mode: the totals and the open prompt's sums).
     """
 
@@ -200,7 +201,7 @@ class LinearInputObserver:
         self._storage = resolve_storage(hessian_storage, next(iter(modules[n].weight.device for n in self.names),
                                                               torch.device("cpu")),
                                         sum(4 * modules[n].in_features ** 2 for n in self._hessian_names))
-        self._adder: HostAdder | None = None
+        self._adder: StreamedHostAdder | None = None
         self._hgroups: dict[str, _HessianGroup] = {}  # by the group's first layer
         self._hgroup_of: dict[str, str] = {}
         self._last_xtx_leader: str | None = None
@@ -318,9 +319,10 @@ class LinearInputObserver:
         self._xtx_key = (weakref.ref(x), x._version)
         return self._last_xtx, True
 
-    def _host_adder(self) -> HostAdder | None:
-        if self._storage == "host" and self._adder is None:
-            self._adder = HostAdder()
+    def _host_adder(self, device: torch.device) -> StreamedHostAdder | None:
+        """The side-stream adder of host-stored sums of CUDA products (None otherwise)."""
+        if self._storage == "host" and device.type == "cuda" and self._adder is None:
+            self._adder = StreamedHostAdder(device)
         return self._adder
 
     def _add_hessian(self, name: str, x: torch.Tensor) -> None:
@@ -333,7 +335,7 @@ class LinearInputObserver:
             leader = self._hgroup_of[name] = self._last_xtx_leader if share else name
             if leader == name:
                 self._hgroups[name] = _HessianGroup([name], HessianSum(xtx.shape, xtx.device, self._storage,
-                                                                       self._host_adder()))
+                                                                       self._host_adder(xtx.device)))
             else:
                 self._hgroups[leader].members.append(name)
         group = self._hgroups[leader]
@@ -542,7 +544,8 @@ class LinearInputObserver:
 
     def hessians(self, *, mean: bool = True) -> dict[str, torch.Tensor]:
         """``name -> H`` float32 ``[in, in]`` for the layers observed with ``hessian``: ``X^T X / tokens`` (mean
-        over the calibration tokens; ``mean=False``: the raw sum). Only layers that were called are present;
+        over the calibration tokens, a correctly rounded division wherever the sum lives; ``mean=False``: the raw
+        sum). Only layers that were called are present;
         layers sharing a sum (and token count) get one tensor object."""
         sums, members, tokens = self._hessian_sums()
         group_of = {n: k for k, ms in members.items() for n in ms}
@@ -557,7 +560,7 @@ class LinearInputObserver:
                 continue
             key = (group_of[name], tokens[name])
             if key not in shared:
-                shared[key] = value / max(tokens[name], 1)
+                shared[key] = divide_exact(value, max(tokens[name], 1))
             out[name] = shared[key]
         return out
 
@@ -574,9 +577,9 @@ class LinearInputObserver:
             value = sums[key].result()
             if len(counts) > 1:  # members seen a different number of times (not siblings after all)
                 for n in called:
-                    out[n] = value / max(tokens[n], 1)
+                    out[n] = divide_exact(value, max(tokens[n], 1))
                 continue
-            value.div_(max(counts.pop(), 1))
+            value.div_(value.new_tensor(float(max(counts.pop(), 1))))  # divide_exact, in place
             for n in called:
                 out[n] = value
         self._htotals, self._hmembers, self._hgroups, self._hgroup_of = {}, {}, {}, {}
@@ -584,7 +587,7 @@ class LinearInputObserver:
         return {n: out[n] for n in tokens if n in out}
 
     def close(self) -> None:
-        """Stop the host-accumulation worker (after its queued additions)."""
+        """Finish queued host additions and free the side stream's buffers."""
         if self._adder is not None:
             self._adder.close()
             self._adder = None
@@ -674,7 +677,7 @@ class LinearInputObserver:
             total = self._htotals.get(key)
             if total is None:
                 dev = self._layer_device(key)
-                total = self._htotals[key] = HessianSum(value.shape, dev, self._storage, self._host_adder())
+                total = self._htotals[key] = HessianSum(value.shape, dev, self._storage)  # added to on the host
                 self._hmembers[key] = list(rec.groups[key])
                 total.set_(value)
             else:
