@@ -106,6 +106,27 @@ def test_quantize_batched_equals_per_layer_and_shares_sibling_hessians() -> None
         assert torch.equal(value.reshape(-1).view(torch.uint8), states[False][key].reshape(-1).view(torch.uint8)), key
 
 
+def test_sensitivity_with_batched_gptq_equals_per_layer() -> None:
+    """The mixed-precision sensitivity analysis precomputes its GPTQ weights in batches: same measured errors."""
+    from ptq.algorithms.sensitivity import measure_sensitivity
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 64))
+    xs = [torch.randn(8, 64) for _ in range(2)]
+    with LinearInputObserver(model, hessian=True) as obs, torch.no_grad():
+        for x in xs:
+            model(x)
+    inputs = [((x,), {}) for x in xs]
+    candidates = {"0": ["nvfp4", "fp8", "bf16"], "2": ["nvfp4", "fp8", "bf16"]}
+    errors = []
+    for batched in (True, False):
+        recipe = QuantRecipe(format="nvfp4", weight=GPTQWeight(scales="mse", batched=batched))
+        rep = measure_sensitivity(model, inputs, candidates, recipe, obs.stats(), obs.hessians(), blocks=False,
+                                  progress=False)
+        errors.append(rep.layer_error)
+    assert errors[0] == errors[1] and errors[0]["0"]["nvfp4"] > errors[0]["0"]["fp8"] > 0
+
+
 def test_batched_errors_name_the_layer() -> None:
     weights, hessians = _layers()
     with pytest.raises(ValueError, match="up: weight method 'gptq' needs the layer's input Hessian"):

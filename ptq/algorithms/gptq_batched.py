@@ -257,21 +257,23 @@ def _prepare_batch(names: list[str], weights: Mapping[str, torch.Tensor], hessia
     """Stack the batch's weights, factor each distinct Hessian once (``gptq.prepare_hessian`` +
     ``gptq.inverse_cholesky_upper``, as the per-layer path) and choose the initial scales per layer."""
     dev = weights[names[0]].device
+    rows, cols = weights[names[0]].shape
     order: dict[tuple, int] = {}
-    hinvs, diags = [], []
     for name in names:
-        if keys[name] not in order:
-            order[keys[name]] = len(order)
-            H = gptq.prepare_hessian(hessians[name].to(dev), cfg.damp)
-            diags.append(torch.diagonal(H).clone())
-            hinvs.append(gptq.inverse_cholesky_upper(H, cfg.damp))
-            del H
+        order.setdefault(keys[name], len(order))
+    hinv = torch.empty(len(order), cols, cols, dtype=torch.float32, device=dev)
+    diag = torch.empty(len(order), cols, dtype=torch.float32, device=dev)
+    first = {u: next(n for n in names if order[keys[n]] == u) for u in range(len(order))}
+    for u, name in first.items():  # one factorisation per distinct Hessian (streamed to the device one at a time)
+        H = gptq.prepare_hessian(hessians[name].to(dev), cfg.damp)
+        diag[u] = torch.diagonal(H)
+        hinv[u] = gptq.inverse_cholesky_upper(H, cfg.damp)
+        del H
     hidx = [order[keys[n]] for n in names]
-    W = torch.stack([weights[n].detach().float() for n in names])
-    batch = _Batch(names, W, hidx, torch.tensor(hidx, dtype=torch.int64, device=dev), torch.stack(hinvs),
-                   torch.stack(diags))
-    del hinvs
-    rows, cols = W.shape[1:]
+    W = torch.empty(len(names), rows, cols, dtype=torch.float32, device=dev)
+    for k, name in enumerate(names):
+        W[k] = weights[name].detach()
+    batch = _Batch(names, W, hidx, torch.tensor(hidx, dtype=torch.int64, device=dev), hinv, diag)
     if fmt.name == NVFP4.name:
         gs = [gptq.nvfp4_initial_scales(W[k], cfg.scales, batch.diag[u], 8)[0] for k, u in enumerate(hidx)]
         batch.g = torch.stack(gs).reshape(-1, 1)
@@ -297,9 +299,9 @@ def _prepare_batch(names: list[str], weights: Mapping[str, torch.Tensor], hessia
 def _results(batch: _Batch, fmt: NumberFormat) -> dict[str, QuantizedWeight]:
     out = {}
     for k, name in enumerate(batch.names):
-        if fmt.name == NVFP4.name:
+        if fmt.name == NVFP4.name:  # packing copies the codes
             assert batch.S is not None and batch.g is not None
-            out[name] = fmt.from_codes(batch.codes[k].clone(), batch.S[k].clone(), batch.g[k, 0].clone(), name)
+            out[name] = fmt.from_codes(batch.codes[k], batch.S[k].clone(), batch.g[k, 0].clone(), name)
         else:
             out[name] = fmt.from_codes(batch.codes[k].clone(), batch.fixed_scales[k], batch.scale_2[k], name)
     return out
