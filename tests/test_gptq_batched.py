@@ -61,6 +61,27 @@ def test_batched_equals_per_layer_gptq(fmt: str, scales: str, per_channel: bool)
         assert not different, f"{fmt}/{scales} max_bytes={max_bytes}: {different} differ from per-layer GPTQ"
 
 
+def test_fast_e2m1_rounding_equals_the_format_encoder() -> None:
+    """Every float32 within 2**14 steps of each rounding threshold and E2M1 value (both signs), 2**20 random
+    magnitudes over 2**-30..2**4, zeros, subnormals and saturating values: same codes and values as
+    ``nvfp4._encode_unchecked`` (an exhaustive run over all float32 in [-6, 6] agreed too, docs/benchmarks.md)."""
+    from ptq.algorithms.gptq_batched import e2m1_round_fast
+    from ptq.formats import nvfp4 as nf
+
+    points = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0])
+    bits = points.view(torch.int32).unsqueeze(1) + torch.arange(-(1 << 14), 1 << 14).unsqueeze(0)
+    near = bits.clamp_min(0).view(torch.float32).flatten()
+    g = torch.Generator().manual_seed(0)
+    rand = torch.exp2(torch.rand(1 << 20, generator=g) * 34 - 30)
+    special = torch.tensor([0.0, 1e-45, 1e-40, 1e-38, 6.0001, 7.0, 1e30, float("inf")])
+    y = torch.cat([near, rand, special])
+    y = torch.cat([y, -y])
+    codes, values = e2m1_round_fast(y)
+    ref = nf._encode_unchecked(torch.clamp(y, -6.0, 6.0))
+    assert torch.equal(codes, ref)
+    assert torch.equal(values.view(torch.int32), nf.e2m1_lut("cpu")[ref.to(torch.int32)].view(torch.int32))
+
+
 def test_plan_batches_groups_shapes_and_bounds_memory() -> None:
     shapes = {"a": (32, 144), "b": (32, 144), "c": (16, 64), "d": (32, 144)}
     keys = {"a": ("h1",), "b": ("h1",), "c": ("h2",), "d": ("h3",)}

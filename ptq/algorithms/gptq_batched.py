@@ -38,7 +38,7 @@ from ptq.algorithms.recipe import GPTQWeight, WeightMethod
 from ptq.algorithms.weight_quant import WeightContext, quantize_rtn
 from ptq.formats import NVFP4, NumberFormat, QuantizedWeight
 from ptq.formats.fp8 import FP8_DTYPE, FP8_E4M3_MAX
-from ptq.formats.nvfp4 import E2M1_MAX, NVFP4_BLOCK
+from ptq.formats.nvfp4 import E2M1_MAX, E2M1_VALUES, NVFP4_BLOCK
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class _Sweeper:
         # true divisions by device scalars (what ``divide_exact`` does, without a host->device copy per call)
         self.six = torch.tensor(E2M1_MAX, dtype=torch.float32, device=dev)
         self.four = torch.tensor(4.0, dtype=torch.float32, device=dev)
-        self.max_code = min(int(torch.tensor(FP8_E4M3_MAX).to(FP8_DTYPE).view(torch.uint8)), ws._FP8_MAX_CODE)
+        self.max_code = _max_code()
         self.graphs = cuda_graphs and dev.type == "cuda"
         self._graph: torch.cuda.CUDAGraph | None = None
 
@@ -109,12 +109,11 @@ class _Sweeper:
             return torch.clamp(amax / self.six / g, max=FP8_E4M3_MAX).to(FP8_DTYPE)
         if self.scales == "mse":
             base = torch.clamp(amax / self.six / g, max=FP8_E4M3_MAX).to(FP8_DTYPE)
-            return ws._search_chunk(xb, g, base, ws.DEFAULT_SCALE_OFFSETS, cw, self.max_code)[0]
+            return _search_offsets(xb, g, base, cw, self.max_code)[0]
         best_s = best_e = None  # four_over_six: the better of the x6 and x4 scales per block
         for m in (self.six, self.four):
             s = torch.clamp(amax / m / g, max=FP8_E4M3_MAX).to(FP8_DTYPE)
-            _, vals = ws._block_quant(xb, g * s.float())
-            e = ((vals - xb).pow(2) * cw).sum(-1)
+            e = ((_block_values(xb, g * s.float()) - xb).pow(2) * cw).sum(-1)
             if best_s is None:
                 best_s, best_e = s, e
             else:
@@ -135,7 +134,7 @@ class _Sweeper:
                 scale = self.b.g * buf.S[:, :, i // NVFP4_BLOCK].float()
             else:
                 scale = self.b.scale
-            c, q = self.fmt.gptq_round(buf.w1[:, :, i], scale)
+            c, q = (_nvfp4_round if self.nvfp4 else self.fmt.gptq_round)(buf.w1[:, :, i], scale)
             buf.codes[:, :, i] = c
             e = (buf.w1[:, :, i] - q) / buf.h1[:, i, i].unsqueeze(1)
             buf.w1[:, :, i:] -= e.unsqueeze(2) * buf.h1[:, i, i:].unsqueeze(1)
@@ -208,6 +207,103 @@ class _Sweeper:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# E2M1 rounding in few passes (the same values as ptq.formats.nvfp4)
+# ---------------------------------------------------------------------------------------------------------------
+
+_E2M1_MAGNITUDES = torch.tensor(E2M1_VALUES, dtype=torch.float32)
+_ON: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _rounding_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the 8 E2M1 magnitudes, the 7 decision thresholds) on ``device``. Round to nearest even: a magnitude
+    exactly between two values goes to the even code, so a threshold whose tie goes up is moved one float32 step
+    down; the code is then the number of thresholds strictly below ``|y|``."""
+    t = _ON.get(device)
+    if t is None:
+        mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], dtype=torch.float32)
+        tie_up = torch.tensor([False, True, False, True, False, True, False])
+        below = torch.nextafter(mids, torch.tensor(-float("inf")))
+        t = _ON[device] = (_E2M1_MAGNITUDES.to(device), torch.where(tie_up, below, mids).to(device))
+    return t
+
+
+def e2m1_round_fast(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E2M1 codes uint8, their values float32) of float32 ``y``: exactly ``nvfp4._encode_unchecked(clamp(y, +-6))``
+    and its table value (round to nearest even, saturating, sign kept also for zero), in five passes instead of
+    about twenty (``tests/test_gptq_batched.py`` compares them around every threshold)."""
+    magnitudes, thresholds = _rounding_tables(y.device)
+    index = torch.bucketize(y.abs(), thresholds, out_int32=True)
+    values = torch.copysign(magnitudes[index], y)
+    return index.to(torch.uint8) | (torch.signbit(y).to(torch.uint8) << 3), values
+
+
+def _block_values(xb: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """``weight_search._block_quant(xb, total)[1]``: dequantized values of blocks ``xb [..., 16]`` with per-block
+    ``total [...]`` (a zero total gives zeros)."""
+    zero = total == 0
+    t = torch.where(zero, torch.ones_like(total), total).unsqueeze(-1)
+    y = torch.where(zero.unsqueeze(-1), torch.zeros_like(xb), xb / t)
+    return e2m1_round_fast(y)[1] * total.unsqueeze(-1)
+
+
+def _nvfp4_round(col: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``NVFP4.gptq_round(col, scale)`` (codes, values) with :func:`e2m1_round_fast`."""
+    zero = scale == 0
+    y = torch.where(zero, torch.zeros_like(col), col / torch.where(zero, torch.ones_like(scale), scale))
+    codes, values = e2m1_round_fast(y)
+    return codes, values * scale
+
+
+def _search_offsets(xb: torch.Tensor, g: torch.Tensor, base: torch.Tensor, cw: torch.Tensor | None,
+                    max_code: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight_search._search_chunk`` with the default offsets: (best float8 scales, their block errors)."""
+    base_code = base.view(torch.uint8).to(torch.int32)
+    best_s = best_e = None
+    for k in ws.DEFAULT_SCALE_OFFSETS:
+        code = torch.clamp(base_code + k, 0, max_code)
+        if k != 0:
+            code = torch.where(base_code == 0, base_code, code)
+        s = code.to(torch.uint8).view(FP8_DTYPE)
+        e = (_block_values(xb, g * s.float()) - xb).pow(2)
+        e = (e if cw is None else e * cw).sum(-1)
+        if best_e is None:
+            best_s, best_e = s, e
+        else:
+            better = e < best_e
+            best_s = torch.where(better, s.view(torch.uint8), best_s.view(torch.uint8)).view(FP8_DTYPE)
+            best_e = torch.where(better, e, best_e)
+    assert best_s is not None and best_e is not None
+    return best_s, best_e
+
+
+def _max_code() -> int:
+    return min(int(torch.tensor(FP8_E4M3_MAX).to(FP8_DTYPE).view(torch.uint8)), ws._FP8_MAX_CODE)
+
+
+def mse_global_scale(w: torch.Tensor, cw: torch.Tensor, num_global: int = 8) -> torch.Tensor:
+    """The global scale ``weight_search.search_global_and_blocks(w, num_global, col_weight=cw)`` chooses (the one
+    GPTQ keeps: its block scales are chosen again during the sweep), float32 ``[]``."""
+    rows, cols = w.shape
+    nb = cols // NVFP4_BLOCK
+    cwb = cw.float().reshape(nb, NVFP4_BLOCK)
+    six = torch.tensor(E2M1_MAX, dtype=torch.float32, device=w.device)
+    step = ws._row_chunks(rows, cols, w.device)
+    best: tuple[torch.Tensor, float] | None = None
+    for g in ws.global_scale_candidates(w.float().abs().amax(), max(1, num_global)):
+        g = g.float().reshape(())
+        sse = torch.empty(rows, nb, dtype=torch.float32, device=w.device)
+        for r in range(0, rows, step):
+            xb = w[r : r + step].float().reshape(-1, nb, NVFP4_BLOCK)
+            base = torch.clamp(xb.abs().amax(-1) / six / g, max=FP8_E4M3_MAX).to(FP8_DTYPE)
+            sse[r : r + step] = _search_offsets(xb, g, base, cwb, _max_code())[1]
+        err = float(sse.double().sum())
+        if best is None or err < best[1]:
+            best = (g, err)
+    assert best is not None
+    return best[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # preparing batches
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -275,7 +371,10 @@ def _prepare_batch(names: list[str], weights: Mapping[str, torch.Tensor], hessia
         W[k] = weights[name].detach()
     batch = _Batch(names, W, hidx, torch.tensor(hidx, dtype=torch.int64, device=dev), hinv, diag)
     if fmt.name == NVFP4.name:
-        gs = [gptq.nvfp4_initial_scales(W[k], cfg.scales, batch.diag[u], 8)[0] for k, u in enumerate(hidx)]
+        if cfg.scales == "mse":  # the expensive search, in fewer passes (same result)
+            gs = [mse_global_scale(W[k], batch.diag[u]) for k, u in enumerate(hidx)]
+        else:
+            gs = [gptq.nvfp4_initial_scales(W[k], cfg.scales, batch.diag[u], 8)[0] for k, u in enumerate(hidx)]
         batch.g = torch.stack(gs).reshape(-1, 1)
         batch.S = torch.empty(len(names), rows, cols // NVFP4_BLOCK, dtype=FP8_DTYPE, device=dev)
         batch.codes = torch.empty(len(names), rows, cols, dtype=torch.uint8, device=dev)
@@ -363,4 +462,4 @@ def gptq_quantize_many(
     return {n: results[n] for n in weights if n in results}
 
 
-__all__ = ["default_max_bytes", "gptq_quantize_many", "plan_batches"]
+__all__ = ["default_max_bytes", "e2m1_round_fast", "gptq_quantize_many", "mse_global_scale", "plan_batches"]

@@ -22,7 +22,7 @@ import torch
 
 HESSIAN_STORAGES = ("auto", "device", "host")
 #: "auto" keeps the Hessians on the GPU while both sets of sums take at most this fraction of its total memory.
-AUTO_HOST_FRACTION = 0.25
+AUTO_HOST_FRACTION = 0.5
 #: Bytes of products queued on the side stream before the hook waits for the oldest.
 MAX_INFLIGHT_BYTES = 2 * 2**30
 

@@ -92,10 +92,10 @@ def _prompt_set(adapter: ModelAdapter, prompts: list[str], embeds: torch.Tensor,
 
 def _run(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
     ctx = init_from_env(pick_device(cfg.model.device).type)  # torchrun / accelerate launch: one rank of N
-    try:
-        return _run_ranked(cfg, Path(broadcast_object(ctx, str(out_dir))), ctx)
-    finally:
-        shutdown(ctx)
+    # an exception ends this process without waiting for the others (the launcher then stops them)
+    report = _run_ranked(cfg, Path(broadcast_object(ctx, str(out_dir))), ctx)
+    shutdown(ctx)
+    return report
 
 
 def _run_ranked(cfg: RunConfig, out_dir: Path, ctx: DistContext) -> dict[str, Any]:

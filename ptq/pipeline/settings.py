@@ -68,8 +68,8 @@ class CalibConfig(SamplingConfig):
     # (0 = never); the checkpoint is deleted when the run succeeds unless keep_checkpoint
     checkpoint_every: int = 1
     keep_checkpoint: bool = False
-    # where GPTQ Hessians accumulate: "device", "host" (CPU memory, asynchronous copies) or "auto" (host when they
-    # would take more than 25% of the GPU's memory)
+    # where GPTQ Hessians accumulate: "device", "host" (pinned CPU memory streamed through the GPU) or "auto" (host
+    # when they would take more than half of the GPU's memory)
     hessian_storage: str = "auto"
 
 
