@@ -12,7 +12,8 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from ptq.algorithms.recipe import ACTIVATION_METHODS, WEIGHT_METHODS
+from ptq.algorithms.recipe import ACTIVATION_METHODS, WEIGHT_METHODS, QuantRecipe
+from ptq.calibration.hessian_store import HESSIAN_STORAGES
 from ptq.pipeline.settings import (
     CalibConfig,
     DatasetConfig,
@@ -58,18 +59,10 @@ def validate_config(cfg: RunConfig) -> None:
     if cfg.export.unquantized_dtype not in ("bfloat16", "float32"):
         raise ValueError(f"export.unquantized_dtype={cfg.export.unquantized_dtype!r}: expected bfloat16 or float32 "
                          "(float16 breaks WAN: ComfyUI/diffusers expect bf16/fp32 for unquantized tensors)")
-    from ptq.pipeline.experts import TRAJECTORIES
-
-    if cfg.calib.expert_trajectory not in TRAJECTORIES:
-        raise ValueError(f"calib.expert_trajectory={cfg.calib.expert_trajectory!r}: expected one of "
-                         f"{', '.join(TRAJECTORIES)}")
-    from ptq.algorithms.recipe import GPTQWeight
-
-    if cfg.model.offload and isinstance(cfg.quant.weight, GPTQWeight):
-        raise ValueError("model.offload=true with quant/weight=gptq: GPTQ needs the weights on the GPU next to its "
-                         "Hessians; use a round-to-nearest or mse weight method, or model.offload=false")
-    for i, lora in enumerate(cfg.model.loras):
-        if not lora.path:
-            raise ValueError(f"model.loras[{i}].path is empty: give the LoRA's .safetensors file")
+    if cfg.calib.checkpoint_every < 0:
+        raise ValueError(f"calib.checkpoint_every={cfg.calib.checkpoint_every}: expected >= 0 (0 = no checkpoints)")
+    if cfg.calib.hessian_storage not in HESSIAN_STORAGES:
+        raise ValueError(f"calib.hessian_storage={cfg.calib.hessian_storage!r}: expected one of "
+                         f"{', '.join(HESSIAN_STORAGES)}")
     if cfg.quant.needs().samples and cfg.calib.samples_per_call <= 0:
         raise ValueError(f"quant.activation={cfg.quant.activation.label!r} needs calib.samples_per_call > 0")

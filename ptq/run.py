@@ -239,8 +239,16 @@ def _help() -> str:
                            weights="|".join(WEIGHT_METHODS), activations="|".join(ACTIVATION_METHODS))
 
 
+#: Overrides for ranks > 0 of a multi-process run (torchrun / accelerate): rank 0 owns the run folder (its path
+#: is sent to the others), the other ranks write no Hydra files and log warnings only.
+NON_MAIN_RANK_OVERRIDES = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout",
+                           "log_level=WARNING"]
+
+
 def hydra_main(argv: list[str]) -> int:
     """Run the Hydra app with ``argv`` as its command line (``config=NAME``, overrides, ``-m``)."""
+    import os
+
     import hydra
 
     register_configs()
@@ -253,6 +261,8 @@ def hydra_main(argv: list[str]) -> int:
         except UserError as exc:
             print(f"ptq run: {exc}", file=sys.stderr)
             return 2
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0:
+        argv = [*argv, *NON_MAIN_RANK_OVERRIDES]
     old = sys.argv
     sys.argv = ["ptq run", *argv]
     try:

@@ -24,6 +24,9 @@ Parts (``--part``, comma-separated; default all that the device supports):
   freshly built 5B, peak and held GPU memory, simulated forward.
 * ``gptq``: GPTQ time per 5B layer shape (NVFP4 "mse" / "four_over_six" scales, FP8), extrapolated to the 300
   block Linears.
+* ``gptq_batched``, ``e2e``, ``export``, ``dist``: issue 15's scale measurements (``scripts/bench_scale.py``):
+  batched vs per-layer GPTQ on the 300 block Linears, the best recipes end to end on ``--wan5b-dir`` (peak GPU and
+  host memory, export + verify time), both exports + verification alone, 1 vs 2 processes.
 * ``tiny``: final-latent rel. L2 vs bf16 of Model Optimizer's and ptq's NVFP4 results on the tiny WAN model
   (``ptq/assets/tiny_wan`` if present, else a random tiny model: reported as such); 16 calibration prompts x 8
   steps with CFG, 4 eval prompts.
@@ -1281,12 +1284,47 @@ def table() -> str:
     return "\n".join(rows)
 
 
+SCALE_PARTS = {"gptq_batched", "e2e", "export", "dist"}
+
+
+def run_scale_parts(parts: set[str], args: argparse.Namespace, export_dir: Path) -> None:
+    """Issue 15's parts (``scripts/bench_scale.py``), each guarded so one failure keeps the others' numbers."""
+    import bench_scale as sc
+
+    assert OUT is not None
+    jobs: dict[str, Callable[[], Any]] = {
+        "gptq_batched": lambda: sc.part_gptq_batched(DEVICE, old_blocks=args.gptq_old_blocks,
+                                                     batch_gib=args.batch_gib, smoke=SMOKE),
+        "export_5b": lambda: sc.part_export(*_quantizable_5b(), export_dir),
+        "dist": lambda: sc.part_dist(OUT),
+        "e2e": lambda: sc.part_e2e(args.wan5b_dir, OUT, prompts=args.e2e_prompts,
+                                   recipes=args.e2e_recipes.split(","), batch_gib=args.e2e_batch_gib),
+    }
+    for key, fn in jobs.items():
+        if (key if key != "export_5b" else "export") not in parts:
+            continue
+        try:
+            RESULTS[key] = fn()
+        except Exception:  # noqa: BLE001
+            RESULTS[f"{key}_error"] = traceback.format_exc()
+            log(RESULTS[f"{key}_error"])
+        free()
+        save()
+    print(sc.table(RESULTS))
+
+
+def _quantizable_5b() -> tuple[nn.Module, dict[str, LinearInputStats]]:
+    model = build_5b()
+    return model, synthetic_stats(model, block_targets(model, QuantRecipe()))
+
+
 def main() -> None:
     global OUT, SMOKE, DEVICE, LATENTS, TEXT
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--part", default="all",
-                    help="hooks,simfwd,quant_export,modelopt,tiny,ptqmem,gptq,amax_kernel,amax_batch,graphs or all")
+                    help="hooks,simfwd,quant_export,modelopt,tiny,ptqmem,gptq,amax_kernel,amax_batch,graphs,"
+                         "gptq_batched,e2e,export,dist or all")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/bench_wan5b"))
     ap.add_argument("--export-dir", default="/tmp/bench_wan5b_export")
     ap.add_argument("--reps-small", type=int, default=20, help="timed rounds at 1,440 tokens")
@@ -1295,6 +1333,12 @@ def main() -> None:
     ap.add_argument("--graphs-hooks-only", action="store_true", help="part graphs: skip the simulated forwards")
     ap.add_argument("--smoke", action="store_true", help="run the GPU flow on CPU with a 2-block model")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--wan5b-dir", default="/tmp/wan5b", help="part e2e: scripts/make_random_wan5b.py output")
+    ap.add_argument("--e2e-prompts", type=int, default=4, help="part e2e: calibration prompts (x 8 steps x CFG)")
+    ap.add_argument("--e2e-recipes", default="nvfp4_gptq_4o6_act_mse,nvfp4_mixed")
+    ap.add_argument("--batch-gib", type=float, default=0.0, help="batched GPTQ memory per batch (0: auto)")
+    ap.add_argument("--e2e-batch-gib", type=float, default=4.0, help="part e2e: quant.weight.batch_gib")
+    ap.add_argument("--gptq-old-blocks", type=int, default=1, help="part gptq_batched: blocks timed per layer")
     args = ap.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -1308,6 +1352,11 @@ def main() -> None:
     RESULTS["env"] = {"torch": torch.__version__, "device": args.device, "argv": sys.argv[1:],
                       "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     torch.set_grad_enabled(False)
+    if parts & SCALE_PARTS:
+        run_scale_parts(parts, args, export_dir)
+        parts -= SCALE_PARTS
+        if not parts:
+            return
     if args.device == "cpu" and not SMOKE:
         if parts - {"quant_export"}:
             log(f"on CPU only quant_export runs; skipping {sorted(parts - {'quant_export'})}")

@@ -94,8 +94,10 @@ def _nvfp4_group_scales(cols: torch.Tensor, g: torch.Tensor, method: str, cw: to
     return best[0]
 
 
-def _nvfp4_initial_scales(w: torch.Tensor, method: str, cw: torch.Tensor | None,
-                          num_global: int) -> tuple[torch.Tensor, torch.Tensor]:
+def nvfp4_initial_scales(w: torch.Tensor, method: str, cw: torch.Tensor | None,
+                         num_global: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(global scale float32 ``[]``, block scales float8 ``[out, in/16]``) chosen by ``method`` from the original
+    weights ``w`` (``cw``: column weights, the Hessian diagonal) before the column sweep."""
     if method == "max":
         g = nvfp4_fmt.nvfp4_global_scale(w.abs().amax())
         return g, ws.nvfp4_max_scales(w, g)
@@ -152,7 +154,7 @@ def gptq_nvfp4(
     W = w.detach().float().clone()
     H = prepare_hessian(hessian.to(dev), damp)
     diag = torch.diagonal(H).clone()
-    g, S = _nvfp4_initial_scales(W, scales, diag, num_global)
+    g, S = nvfp4_initial_scales(W, scales, diag, num_global)
     dynamic = dynamic_scales and not act_order
     if act_order:
         perm = torch.argsort(diag, descending=True, stable=True)
@@ -279,6 +281,7 @@ __all__ = [
     "gptq_nvfp4",
     "inverse_cholesky_upper",
     "layer_output_error",
+    "nvfp4_initial_scales",
     "prepare_hessian",
     "quantize_gptq",
 ]

@@ -16,13 +16,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ptq.algorithms.gptq_batched import GIB, gptq_quantize_many
 from ptq.algorithms.layers import LayerPlanner, LayerRules, rules_for
 from ptq.algorithms.methods import choose_clip, quantize_weight_with
 from ptq.algorithms.qlinear import QuantizedLinearState, QuantLinear
 from ptq.algorithms.recipe import KEEP, GPTQWeight, QuantRecipe
 from ptq.algorithms.weight_quant import WeightContext
 from ptq.calibration.observers import LinearInputObserver, LinearInputStats
-from ptq.formats import get_format
+from ptq.formats import NVFP4, QuantizedWeight, get_format
 from ptq.formats.checks import FormatError
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,10 @@ def quantize_layer(
     recipe: QuantRecipe,
     stats: LinearInputStats | None,
     hessian: torch.Tensor | None = None,
+    weight: QuantizedWeight | None = None,
 ) -> tuple[QuantLinear, LayerRecord]:
-    """Quantize one Linear to ``fmt`` with ``recipe``; ``stats`` is required unless the recipe is weight-only."""
+    """Quantize one Linear to ``fmt`` with ``recipe``; ``stats`` is required unless the recipe is weight-only.
+    ``weight``: the quantized weight already computed by the recipe's weight method (batched GPTQ), used as is."""
     number_format = get_format(fmt)
     rec = LayerRecord(name, fmt, recipe.weight_only, module.in_features, module.out_features)
     input_scale = None
@@ -86,7 +89,8 @@ def quantize_layer(
         rec.clip_ratio = rec.input_clip / rec.input_amax if rec.input_amax > 0 else 1.0
         rec.input_scale = float(input_scale)
     w = module.weight.detach()
-    qw = quantize_weight_with(recipe.weight, w, number_format, WeightContext(name=name, hessian=hessian))
+    qw = weight if weight is not None else quantize_weight_with(recipe.weight, w, number_format,
+                                                                 WeightContext(name=name, hessian=hessian))
     state = QuantizedLinearState(fmt, qw.weight, qw.scale, qw.scale_2, input_scale,
                                  None if module.bias is None else module.bias.detach().clone(),
                                  module.in_features, module.out_features)
@@ -125,6 +129,7 @@ def quantize_(
     # plus one layer, not the bf16 model twice)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     records: list[LayerRecord] = []
+    batched = batched_gptq_weights(model, recipe, stats, hessians, planner, progress=progress)
     for name in tqdm(names, desc=f"quantize {recipe.format}", disable=not progress, leave=False):
         module = model.get_submodule(name)
         fmt, reason = planner.plan_with_fallback(name, module)
@@ -138,7 +143,7 @@ def quantize_(
             continue
         try:
             qlinear, rec = quantize_layer(name, module, fmt, recipe, stats.get(name),
-                                          None if hessians is None else hessians.get(name))
+                                          None if hessians is None else hessians.get(name), batched.pop(name, None))
         except FormatError as exc:
             log.warning("%s: %s; kept in high precision", name, exc)
             records.append(kept_record(name, module, str(exc)))
@@ -148,6 +153,38 @@ def quantize_(
         records.append(rec)
         del module, qlinear
     return records
+
+
+def batched_gptq_weights(model: nn.Module, recipe: QuantRecipe, stats: Mapping[str, LinearInputStats],
+                         hessians: Mapping[str, torch.Tensor] | None, planner: LayerPlanner, *, progress: bool
+                         ) -> dict[str, QuantizedWeight]:
+    """The GPTQ weights of the layers :func:`quantize_` will quantize with a batched GPTQ recipe
+    (``recipe.weight.batched``), computed per format by :func:`~ptq.algorithms.gptq_batched.gptq_quantize_many`
+    (the same codes and scales as layer by layer). Layers the per-layer path would refuse (no Hessian, a weight the
+    format rejects) are left out: quantize_ then raises or falls back exactly as without batching."""
+    if not (isinstance(recipe.weight, GPTQWeight) and recipe.weight.batched and hessians):
+        return {}
+    by_format: dict[str, dict[str, torch.Tensor]] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        fmt, _ = planner.plan_with_fallback(name, module)
+        if fmt == KEEP or (not recipe.weight_only and name not in stats) or hessians.get(name) is None:
+            continue
+        number_format = get_format(fmt)
+        if number_format.name != NVFP4.name and number_format.block_size is not None:
+            continue
+        try:
+            number_format.check_weight(module.weight, f"{name}.weight")
+        except FormatError:
+            continue
+        by_format.setdefault(fmt, {})[name] = module.weight.detach()
+    max_bytes = int(recipe.weight.batch_gib * GIB) if recipe.weight.batch_gib > 0 else None
+    out: dict[str, QuantizedWeight] = {}
+    for fmt, weights in by_format.items():
+        out.update(gptq_quantize_many(weights, {n: hessians[n] for n in weights}, get_format(fmt), recipe.weight,
+                                      max_bytes=max_bytes, progress=progress))
+    return out
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:

@@ -85,6 +85,10 @@ class GPTQWeight(WeightMethod):
     block_size: columns per lazy-batch update. blocks_per_pass: 0 = one calibration pass collects every Linear's
         Hessian (4*in^2 bytes each); N > 0 = quantize N transformer blocks at a time, each pass re-running
         calibration on the partially quantized model (memory-bounded, sequential GPTQ).
+    batched: sweep the layers of one shape together (``ptq.algorithms.gptq_batched``: the same codes and scales
+        as layer by layer, far fewer kernel launches); False = one layer at a time (``ptq.algorithms.gptq``).
+    batch_gib: working memory of one batch in GiB (0 = auto: 40% of the free GPU memory, at most 16 GiB; 2 GiB on
+        CPU); results do not depend on it.
     """
 
     method_name: ClassVar[str] = "gptq"
@@ -93,6 +97,8 @@ class GPTQWeight(WeightMethod):
     damp: float = 0.01
     block_size: int = 128
     blocks_per_pass: int = 0
+    batched: bool = True
+    batch_gib: float = 0.0
 
     @property
     def label(self) -> str:
@@ -109,6 +115,8 @@ class GPTQWeight(WeightMethod):
             raise ValueError(f"quant.weight.block_size={self.block_size}: expected >= 1")
         if self.blocks_per_pass < 0:
             raise ValueError(f"quant.weight.blocks_per_pass={self.blocks_per_pass}: expected >= 0")
+        if not self.batch_gib >= 0.0:
+            raise ValueError(f"quant.weight.batch_gib={self.batch_gib}: expected >= 0 (0 = auto)")
 
 
 #: Named weight methods (the options of the Hydra group ``quant/weight``; also accepted as strings in Python).

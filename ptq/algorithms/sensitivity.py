@@ -24,11 +24,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ptq.algorithms.gptq_batched import GIB, gptq_quantize_many
 from ptq.algorithms.layers import LayerRules, rules_for
 from ptq.algorithms.quantize import quantize_layer, set_module
 from ptq.algorithms.recipe import KEEP, GPTQWeight, QuantRecipe, WeightMethod
 from ptq.calibration.observers import LinearInputStats
 from ptq.calibration.recorder import ForwardInputRecorder, to_device
+from ptq.formats import NVFP4, QuantizedWeight, get_format
 from ptq.formats.checks import FormatError
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,43 @@ class _Evaluator:
         return sum(errs) / len(errs)
 
 
+def _moved(qw: QuantizedWeight, device: torch.device | str) -> QuantizedWeight:
+    return QuantizedWeight(qw.weight.to(device), qw.scale.to(device),
+                           None if qw.scale_2 is None else qw.scale_2.to(device))
+
+
+def batched_gptq_weights(modules: Mapping[str, nn.Module], candidates: Mapping[str, list[str]], recipe: QuantRecipe,
+                         hessians: Mapping[str, torch.Tensor] | None, *, progress: bool
+                         ) -> dict[tuple[str, str], QuantizedWeight]:
+    """(layer, format) -> the GPTQ weight the analysis would compute layer by layer, computed in batches
+    (``ptq.algorithms.gptq_batched``, the same bits) and kept on the CPU; empty unless the recipe is a batched
+    GPTQ one. Layers without a Hessian or refused by a format are left to the per-layer path."""
+    if not (isinstance(recipe.weight, GPTQWeight) and recipe.weight.batched and hessians):
+        return {}
+    cache: dict[tuple[str, str], QuantizedWeight] = {}
+    max_bytes = int(recipe.weight.batch_gib * GIB) if recipe.weight.batch_gib > 0 else None
+    for fmt in sorted({f for fmts in candidates.values() for f in fmts if f != KEEP}):
+        number_format = get_format(fmt)
+        if number_format.name != NVFP4.name and number_format.block_size is not None:
+            continue
+        weights = {}
+        for name, fmts in candidates.items():
+            if fmt not in fmts or hessians.get(name) is None:
+                continue
+            try:
+                number_format.check_weight(modules[name].weight, f"{name}.weight")
+            except FormatError:
+                continue
+            weights[name] = modules[name].weight.detach()
+
+        def keep(name: str, qw: QuantizedWeight, _fmt: str = fmt) -> None:
+            cache[(name, _fmt)] = _moved(qw, "cpu")
+
+        gptq_quantize_many(weights, hessians, number_format, recipe.weight, max_bytes=max_bytes, progress=progress,
+                           on_done=keep)
+    return cache
+
+
 def _layer_recipe(recipe: QuantRecipe, name: str, hessians: Mapping[str, torch.Tensor] | None) -> QuantRecipe:
     """GPTQ needs the layer's Hessian; without one the sensitivity is measured with round-to-nearest "mse" scales."""
     if isinstance(recipe.weight, GPTQWeight) and (hessians is None or name not in hessians):
@@ -118,6 +157,12 @@ def measure_sensitivity(
     rep = SensitivityReport(inputs=len(inputs))
     rules = rules_for(model) if rules is None else rules
     jobs = [(n, f) for n, fmts in candidates.items() for f in fmts if f != KEEP]
+    cache = batched_gptq_weights(modules, candidates, recipe, hessians, progress=progress)
+
+    def cached(name: str, fmt: str) -> QuantizedWeight | None:
+        qw = cache.get((name, fmt))
+        return None if qw is None else _moved(qw, modules[name].weight.device)
+
     for name, fmts in candidates.items():
         m = modules[name]
         rep.numel[name] = m.in_features * m.out_features
@@ -126,7 +171,7 @@ def measure_sensitivity(
         module = modules[name]
         try:
             q, _ = quantize_layer(name, module, fmt, _layer_recipe(recipe, name, hessians), stats.get(name),
-                                  None if hessians is None else hessians.get(name))
+                                  None if hessians is None else hessians.get(name), cached(name, fmt))
         except (FormatError, ValueError) as exc:
             log.warning("sensitivity: %s cannot be quantized to %s: %s", name, fmt, exc)
             rep.layer_error[name][fmt] = float("inf")
@@ -153,7 +198,8 @@ def measure_sensitivity(
                             continue
                         try:
                             q, _ = quantize_layer(name, modules[name], fmt, _layer_recipe(recipe, name, hessians),
-                                                  stats.get(name), None if hessians is None else hessians.get(name))
+                                                  stats.get(name), None if hessians is None else hessians.get(name),
+                                                  cached(name, fmt))
                         except (FormatError, ValueError):
                             continue
                         set_module(model, name, q)

@@ -6,6 +6,13 @@ On CUDA (with triton) the amax path is one fused kernel per input tensor (``trit
 and per-step max folded atomically into the accumulators of every sibling layer that reads it), which keeps the
 hooks' cost near the bytes they read. The current denoising step lives in a device tensor the kernels read, so the
 hooks can be captured in a CUDA graph (:mod:`ptq.calibration.cuda_graph`) and replayed for every step.
+
+Prompts (``begin_prompt(i)`` / ``end_prompt()`` / ``fold(record)``): a calibration run that announces its prompts
+gets statistics that do not depend on how the prompts were split between processes or runs. Each prompt is
+observed on its own (random samples drawn from a generator seeded by ``(seed, prompt)``; Hessians summed per
+prompt) and ``end_prompt`` returns its contribution (:class:`PromptRecord`); ``fold`` adds records to the totals
+in prompt order (amax: max; calls, tokens: sums; samples: appended; Hessians: ``total += prompt sum``).
+``state_dict`` / ``load_state_dict`` save and restore the totals (resumable calibration).
 """
 
 from __future__ import annotations
@@ -16,12 +23,15 @@ import random
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from ptq.calibration import cuda_graph
+from ptq.calibration.hessian_store import HessianSum, StreamedHostAdder, resolve_storage
 from ptq.formats import triton_quant
+from ptq.formats.fp8 import divide_exact
 
 
 @dataclass
@@ -60,10 +70,49 @@ class _LayerState:
     step_amax: torch.Tensor | None  # [num_steps + 1]: the last slot takes calls made outside 0 <= step < num_steps
     samples: list[torch.Tensor] = field(default_factory=list)
     sample_steps: list[tuple[int, int]] = field(default_factory=list)  # (step, number of samples) per call
-    hessian: torch.Tensor | None = None
     sample_block: int = 1
     calls: int = 0
     tokens: int = 0
+
+
+@dataclass
+class _Totals:
+    """One layer's statistics over the folded prompts (prompt mode): maxima on the layer's device, samples on CPU
+    (one tensor per prompt, prompt order)."""
+
+    channel_amax: torch.Tensor
+    step_amax: torch.Tensor | None
+    samples: list[torch.Tensor] = field(default_factory=list)
+    sample_steps: list[tuple[int, int]] = field(default_factory=list)
+    sample_block: int = 1
+    calls: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class _HessianGroup:
+    """Layers whose input was the same tensor at their first call (q/k/v) and share one ``X^T X`` sum: ``current``
+    receives the products (the open prompt's sum in prompt mode, else the whole sum)."""
+
+    members: list[str]
+    current: HessianSum
+    dirty: bool = False
+
+
+@dataclass
+class PromptRecord:
+    """One calibration prompt's contribution, as :meth:`LinearInputObserver.end_prompt` returns it.
+
+    layers: per layer name ``channel_amax`` float32 ``[in]``, ``step_amax`` float32 ``[num_steps + 1]`` or None
+    (CPU copies), ``calls``, ``tokens``, ``samples`` float32 ``[k]`` (CPU) or None, ``sample_steps`` ``[(step,
+    count)]``, ``sample_block``. hessians: per Hessian group (by its first layer's name) the prompt's ``sum X^T X``
+    float32 ``[in, in]`` (the observer's own buffer: valid until its next ``begin_prompt``); groups: its members.
+    """
+
+    index: int
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    hessians: dict[str, torch.Tensor] = field(default_factory=dict)
+    groups: dict[str, list[str]] = field(default_factory=dict)
 
 
 #: Most bytes of queued inputs one batched amax launch reads (bounds the memory the queue keeps alive).
@@ -100,10 +149,12 @@ class LinearInputObserver:
     the kernel is slower than torch's GELU by more than the read it saves (docs/benchmarks.md).
 
     ``hessian``: True (every observed layer) or a collection of layer names: also accumulate ``H = sum X^T X``
-    (float32 ``[in, in]`` on the model's device, updated in place, no host sync) for GPTQ; read with
-    :meth:`hessians`. Layers that read the same input tensor (e.g. attention q/k/v) share one ``X^T X``
-    product per call. Memory: ``4 * in_features**2`` bytes per layer (37.7 MB for in=3072, 822 MB for in=14336;
-    a large model's Linears at once may not fit, hence ``quant.weight.blocks_per_pass``).
+    (float32 ``[in, in]``) for GPTQ; read with :meth:`hessians`. Layers that read the same input tensor (e.g.
+    attention q/k/v) share one ``X^T X`` product per call and, with ``share_hessians`` (default), one sum (the
+    tensors :meth:`hessians` returns for them are one object). ``hessian_storage``: "device" (the model's device,
+    updated in place, no host sync), "host" (pinned host memory streamed through the GPU per product;
+    :mod:`ptq.calibration.hessian_store`) or "auto". Memory: ``4 * in_features**2`` bytes per sum (37.7 MB for in=3072, 822 MB for in=14336; twice that
+    in prompt mode: the totals and the open prompt's sums).
     """
 
     def __init__(
@@ -119,6 +170,8 @@ class LinearInputObserver:
         hessian: bool | Iterable[str] = False,
         amax_batch: int = triton_quant.AMAX_BATCH_ITEMS,
         fuse_producers: bool = False,
+        hessian_storage: str = "device",
+        share_hessians: bool = True,
     ) -> None:
         if amax_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"amax_backend={amax_backend!r}: expected 'auto', 'torch' or 'triton'")
@@ -144,6 +197,21 @@ class LinearInputObserver:
             raise KeyError(f"hessian requested for layers that are not observed: {sorted(unknown)}")
         self._last_xtx: torch.Tensor | None = None
         self._xtx_key: tuple | None = None
+        self.share_hessians = share_hessians
+        self._storage = resolve_storage(hessian_storage, next(iter(modules[n].weight.device for n in self.names),
+                                                              torch.device("cpu")),
+                                        sum(4 * modules[n].in_features ** 2 for n in self._hessian_names))
+        self._adder: StreamedHostAdder | None = None
+        self._hgroups: dict[str, _HessianGroup] = {}  # by the group's first layer
+        self._hgroup_of: dict[str, str] = {}
+        self._last_xtx_leader: str | None = None
+        self.seed = seed
+        self._prompt: int | None = None  # the open prompt (prompt mode)
+        self._prompt_mode = False
+        self._totals: dict[str, _Totals] = {}
+        self._htotals: dict[str, HessianSum] = {}
+        self._hmembers: dict[str, list[str]] = {}
+        self.folded: list[int] = []  # prompts folded into the totals, in order
         self._step = 0
         self._step_index: dict[torch.device, torch.Tensor] = {}  # int64 [1] per device: the slot kernels update
         # fused path: [x, version, [states], queued while capturing] per input tensor awaiting its amax launch
@@ -240,15 +308,45 @@ class LinearInputObserver:
         st.calls += 1
         st.tokens += tokens
 
-    def _xtx(self, x: torch.Tensor) -> torch.Tensor:
-        """``X^T X`` (float32 ``[in, in]``) of ``x``, computed once for consecutive layers reading the same tensor."""
+    def _xtx(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """(``X^T X`` float32 ``[in, in]`` of ``x``, whether it was computed now): computed once for consecutive
+        layers reading the same tensor."""
         last = self._xtx_key[0]() if self._xtx_key is not None else None
         if last is x and self._xtx_key[1] == x._version and self._last_xtx is not None:
-            return self._last_xtx
+            return self._last_xtx, False
         flat = x.reshape(-1, x.shape[-1]).float()
         self._last_xtx = flat.t() @ flat
         self._xtx_key = (weakref.ref(x), x._version)
-        return self._last_xtx
+        return self._last_xtx, True
+
+    def _host_adder(self, device: torch.device) -> StreamedHostAdder | None:
+        """The side-stream adder of host-stored sums of CUDA products (None otherwise)."""
+        if self._storage == "host" and device.type == "cuda" and self._adder is None:
+            self._adder = StreamedHostAdder(device)
+        return self._adder
+
+    def _add_hessian(self, name: str, x: torch.Tensor) -> None:
+        """Add ``X^T X`` of ``x`` to ``name``'s Hessian group (created at the layer's first call: the group of the
+        layer that computed the same product just before, with ``share_hessians``)."""
+        xtx, fresh = self._xtx(x)
+        leader = self._hgroup_of.get(name)
+        if leader is None:
+            share = self.share_hessians and not fresh and self._last_xtx_leader is not None
+            leader = self._hgroup_of[name] = self._last_xtx_leader if share else name
+            if leader == name:
+                self._hgroups[name] = _HessianGroup([name], HessianSum(xtx.shape, xtx.device, self._storage,
+                                                                       self._host_adder(xtx.device)))
+            else:
+                self._hgroups[leader].members.append(name)
+        group = self._hgroups[leader]
+        if not self.share_hessians or (fresh and leader == name):
+            group.current.add(xtx)
+            group.dirty = True
+            self._last_xtx_leader = leader
+        elif fresh or self._last_xtx_leader != leader:
+            raise RuntimeError(f"LinearInputObserver: {name!r} shares its Hessian with {leader!r} (the same input "
+                               "tensor at its first call) but was now called with another input; use "
+                               "share_hessians=False for this model")
 
     def _sample(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """About ``samples_per_call`` |x| values (float32 1-D), in aligned runs of ``sample_block`` when possible."""
@@ -371,10 +469,7 @@ class LinearInputObserver:
                 st.samples.append(samp)
                 st.sample_steps.append((self.step if self.num_steps else -1, samp.numel()))
             if name in self._hessian_names:
-                xtx = self._xtx(x)
-                if st.hessian is None:
-                    st.hessian = torch.zeros_like(xtx)
-                st.hessian.add_(xtx)
+                self._add_hessian(name, x)
             tokens = x.numel() // x.shape[-1]
             if capturing:  # nothing ran yet: count at every replay instead
                 cuda_graph.on_replay(functools.partial(self._count, st, tokens))
@@ -422,10 +517,14 @@ class LinearInputObserver:
         self.detach()
 
     def stats(self) -> dict[str, LinearInputStats]:
-        """Statistics per observed layer name (layers never called are absent)."""
+        """Statistics per observed layer name (layers never called are absent); in prompt mode over the folded
+        prompts."""
         self._flush()
+        if self._prompt_mode:
+            self._check_closed("stats")
+        source = self._totals if self._prompt_mode else self._state
         out = {}
-        for name, st in self._state.items():
+        for name, st in source.items():
             samples = torch.cat(st.samples) if st.samples else None
             steps = (torch.cat([torch.full((k,), s, dtype=torch.int64) for s, k in st.sample_steps])
                      if st.sample_steps else None)
@@ -434,12 +533,178 @@ class LinearInputObserver:
                                          samples, st.calls, st.tokens, st.sample_block, steps)
         return out
 
+    def _hessian_sums(self) -> tuple[dict[str, HessianSum], dict[str, list[str]], dict[str, int]]:
+        """(sum by group, members by group, tokens by layer) of the whole sums (totals in prompt mode)."""
+        self._flush()
+        if self._prompt_mode:
+            self._check_closed("hessians")
+            return self._htotals, self._hmembers, {n: t.tokens for n, t in self._totals.items()}
+        return ({k: g.current for k, g in self._hgroups.items()}, {k: g.members for k, g in self._hgroups.items()},
+                {n: st.tokens for n, st in self._state.items()})
+
     def hessians(self, *, mean: bool = True) -> dict[str, torch.Tensor]:
         """``name -> H`` float32 ``[in, in]`` for the layers observed with ``hessian``: ``X^T X / tokens`` (mean
-        over the calibration tokens; ``mean=False``: the raw sum). Only layers that were called are present."""
-        self._flush()
+        over the calibration tokens, a correctly rounded division wherever the sum lives; ``mean=False``: the raw
+        sum). Only layers that were called are present;
+        layers sharing a sum (and token count) get one tensor object."""
+        sums, members, tokens = self._hessian_sums()
+        group_of = {n: k for k, ms in members.items() for n in ms}
+        shared: dict[tuple[str, int], torch.Tensor] = {}
         out = {}
-        for name, st in self._state.items():
-            if st.hessian is not None:
-                out[name] = st.hessian / max(st.tokens, 1) if mean else st.hessian.clone()
+        for name in tokens:
+            if name not in group_of:
+                continue
+            value = sums[group_of[name]].result()
+            if not mean:
+                out[name] = value.clone()
+                continue
+            key = (group_of[name], tokens[name])
+            if key not in shared:
+                shared[key] = divide_exact(value, max(tokens[name], 1))
+            out[name] = shared[key]
         return out
+
+    def take_hessians(self) -> dict[str, torch.Tensor]:
+        """:meth:`hessians` (means) computed in place of the observer's sums, which it gives up (no second copy of
+        every Hessian): the observer holds no Hessians afterwards."""
+        sums, members, tokens = self._hessian_sums()
+        out = {}
+        for key, names in members.items():
+            called = [n for n in names if n in tokens]
+            if not called:
+                continue
+            counts = {tokens[n] for n in called}
+            value = sums[key].result()
+            if len(counts) > 1:  # members seen a different number of times (not siblings after all)
+                for n in called:
+                    out[n] = divide_exact(value, max(tokens[n], 1))
+                continue
+            value.div_(value.new_tensor(float(max(counts.pop(), 1))))  # divide_exact, in place
+            for n in called:
+                out[n] = value
+        self._htotals, self._hmembers, self._hgroups, self._hgroup_of = {}, {}, {}, {}
+        self.close()
+        return {n: out[n] for n in tokens if n in out}
+
+    def close(self) -> None:
+        """Finish queued host additions and free the side stream's buffers."""
+        if self._adder is not None:
+            self._adder.close()
+            self._adder = None
+
+    # -- prompts ----------------------------------------------------------------------------------------------
+    def _check_closed(self, what: str) -> None:
+        if self._prompt is not None:
+            raise RuntimeError(f"LinearInputObserver.{what}: prompt {self._prompt} is still open (end_prompt first)")
+
+    def begin_prompt(self, index: int) -> None:
+        """Start observing calibration prompt ``index`` (its own sample generator, empty per-prompt sums)."""
+        self._flush()
+        self._check_closed("begin_prompt")
+        if not self._prompt_mode and any(st.calls for st in self._state.values()):
+            raise RuntimeError("LinearInputObserver.begin_prompt: forwards were observed outside prompts")
+        self._prompt_mode = True
+        self._prompt = int(index)
+        self._rng = random.Random(f"{self.seed}:{index}")
+        for group in self._hgroups.values():
+            if group.dirty:
+                group.current.zero_()
+                group.dirty = False
+
+    def end_prompt(self) -> PromptRecord:
+        """Close the open prompt and return its contribution (per-layer state reset; Hessian sums stay valid until
+        the next :meth:`begin_prompt`). Pass it to :meth:`fold` (here or in the process that owns the totals)."""
+        self._flush()
+        if self._prompt is None:
+            raise RuntimeError("LinearInputObserver.end_prompt: no prompt is open")
+        rec = PromptRecord(self._prompt)
+        for name, st in self._state.items():
+            if st.calls == 0:
+                continue
+            rec.layers[name] = {
+                "channel_amax": st.channel_amax.to("cpu", copy=True),
+                "step_amax": None if st.step_amax is None else st.step_amax.to("cpu", copy=True),
+                "calls": st.calls, "tokens": st.tokens, "sample_block": st.sample_block,
+                "samples": torch.cat(st.samples).cpu() if st.samples else None,
+                "sample_steps": list(st.sample_steps)}
+            st.channel_amax.zero_()
+            if st.step_amax is not None:
+                st.step_amax.zero_()
+            st.samples, st.sample_steps, st.calls, st.tokens = [], [], 0, 0
+        for key, group in self._hgroups.items():
+            if group.dirty:
+                rec.hessians[key] = group.current.result()
+                rec.groups[key] = list(group.members)
+        self._prompt = None
+        return rec
+
+    @property
+    def hessian_device(self) -> torch.device:
+        """Where this observer's Hessian sums live: CPU for host storage, else the observed layers' device."""
+        if self._storage == "host" or not self._hessian_names:
+            return torch.device("cpu")
+        return self._layer_device(sorted(self._hessian_names)[0])
+
+    def _layer_device(self, name: str) -> torch.device:
+        st = self._state.get(name)
+        if st is not None:
+            return st.channel_amax.device
+        module = self._modules.get(name)
+        return module.weight.device if module is not None else torch.device("cpu")
+
+    def fold(self, rec: PromptRecord) -> None:
+        """Add one prompt's contribution to the totals (call in prompt order: sums are order-sensitive)."""
+        self._check_closed("fold")
+        self._prompt_mode = True
+        for name, lr in rec.layers.items():
+            dev = self._layer_device(name)
+            tot = self._totals.get(name)
+            if tot is None:  # the first contribution is copied (bit for bit), later ones folded in
+                step = lr["step_amax"]
+                tot = self._totals[name] = _Totals(lr["channel_amax"].to(dev, copy=True),
+                                                   None if step is None else step.to(dev, copy=True))
+            else:
+                torch.maximum(tot.channel_amax, lr["channel_amax"].to(dev), out=tot.channel_amax)
+                if tot.step_amax is not None:
+                    torch.maximum(tot.step_amax, lr["step_amax"].to(dev), out=tot.step_amax)
+            tot.calls += lr["calls"]
+            tot.tokens += lr["tokens"]
+            tot.sample_block = lr["sample_block"]
+            if lr["samples"] is not None:
+                tot.samples.append(lr["samples"])
+            tot.sample_steps += lr["sample_steps"]
+        for key, value in rec.hessians.items():
+            total = self._htotals.get(key)
+            if total is None:
+                dev = self._layer_device(key)
+                total = self._htotals[key] = HessianSum(value.shape, dev, self._storage)  # added to on the host
+                self._hmembers[key] = list(rec.groups[key])
+                total.set_(value)
+            else:
+                total.add(value)
+        self.folded.append(rec.index)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The totals (prompt mode, no prompt open) as plain tensors and numbers (CPU), for a checkpoint."""
+        self._flush()
+        self._check_closed("state_dict")
+        layers = {}
+        for name, t in self._totals.items():
+            layers[name] = {"channel_amax": t.channel_amax.cpu(),
+                            "step_amax": None if t.step_amax is None else t.step_amax.cpu(),
+                            "samples": torch.cat(t.samples) if t.samples else None,
+                            "sample_steps": list(t.sample_steps), "sample_block": t.sample_block,
+                            "calls": t.calls, "tokens": t.tokens}
+        hessians = {k: {"members": self._hmembers[k], "sum": h.result()} for k, h in self._htotals.items()}
+        return {"layers": layers, "hessians": hessians, "folded": list(self.folded)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the totals of :meth:`state_dict` (before any forward of this observer)."""
+        if self._state or self._totals or self._htotals:
+            raise RuntimeError("LinearInputObserver.load_state_dict: the observer already holds statistics")
+        rec = PromptRecord(-1)
+        rec.layers = {n: {**lr, "samples": lr["samples"]} for n, lr in state["layers"].items()}
+        rec.hessians = {k: h["sum"] for k, h in state["hessians"].items()}
+        rec.groups = {k: h["members"] for k, h in state["hessians"].items()}
+        self.fold(rec)
+        self.folded = list(state["folded"])

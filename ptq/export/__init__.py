@@ -50,10 +50,11 @@ def export_model(model: nn.Module, cfg: Any, out_dir: Path, *, progress: bool = 
     the module's component in folder exports (``transformer_2`` for a second expert).
 
     A target that cannot represent the recipe (e.g. weight-only NVFP4 for diffusers) is skipped with the reason.
+    Every file is written first, then all are verified in one pass (each layer's simulated weight computed once).
     """
     from tqdm.auto import tqdm
 
-    from ptq.export.roundtrip import verify_export
+    from ptq.export.roundtrip import verify_exports
     from ptq.export.safetensors_io import remove_stale_temp_files
 
     unknown = [t for t in cfg.targets if t not in EXPORTERS]
@@ -65,6 +66,7 @@ def export_model(model: nn.Module, cfg: Any, out_dir: Path, *, progress: bool = 
     meta = {"ptq_version": "0.1.0", **(metadata or {})}
     dtype = UNQUANTIZED_DTYPES[cfg.unquantized_dtype]
     results = []
+    written: list[tuple[ExportResult, Exporter, KeyMap]] = []
     for target in tqdm(list(cfg.targets), desc="export", disable=not progress, leave=False):
         exporter = EXPORTERS[target]
         key_map = (key_maps or {}).get(target) or _default_key_map(model, target)
@@ -75,12 +77,15 @@ def export_model(model: nn.Module, cfg: Any, out_dir: Path, *, progress: bool = 
             log.warning("export %s skipped: %s", target, exc)
             results.append(ExportResult(target, "", skipped=str(exc)))
             continue
-        if cfg.verify:
-            ok, detail = verify_export(exporter, Path(res.path), plain, quant, key_map)
+        written.append((res, exporter, key_map))
+        results.append(res)
+    if cfg.verify and written:
+        checks = verify_exports([(e, Path(r.path), k) for r, e, k in written], plain, quant)
+        for (res, _, _), (ok, detail) in zip(written, checks):
             res.verified, res.verify_detail = ok, detail
             if not ok:
-                raise RuntimeError(f"export {target} failed verification: {detail}")
-        log.info("export %s: %s (%.1f MB, %d quantized layers)", target, res.path, res.bytes / 1e6,
+                raise RuntimeError(f"export {res.target} failed verification: {detail}")
+    for res, _, _ in written:
+        log.info("export %s: %s (%.1f MB, %d quantized layers)", res.target, res.path, res.bytes / 1e6,
                  res.quantized_layers)
-        results.append(res)
     return results

@@ -7,9 +7,11 @@ itself out.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -20,81 +22,141 @@ if TYPE_CHECKING:  # pragma: no cover
     from ptq.export.base import Exporter, KeyMap
 
 _E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+_PAIRS: dict[tuple[bool, torch.device], torch.Tensor] = {}
+
+
+def _pair_table(high_first: bool, device: torch.device) -> torch.Tensor:
+    """float32 ``[256, 2]``: the two E2M1 values of each packed byte, in element order."""
+    key = (high_first, device)
+    t = _PAIRS.get(key)
+    if t is None:
+        byte = torch.arange(256)
+        first, second = (byte >> 4, byte & 0x0F) if high_first else (byte & 0x0F, byte >> 4)
+        t = _PAIRS[key] = torch.stack([_E2M1[first], _E2M1[second]], dim=-1).to(device)
+    return t
 
 
 def reference_decode_nvfp4(packed: torch.Tensor, scales_row_major: torch.Tensor, global_scale: torch.Tensor,
                            high_first: bool) -> torch.Tensor:
-    """float32 ``[rows, 2*packed.shape[1]]`` = E2M1(code) * (global * block_scale), decoded by table lookup."""
-    hi, lo = (packed >> 4).long(), (packed & 0x0F).long()
-    first, second = (hi, lo) if high_first else (lo, hi)
-    codes = torch.stack([first, second], dim=-1).reshape(packed.shape[0], -1)
-    scale = global_scale.float() * scales_row_major.float()
-    return _E2M1[codes] * scale.repeat_interleave(16, dim=1)
+    """float32 ``[rows, 2*packed.shape[1]]`` = E2M1(code) * (global * block_scale), decoded by table lookup (one
+    lookup per packed byte, on ``packed``'s device)."""
+    rows = packed.shape[0]
+    values = _pair_table(high_first, packed.device)[packed.to(torch.int32)].reshape(rows, -1, 16)
+    scale = global_scale.float().to(packed.device) * scales_row_major.float().to(packed.device)
+    return (values * scale.unsqueeze(-1)).reshape(rows, -1)
 
 
 def reference_untile(tiled: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """cuBLAS 128x4 tiled block scales -> ``[rows, cols]``, by explicit index arithmetic."""
+    """cuBLAS 128x4 tiled block scales -> ``[rows, cols]``, by explicit index arithmetic (on ``tiled``'s device)."""
     flat = tiled.reshape(-1)
-    r = torch.arange(rows).view(-1, 1)
-    c = torch.arange(cols).view(1, -1)
+    r = torch.arange(rows, device=tiled.device).view(-1, 1)
+    c = torch.arange(cols, device=tiled.device).view(1, -1)
     n_col_tiles = (cols + 3) // 4
     offset = ((r // 128) * n_col_tiles + c // 4) * 512 + (r % 32) * 16 + ((r % 128) // 32) * 4 + c % 4
     return flat[offset]
 
 
+@dataclass
+class _FileCheck:
+    """One file under verification: its reader, open handle, keys, metadata, the keys accounted for, problems."""
+
+    exporter: Exporter
+    key_map: KeyMap
+    handle: Any
+    keys: set[str]
+    meta: dict[str, str]
+    expected: set[str] = field(default_factory=set)
+    problems: list[str] = field(default_factory=list)
+
+    def get(self, key: str, device: torch.device) -> torch.Tensor:
+        return self.handle.get_tensor(key).to(device)
+
+
+def _check_layer(fc: _FileCheck, name: str, st: QuantizedLinearState, ref: torch.Tensor) -> None:
+    """The quantized layer ``name`` of one file against ``ref`` (the simulated weight) and ``st``'s other tensors."""
+    layer = fc.key_map(name)
+    dev = ref.device
+
+    def get(key: str) -> torch.Tensor:
+        return fc.get(key, dev)
+
+    try:
+        got, used = fc.exporter.reader(st.format)(get, layer, st)
+    except Exception as exc:  # noqa: BLE001 - a missing / unreadable tensor is a verification failure
+        fc.problems.append(f"{layer}: cannot be read back ({type(exc).__name__}: {exc})")
+        return
+    fc.expected |= used
+    if got.shape != ref.shape or not torch.equal(got.view(torch.int32), ref.view(torch.int32)):
+        bad = int((got != ref).sum()) if got.shape == ref.shape else got.numel()
+        fc.problems.append(f"{layer}: dequantized weight differs in {bad} elements")
+    if st.input_scale is not None:
+        key = f"{layer}.input_scale"
+        fc.expected.add(key)
+        if key not in fc.keys or not torch.equal(get(key).float().reshape(()), st.input_scale.float()):
+            fc.problems.append(f"{key}: missing or different")
+    if st.bias is not None:
+        fc.expected.add(f"{layer}.bias")
+        b = get(f"{layer}.bias")
+        if not torch.equal(b, st.bias.to(b.dtype)):
+            fc.problems.append(f"{layer}.bias differs")
+
+
+def _check_rest(fc: _FileCheck, plain: Mapping[str, torch.Tensor], quant: Mapping[str, QuantizedLinearState]) -> None:
+    """The exporter's own checks, every unquantized tensor, no key missing or extra."""
+    used, extra_problems = fc.exporter.extra_checks(fc.keys, fc.handle.get_tensor, fc.meta, quant, fc.key_map)
+    fc.expected |= used
+    fc.problems += extra_problems
+    for key, value in plain.items():
+        okey = fc.key_map(key)
+        fc.expected.add(okey)
+        if okey not in fc.keys:
+            fc.problems.append(f"{okey}: missing")
+            continue
+        got = fc.get(okey, value.device)
+        if got.dtype == torch.float16:
+            fc.problems.append(f"{okey}: float16 (WAN needs bf16/fp32 for unquantized tensors)")
+        if not torch.equal(got, value.to(got.dtype)):
+            fc.problems.append(f"{okey}: values differ")
+    extra, missing = fc.keys - fc.expected, fc.expected - fc.keys
+    if extra:
+        fc.problems.append(f"unexpected keys: {sorted(extra)[:5]}")
+    if missing:
+        fc.problems.append(f"missing keys: {sorted(missing)[:5]}")
+
+
+def verify_exports(files: Sequence[tuple[Exporter, Path, KeyMap]], plain: Mapping[str, torch.Tensor],
+                   quant: Mapping[str, QuantizedLinearState]) -> list[tuple[bool, str]]:
+    """(ok, detail) per file (exporter, path, key map): every quantized layer decodes (with the exporter's reader
+    for its format) bit-exactly to the simulated weight, scales match, every unquantized tensor matches, no key is
+    missing or extra, and the exporter's own checks pass (ComfyUI: the metadata lists exactly the quantized
+    layers).
+
+    One pass: each file's tensors are read once and compared where the model's tensors live (decoding runs on the
+    GPU for a model on the GPU), and each layer's simulated weight is computed once for all files."""
+    with contextlib.ExitStack() as stack:
+        checks = []
+        for exporter, path, key_map in files:
+            handle = stack.enter_context(safe_open(str(path), framework="pt"))
+            checks.append(_FileCheck(exporter, key_map, handle, set(handle.keys()), handle.metadata() or {}))
+        for name, st in quant.items():
+            ref = st.dequantized_weight()
+            for fc in checks:
+                _check_layer(fc, name, st, ref)
+            del ref
+        for fc in checks:
+            _check_rest(fc, plain, quant)
+    out = []
+    for fc in checks:
+        p = fc.problems
+        if p:
+            out.append((False, "; ".join(p[:10]) + (f" (+{len(p) - 10} more)" if len(p) > 10 else "")))
+        else:
+            out.append((True, f"{len(quant)} quantized layers bit-exact, {len(plain)} other tensors equal, "
+                              "no extra keys"))
+    return out
+
+
 def verify_export(exporter: Exporter, path: Path, plain: Mapping[str, torch.Tensor],
                   quant: Mapping[str, QuantizedLinearState], key_map: KeyMap) -> tuple[bool, str]:
-    """(ok, detail): every quantized layer decodes (with the exporter's reader for its format) bit-exactly to the
-    simulated weight, scales match, every unquantized tensor matches, no key is missing or extra, and the
-    exporter's own checks pass (ComfyUI: the metadata lists exactly the quantized layers)."""
-    problems: list[str] = []
-    quant = {n: st.to("cpu") for n, st in quant.items()}
-    with safe_open(str(path), framework="pt") as f:
-        keys = set(f.keys())
-        meta = f.metadata() or {}
-        expected: set[str] = set()
-        for name, st in quant.items():
-            layer = key_map(name)
-            try:
-                got, used = exporter.reader(st.format)(f.get_tensor, layer, st)
-            except Exception as exc:  # noqa: BLE001 - a missing / unreadable tensor is a verification failure
-                problems.append(f"{layer}: cannot be read back ({type(exc).__name__}: {exc})")
-                continue
-            expected |= used
-            ref = st.dequantized_weight()
-            if got.shape != ref.shape or not torch.equal(got.view(torch.int32), ref.view(torch.int32)):
-                bad = int((got != ref).sum()) if got.shape == ref.shape else got.numel()
-                problems.append(f"{layer}: dequantized weight differs in {bad} elements")
-            if st.input_scale is not None:
-                key = f"{layer}.input_scale"
-                expected.add(key)
-                if key not in keys or not torch.equal(f.get_tensor(key).float().reshape(()), st.input_scale.float()):
-                    problems.append(f"{key}: missing or different")
-            if st.bias is not None:
-                expected.add(f"{layer}.bias")
-                b = f.get_tensor(f"{layer}.bias")
-                if not torch.equal(b, st.bias.to(b.dtype)):
-                    problems.append(f"{layer}.bias differs")
-        used, extra_problems = exporter.extra_checks(keys, f.get_tensor, meta, quant, key_map)
-        expected |= used
-        problems += extra_problems
-        for key, value in plain.items():
-            okey = key_map(key)
-            expected.add(okey)
-            if okey not in keys:
-                problems.append(f"{okey}: missing")
-                continue
-            got = f.get_tensor(okey)
-            if got.dtype == torch.float16:
-                problems.append(f"{okey}: float16 (WAN needs bf16/fp32 for unquantized tensors)")
-            if not torch.equal(got, value.cpu().to(got.dtype)):
-                problems.append(f"{okey}: values differ")
-        extra = keys - expected
-        missing = expected - keys
-        if extra:
-            problems.append(f"unexpected keys: {sorted(extra)[:5]}")
-        if missing:
-            problems.append(f"missing keys: {sorted(missing)[:5]}")
-    if problems:
-        return False, "; ".join(problems[:10]) + (f" (+{len(problems) - 10} more)" if len(problems) > 10 else "")
-    return True, f"{len(quant)} quantized layers bit-exact, {len(plain)} other tensors equal, no extra keys"
+    """(ok, detail) of one file: :func:`verify_exports`."""
+    return verify_exports([(exporter, path, key_map)], plain, quant)[0]

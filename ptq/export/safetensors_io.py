@@ -18,6 +18,10 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -118,9 +122,33 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy())
 
 
+#: Device tensors copied to the host ahead of the one being written (the copies overlap the writes).
+PREFETCH_TENSORS = 2
+
+
+def _host_bytes(tensors: dict[str, torch.Tensor], order: list[str]) -> Iterator[memoryview]:
+    """The bytes of each tensor in ``order``; device-to-host copies run on a worker thread up to
+    ``PREFETCH_TENSORS`` tensors ahead of the caller (plain iteration when everything is on the CPU)."""
+    if all(tensors[n].device.type == "cpu" for n in order):
+        for name in order:
+            yield _tensor_bytes(tensors[name])
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ptq-d2h") as pool:
+        pending: deque = deque()
+        names = iter(order)
+        for name in islice(names, PREFETCH_TENSORS):
+            pending.append(pool.submit(_tensor_bytes, tensors[name]))
+        while pending:
+            data = pending.popleft().result()
+            nxt = next(names, None)
+            if nxt is not None:
+                pending.append(pool.submit(_tensor_bytes, tensors[nxt]))
+            yield data
+
+
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> int:
     """Write ``tensors`` (any device) to ``path`` atomically (temp file + rename, mode 0644 minus umask);
-    returns the file size in bytes."""
+    returns the file size in bytes. Device tensors are copied to the host while earlier ones are written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     head, order = safetensors_header(tensors, metadata)
@@ -128,8 +156,8 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
     try:
         with open(tmp, "wb") as fh:
             fh.write(head)
-            for name in order:
-                fh.write(_tensor_bytes(tensors[name]))
+            for data in _host_bytes(tensors, order):
+                fh.write(data)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)

@@ -19,7 +19,8 @@ from ptq.eval.summary import run_summary
 from ptq.models import get_adapter
 from ptq.models.base import ModelAdapter
 from ptq.models.cpu_matmul import Float32LinearOnCPU
-from ptq.pipeline import experts, stages
+from ptq.pipeline import experts, parallel, stages
+from ptq.pipeline.distributed import DistContext, broadcast_object, init_from_env, shutdown
 from ptq.pipeline.prompts import load_images, load_prompts
 from ptq.pipeline.sampling import PromptSet
 from ptq.pipeline.settings import RunConfig, SamplingConfig
@@ -131,6 +132,18 @@ def model_run_info(adapter: ModelAdapter, cfg: RunConfig, calib: PromptSet, eval
 
 
 def _run(cfg: RunConfig, out_dir: Path, recipe_name: str | None) -> dict[str, Any]:
+    ctx = init_from_env(pick_device(cfg.model.device).type)  # torchrun / accelerate launch: one rank of N
+    # an exception ends this process without waiting for the others (the launcher then stops them)
+    report = _run_ranked(cfg, Path(broadcast_object(ctx, str(out_dir))), ctx, recipe_name)
+    shutdown(ctx)
+    return report
+
+
+def _run_ranked(cfg: RunConfig, out_dir: Path, ctx: DistContext, recipe_name: str | None) -> dict[str, Any]:
+    """The job on one rank (every rank calibrates and evaluates its share of the prompts; rank 0 quantizes,
+    exports and reports, the others return ``{}``)."""
+    if not ctx.is_main:
+        cfg.progress = False
     out_dir.mkdir(parents=True, exist_ok=True)
     timer = PhaseTimer()
     device = pick_device(cfg.model.device)
@@ -139,7 +152,7 @@ def _run(cfg: RunConfig, out_dir: Path, recipe_name: str | None) -> dict[str, An
     adapter = open_adapter(cfg)
     # sha256 of the weights the exports record as their source: read in the background (GBs for a real model)
     hasher = ThreadPoolExecutor(1, thread_name_prefix="ptq-hash")
-    source_hash = hasher.submit(adapter.content_hash, Path(cfg.eval.cache_dir))
+    source_hash = hasher.submit(adapter.content_hash, Path(cfg.eval.cache_dir)) if ctx.is_main else None
     hasher.shutdown(wait=False)
     calib_prompts = load_prompts(cfg.calib, "calib")
     eval_prompts = load_prompts(cfg.eval, "eval") if cfg.eval.enabled else []
@@ -165,7 +178,7 @@ def _run(cfg: RunConfig, out_dir: Path, recipe_name: str | None) -> dict[str, An
         cache_file = stages.baseline_cache_file(cfg.eval.cache_dir, payload)
         with timer("baseline_eval"):
             baseline, cached = stages.bf16_baseline(adapter, evals, cache_file, progress=cfg.progress,
-                                                    cuda_graphs=cfg.model.cuda_graphs)
+                                                    cuda_graphs=cfg.model.cuda_graphs, dist=ctx)
         if cached:
             del timer.seconds["baseline_eval"]
             timer.peak_gib.pop("baseline_eval", None)
@@ -175,18 +188,29 @@ def _run(cfg: RunConfig, out_dir: Path, recipe_name: str | None) -> dict[str, An
     analyses: dict[str, Any] = {}
     records: dict[str, Any] = {}
     calibrated = False
-    for part in experts.calibration_passes(adapter, cfg.calib.expert_trajectory):
+    passes = experts.calibration_passes(adapter, cfg.calib.expert_trajectory)
+    sessions = []
+    for part in passes:
+        session = parallel.calibration_session(
+            ctx, part, recipe, calib, cfg.calib, out_dir, resume=cfg.resume,
+            settings={"dtype": cfg.model.dtype, "device": device.type,
+                      "cpu_float32_linear": cfg.model.cpu_float32_linear},
+            part="_".join(part.targets()) if len(passes) > 1 else None)
+        sessions.append(session)
         with timer("calibrate"):
             cal = stages.calibrate(part, recipe, calib, samples_per_call=cfg.calib.samples_per_call,
-                                   seed=cfg.calib.seed, progress=cfg.progress, cuda_graphs=cfg.model.cuda_graphs)
+                                   seed=cfg.calib.seed, progress=cfg.progress, cuda_graphs=cfg.model.cuda_graphs,
+                                   session=session)
         calibrated |= cal.needs.any
         part_recipes = {name: recipe for name in part.targets()}
-        if recipe.mixed.analyse:
+        if recipe.mixed.analyse and ctx.is_main:
             with timer("sensitivity"):
                 part_recipes, part_analyses = stages.analyse(part, recipe, cal, progress=cfg.progress)
             analyses.update(part_analyses)
         with timer("quantize"):
-            records.update(stages.quantize(part, part_recipes, cal, progress=cfg.progress))
+            if ctx.is_main:
+                records.update(stages.quantize(part, part_recipes, cal, progress=cfg.progress))
+            parallel.share_quantized(ctx, part)
             for name in part.targets():
                 adapter.after_quantize(name)
         recipes.update(part_recipes)
@@ -199,7 +223,9 @@ def _run(cfg: RunConfig, out_dir: Path, recipe_name: str | None) -> dict[str, An
     if evals is not None:
         with timer("quant_eval"):
             quant_results = stages.evaluate(adapter, evals, desc=f"eval ({recipe.format})", progress=cfg.progress,
-                                            cuda_graphs=cfg.model.cuda_graphs)
+                                            cuda_graphs=cfg.model.cuda_graphs, dist=ctx)
+    if not ctx.is_main:
+        return {}
     with timer("export"):
         source = {"ptq_source_model": adapter.display_name, "ptq_source_sha256": source_hash.result(),
                   **adapter.export_info()}
@@ -229,6 +255,9 @@ def _run(cfg: RunConfig, out_dir: Path, recipe_name: str | None) -> dict[str, An
                               experts=expert_sections(run_info, records, analyses, baseline, quant_results)
                               if multi else None)
     log.info("wrote %s", out_dir / "report.md")
+    for session in sessions:
+        if session.checkpoint is not None and session.checkpoint.is_file() and not cfg.calib.keep_checkpoint:
+            session.checkpoint.unlink()  # the run is complete: nothing left to resume
     if cfg.progress or cfg.log_level != "WARNING":
         print(run_summary(report, out_dir), flush=True)
     return report

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,22 +31,28 @@ class PromptSet:
 
 
 def sample_prompts(adapter: ModelAdapter, ps: PromptSet, *, desc: str, progress: bool, keep_steps: bool,
-                   on_step_start: Callable[[int], None] | None = None, cuda_graphs: bool = False
-                   ) -> list[dict[str, Any]]:
-    """Denoise every prompt; returns per prompt {"final": latents, "steps": [latents per step]} on CPU float32.
+                   on_step_start: Callable[[int], None] | None = None, cuda_graphs: bool = False,
+                   indices: Sequence[int] | None = None, on_prompt_start: Callable[[int], None] | None = None,
+                   on_prompt_end: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+    """Denoise every prompt (or the prompts ``indices``, in that order); returns per prompt {"final": latents,
+    "steps": [latents per step]} on CPU float32.
 
     ``cuda_graphs``: replay each target's forward from CUDA graphs (CUDA only; hooks attached now are captured, so
-    attach them before and keep them until this returns)."""
+    attach them before and keep them until this returns). ``on_prompt_start(i)`` / ``on_prompt_end(i)`` run around
+    prompt ``i``."""
     from tqdm.auto import tqdm
 
     results = []
-    bar = tqdm(total=sum(s.num_steps for s in ps.specs), desc=desc, disable=not progress, leave=False)
+    order = range(len(ps)) if indices is None else list(indices)
+    bar = tqdm(total=sum(ps.specs[i].num_steps for i in order), desc=desc, disable=not progress, leave=False)
     runners: dict[str, CudaGraphForward] = {}
     if cuda_graphs:
         for name, target in adapter.targets().items():
             if next(target.module.parameters()).is_cuda:
                 runners[name] = CudaGraphForward(target.module)
-    for i in range(len(ps)):
+    for i in order:
+        if on_prompt_start is not None:
+            on_prompt_start(i)
         steps: list[torch.Tensor] = []
 
         def end(step: int, t: torch.Tensor, z: torch.Tensor, _steps: list = steps) -> None:
@@ -58,6 +64,8 @@ def sample_prompts(adapter: ModelAdapter, ps: PromptSet, *, desc: str, progress:
         final = adapter.denoise(ps.embeds[i : i + 1], ps.negative, ps.specs[i], condition=cond,
                                 forward=runners or None, on_step_start=on_step_start, on_step_end=end)
         results.append({"final": final.float().cpu(), "steps": steps})
+        if on_prompt_end is not None:
+            on_prompt_end(i)
     bar.close()
     for name, runner in runners.items():
         log.info("%s (%s): %d CUDA-graph replays, %d eager forwards", desc, name, runner.replays, runner.eager_calls)

@@ -79,6 +79,13 @@ class CalibConfig(SamplingConfig):
     # two-expert models: "quantized" = calibrate each expert after the earlier ones are quantized (on the trajectory
     # the quantized model produces), "bf16" = all experts in one pass on the bf16 trajectory
     expert_trajectory: str = "quantized"
+    # resumable runs: the statistics are checkpointed to <run dir>/calibration_checkpoint.pt after every N prompts
+    # (0 = never); the checkpoint is deleted when the run succeeds unless keep_checkpoint
+    checkpoint_every: int = 1
+    keep_checkpoint: bool = False
+    # where GPTQ Hessians accumulate: "device", "host" (pinned CPU memory streamed through the GPU) or "auto" (host
+    # when they would take more than half of the GPU's memory)
+    hessian_storage: str = "auto"
 
 
 @dataclass
@@ -115,3 +122,6 @@ class RunConfig:
     preset: str = "custom"
     progress: bool = True
     log_level: str = "INFO"
+    # continue a killed run's calibration: null = from the checkpoint in hydra.run.dir if there is one (re-running
+    # into the same folder); true = also from the newest matching one in a sibling run folder; false = start over
+    resume: bool | None = None

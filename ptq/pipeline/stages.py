@@ -29,6 +29,9 @@ from ptq.calibration.observers import LinearInputObserver, LinearInputStats
 from ptq.calibration.recorder import ForwardInputRecorder
 from ptq.export import EXPORTERS, ExportResult, export_model
 from ptq.models.base import ModelAdapter
+from ptq.pipeline.calib_run import CalibrationSession, run_session
+from ptq.pipeline.distributed import DistContext, broadcast_object
+from ptq.pipeline.parallel import sample_sharded
 from ptq.pipeline.sampling import PromptSet, sample_prompts
 
 log = logging.getLogger("ptq")
@@ -65,20 +68,39 @@ def baseline_payload(adapter: ModelAdapter, ps: PromptSet, **settings: Any) -> d
             "prompts": ps.prompts, "specs": [asdict(s) for s in ps.specs], "version": 2, **settings}
 
 
+def _load_baseline_cache(cache_file: Path) -> list[dict[str, Any]] | None:
+    """The cached reference outputs, or None (with a warning) when the file cannot be read."""
+    try:
+        return torch.load(cache_file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - e.g. truncated by something other than ptq: recompute
+        log.warning("bf16 baseline cache %s is unreadable (%s): recomputing", cache_file, exc)
+        return None
+
+
 def bf16_baseline(adapter: ModelAdapter, ps: PromptSet, cache_file: Path | None, *, progress: bool,
-                  cuda_graphs: bool) -> tuple[list[dict[str, Any]], bool]:
-    """(reference outputs of the unquantized model, whether they came from the cache). Written atomically, so an
-    interrupted run never leaves a cache entry a later run would trust."""
-    if cache_file is not None and cache_file.is_file():
+                  cuda_graphs: bool, dist: DistContext | None = None) -> tuple[list[dict[str, Any]], bool]:
+    """(reference outputs of the unquantized model, whether they came from the cache). Written atomically (temp
+    file + rename), so an interrupted run never leaves a cache entry a later run would trust; an unreadable entry
+    is recomputed. ``dist``: prompts shared between processes, rank 0 reads / writes the cache and gets every
+    result (the other ranks an empty list)."""
+    ctx = dist or DistContext()
+    results = None
+    if ctx.is_main and cache_file is not None and cache_file.is_file():
         log.info("bf16 baseline: cached %s", cache_file)
-        return torch.load(cache_file, map_location="cpu", weights_only=True), True
-    results = sample_prompts(adapter, ps, desc="baseline (bf16)", progress=progress, keep_steps=True,
+        results = _load_baseline_cache(cache_file)
+    if broadcast_object(ctx, results is not None):
+        return results or [], True
+    results = sample_sharded(ctx, adapter, ps, desc="baseline (bf16)", progress=progress, keep_steps=True,
                              cuda_graphs=cuda_graphs)
-    if cache_file is not None:
+    if cache_file is not None and ctx.is_main:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
-        torch.save(results, tmp)
-        os.replace(tmp, cache_file)
+        try:
+            torch.save(results, tmp)
+            os.replace(tmp, cache_file)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
     return results, False
 
 
@@ -109,10 +131,12 @@ def calibration_needs(recipe: QuantRecipe) -> CalibrationNeeds:
 
 
 def calibrate(adapter: ModelAdapter, recipe: QuantRecipe, ps: PromptSet, *, samples_per_call: int, seed: int,
-              progress: bool, cuda_graphs: bool, needs: CalibrationNeeds | None = None) -> Calibration:
+              progress: bool, cuda_graphs: bool, needs: CalibrationNeeds | None = None,
+              session: CalibrationSession | None = None) -> Calibration:
     """Run the calibration prompts through the unquantized model with observers on the Linears the recipe
     quantizes, collecting what the recipe needs (nothing at all for weight-only round-to-nearest); ``needs``
-    overrides that (e.g. one calibration serving several recipes)."""
+    overrides that (e.g. one calibration serving several recipes). ``session``: prompt by prompt, sharded over
+    processes, checkpointed and resumable (``ptq.pipeline.calib_run``); only its rank 0 gets the statistics."""
     needs = calibration_needs(recipe) if needs is None else needs
     cal = Calibration(needs)
 
@@ -136,7 +160,8 @@ def calibrate(adapter: ModelAdapter, recipe: QuantRecipe, ps: PromptSet, *, samp
         layers = LayerPlanner.for_model(target.module, recipe, adapter.layer_rules).targets(target.module)
         observers[name] = LinearInputObserver(target.module, layers, num_steps=ps.specs[0].num_steps,
                                               samples_per_call=samples_per_call if needs.samples else 0, seed=seed,
-                                              sample_block=SAMPLE_BLOCK, hessian=needs.hessians)
+                                              sample_block=SAMPLE_BLOCK, hessian=needs.hessians,
+                                              hessian_storage=session.hessian_storage if session else "device")
         if needs.inputs:
             recorders[name] = ForwardInputRecorder(target.module, needs.inputs, seed=seed)
     with contextlib.ExitStack() as stack:
@@ -144,11 +169,16 @@ def calibrate(adapter: ModelAdapter, recipe: QuantRecipe, ps: PromptSet, *, samp
             stack.enter_context(o)
         for r in recorders.values():
             stack.enter_context(r)
-        run(observers, recorders)
+        if session is None:
+            run(observers, recorders)
+        else:
+            run_session(session, adapter, ps, observers, recorders, progress=progress, cuda_graphs=cuda_graphs)
+    if session is not None and not session.dist.is_main:
+        return cal  # rank 0 holds the statistics of every rank
     for name, o in observers.items():
         cal.stats[name] = o.stats()
         if needs.hessians:
-            cal.hessians[name] = o.hessians()
+            cal.hessians[name] = o.take_hessians()  # the observer's own sums, no second copy
     cal.inputs = {name: r.inputs for name, r in recorders.items()}
     return cal
 
@@ -195,10 +225,12 @@ def quantize(adapter: ModelAdapter, recipes: dict[str, QuantRecipe], cal: Calibr
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def evaluate(adapter: ModelAdapter, ps: PromptSet, *, desc: str, progress: bool, cuda_graphs: bool
-             ) -> list[dict[str, Any]]:
-    """The (quantized) model's outputs for the evaluation prompts, same seeds as the baseline."""
-    return sample_prompts(adapter, ps, desc=desc, progress=progress, keep_steps=True, cuda_graphs=cuda_graphs)
+def evaluate(adapter: ModelAdapter, ps: PromptSet, *, desc: str, progress: bool, cuda_graphs: bool,
+             dist: DistContext | None = None) -> list[dict[str, Any]]:
+    """The (quantized) model's outputs for the evaluation prompts, same seeds as the baseline (``dist``: shared
+    between processes, every result on rank 0)."""
+    return sample_sharded(dist or DistContext(), adapter, ps, desc=desc, progress=progress, keep_steps=True,
+                          cuda_graphs=cuda_graphs)
 
 
 def export(adapter: ModelAdapter, cfg: Any, out_dir: Path, *, metadata: dict[str, Any], progress: bool
