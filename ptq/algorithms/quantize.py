@@ -70,11 +70,13 @@ def quantize_layer(
     stats: LinearInputStats | None,
     hessian: torch.Tensor | None = None,
 ) -> tuple[QuantLinear, LayerRecord]:
-    """Quantize one Linear to ``fmt`` with ``recipe``; ``stats`` is required unless the recipe is weight-only."""
+    """Quantize one Linear to ``fmt`` with ``recipe``; ``stats`` is required unless the recipe is weight-only or
+    the format scales its activations at run time."""
     number_format = get_format(fmt)
     rec = LayerRecord(name, fmt, recipe.weight_only, module.in_features, module.out_features)
     input_scale = None
-    if not recipe.weight_only:
+    dynamic = number_format.dynamic_activations and not recipe.weight_only
+    if not recipe.weight_only and not dynamic:
         if stats is None:
             raise ValueError(f"{name}: no calibration statistics (layer never called during calibration)")
         clip = choose_clip(recipe.activation, stats, number_format)
@@ -87,7 +89,7 @@ def quantize_layer(
     qw = quantize_weight_with(recipe.weight, w, number_format, WeightContext(name=name, hessian=hessian))
     state = QuantizedLinearState(fmt, qw.weight, qw.scale, qw.scale_2, input_scale,
                                  None if module.bias is None else module.bias.detach().clone(),
-                                 module.in_features, module.out_features)
+                                 module.in_features, module.out_features, dynamic)
     deq = state.dequantized_weight()
     w32 = w.float()
     rec.weight_rel_error = float((deq - w32).norm() / w32.norm().clamp_min(1e-30))
@@ -128,7 +130,7 @@ def quantize_(
         fmt, reason = planner.plan_with_fallback(name, module)
         if reason.startswith("fallback: "):
             log.warning("%s: %s; falls back to %s", name, reason.removeprefix("fallback: "), fmt)
-        if fmt != KEEP and not recipe.weight_only and name not in stats:
+        if fmt != KEEP and not recipe.weight_only and name not in stats and not get_format(fmt).dynamic_activations:
             log.warning("%s: never called during calibration, kept in high precision", name)
             fmt, reason = KEEP, "no calibration statistics (layer never called)"
         if fmt == KEEP:
