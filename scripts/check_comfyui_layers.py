@@ -4,9 +4,9 @@ For each layer of the file: build ``comfy.ops.mixed_precision_ops(...).Linear``,
 ``_load_from_state_dict`` (``comfy_quant`` parsing, scale names, layout classes: exactly what "Load Diffusion Model"
 does per layer), then compare (1) ComfyUI's dequantized weight with ptq's decoding of the file, bit for bit, and
 (2) ComfyUI's forward on a random input with ptq's simulation of the same layer (``QuantLinear`` with the
-arithmetic of comfy-kitchen's eager backend, ``fp8_act_mode="ck_eager"``) for the int8 / int8_convrot / mxfp8 layers. ComfyUI disables the formats the device
-cannot run natively exactly as ``comfy.ops.pick_operations`` does on this device (on CPU: nvfp4, mxfp8 and fp8 run
-dequantized, int8_tensorwise runs its W8A8 eager kernel).
+arithmetic of comfy-kitchen's eager backend, ``fp8_act_mode="ck_eager"``), for the int8 / int8_convrot / mxfp8
+layers. ComfyUI disables the formats the device cannot run natively exactly as ``comfy.ops.pick_operations`` does
+on this device (on CPU: nvfp4, mxfp8 and fp8 run dequantized, int8_tensorwise runs its W8A8 eager kernel).
 
 ComfyUI is not a dependency of ptq: pass a source checkout (e.g. the fork ``silveroxides/ComfyUI``, its ``*.py``
 files are enough). Modules ComfyUI imports at top level for other models may need stubs on ``PYTHONPATH``.

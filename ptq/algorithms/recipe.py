@@ -375,14 +375,22 @@ class QuantRecipe:
         """A copy whose per-layer map also holds ``formats`` (exact names)."""
         return replace(self, layers=replace(self.layers, formats={**self.layers.formats, **formats}))
 
+    @property
+    def activation_label(self) -> str:
+        """The activation method's label; "dynamic" when no layer has a static input_scale (int8, mxfp8: every
+        method but "none" means the run-time max of each row / block)."""
+        if self.weight_only or self.static_activations():
+            return self.activation.label
+        return "dynamic"
+
     def summary(self) -> dict[str, Any]:
         """The recipe in a few labels (report, leaderboard): format, weight_only, activation, weight, mixed."""
-        return {"format": self.format, "weight_only": self.weight_only, "activation": self.activation.label,
+        return {"format": self.format, "weight_only": self.weight_only, "activation": self.activation_label,
                 "weight": self.weight.label, "mixed_precision": self.mixed.enabled,
                 "fp8_per_channel": self.weight.fp8_per_channel}
 
     def title(self) -> str:
         """One-line name of the recipe, e.g. ``nvfp4 gptq_four_over_six act=mse``."""
-        act = "weight-only" if self.weight_only else f"act={self.activation.label}"
+        act = "weight-only" if self.weight_only else f"act={self.activation_label}"
         mixed = f" mixed<={self.mixed.bits_budget:g}b" if self.mixed.enabled else ""
         return f"{self.format} {self.weight.label} {act}{mixed}"

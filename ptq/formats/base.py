@@ -52,7 +52,7 @@ class NumberFormat(ABC):
     dynamic_activations: ClassVar[bool] = False
     #: Runtime facts, as data for per-GPU reports: the lowest CUDA compute capability on which ComfyUI runs the
     #: format's W+A kernel (None: no native kernel); ``portable_kernel``: ComfyUI also runs the same W+A arithmetic
-    #: on other devices (CPU, older GPUs) through a portable kernel instead of dequantizing the weight.
+    #: without that kernel (on CPU: comfy-kitchen's eager backend) instead of dequantizing the weight.
     native_min_capability: ClassVar[tuple[int, int] | None] = None
     portable_kernel: ClassVar[bool] = False
 

@@ -213,7 +213,7 @@ class MXFP8Format(NumberFormat):
     def block_scale_candidates(self, blocks: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The round-to-nearest E8M0 scale of each block and the next smaller power of two (which clips the block
         max but halves the step of everything else); code 0 blocks keep code 0."""
-        e = e8m0_from_amax(blocks.float().abs().amax(dim=-1), mode="ck_eager")
+        e = e8m0_from_amax(torch.as_tensor(blocks, dtype=torch.float32).abs().amax(dim=-1), mode="ck_eager")
         lower = torch.where(e > 1, e - 1, e).to(torch.uint8)
         return [(e, _power_of_two(e)), (lower, _power_of_two(lower))]
 
