@@ -186,9 +186,8 @@ def _ck_dequantize(sd: dict[str, torch.Tensor], layer: str, conf: dict, shape: t
 
 
 @pytest.mark.parametrize(("fmt", "activation", "per_channel"),
-                         [("int8", "dynamic", False), ("int8", "dynamic", True), ("int8", "none", False),
-                          ("int8_convrot", "dynamic", False), ("mxfp8", "dynamic", False),
-                          ("mxfp8", "none", False)])
+                         [("int8", "dynamic", False), ("int8", "dynamic", True), ("int8_convrot", "dynamic", False),
+                          ("mxfp8", "dynamic", False), ("mxfp8", "none", False)])
 def test_comfyui_export_round_trips_through_comfy_kitchen(tmp_path: Path, fmt: str, activation: str,
                                                           per_channel: bool) -> None:
     ck = pytest.importorskip("comfy_kitchen")
@@ -233,6 +232,18 @@ def test_comfyui_export_round_trips_through_comfy_kitchen(tmp_path: Path, fmt: s
                 finally:
                     QuantLinear.fp8_act_mode = "float32"
     assert ck is not None
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int8_convrot"])
+def test_weight_only_int8_is_not_exported_for_comfyui(tmp_path: Path, fmt: str) -> None:
+    """ComfyUI runs int8_tensorwise as W8A8 even with full_precision_matrix_mult (checked by loading such a file
+    through comfy.ops): a weight-only int8 file would not compute what ptq simulated, so the exporter refuses."""
+    model, _ = _mlp()
+    quantize_(model, QuantRecipe(format=fmt, activation="none", layers=LayerSelection(exclude=[])), {},
+              progress=False)
+    cfg = SimpleNamespace(targets=["comfyui"], unquantized_dtype="bfloat16", filename="m", verify=True)
+    (res,) = export_model(model, cfg, tmp_path, progress=False, key_maps={"comfyui": str})
+    assert "runs int8_tensorwise layers as W8A8" in res.skipped and not list(tmp_path.glob("*.safetensors"))
 
 
 # ------------------------------------------------------------------------------------------------ verify, inspect
@@ -291,8 +302,9 @@ def test_verify_and_inspect_flag_broken_layouts(mixed_file: Path, random_tiny_di
     sd[mx] = sd[mx].view(torch.uint8).float()
     layers = json.loads(meta["_quantization_metadata"])
     layers["layers"]["blocks.1.ffn.0"]["convrot_groupsize"] = 48
-    sd["blocks.1.ffn.0.comfy_quant"] = torch.tensor(list(json.dumps(layers["layers"]["blocks.1.ffn.0"]).encode()),
-                                                    dtype=torch.uint8)
+    layers["layers"]["blocks.3.ffn.2"]["full_precision_matrix_mult"] = True
+    for name in ("blocks.1.ffn.0", "blocks.3.ffn.2"):
+        sd[f"{name}.comfy_quant"] = torch.tensor(list(json.dumps(layers["layers"][name]).encode()), dtype=torch.uint8)
     bad = tmp_path / "bad.safetensors"
     save_file(sd, str(bad), metadata={**meta, "_quantization_metadata": json.dumps(layers)})
     rep = inspect_file(bad)
@@ -301,14 +313,17 @@ def test_verify_and_inspect_flag_broken_layouts(mixed_file: Path, random_tiny_di
     assert codes["int8_scale_shape"].layers == ["blocks.3.ffn.0"]
     assert codes["mxfp8_scale_layout"].layers == ["blocks.0.self_attn.q"]
     assert codes["convrot_group"].layers == ["blocks.1.ffn.0"]
+    assert [p.layers for p in rep.warnings if p.code == "int8_weight_only_ignored"] == [["blocks.3.ffn.2"]]
     r = verify_file(bad, str(random_tiny_dir), check_load=False)
     failing = {c.name for c in r.layers if not c.ok}
     assert {"blocks.0.attn1.to_q", "blocks.1.ffn.net.0.proj"} <= failing
+    assert "blocks.3.ffn.net.2" not in failing  # simulated as ComfyUI runs it: W8A8 despite the flag
 
 
-def test_ptq_run_int8(random_tiny_dir: Path, tmp_path: Path) -> None:
-    """`python -m ptq run config=tiny_nvfp4 quant=int8`: no calibration, W8A8 layers, ComfyUI file verified, the
-    diffusers target skipped with its reason."""
+@pytest.mark.slow
+def test_ptq_run_int8_convrot(random_tiny_dir: Path, tmp_path: Path) -> None:
+    """`python -m ptq run config=tiny_nvfp4 quant=int8_convrot`: no calibration, W8A8 layers, ComfyUI file verified,
+    the diffusers target skipped with its reason."""
     from tests.test_pipeline import FAST, _run
 
     proc = _run(["run", "config=tiny_nvfp4", "quant=int8_convrot", f"model.path={random_tiny_dir}",
@@ -334,8 +349,8 @@ def test_recipes_compose() -> None:
     from ptq.run import CONFIG_DIR
 
     register_configs()
-    names = ["int8", "int8_per_channel", "int8_gptq", "int8_weight_only", "int8_convrot", "int8_convrot_gptq",
-             "int8_mixed", "mxfp8", "mxfp8_gptq", "mxfp8_weight_only"]
+    names = ["int8", "int8_per_channel", "int8_gptq", "int8_convrot", "int8_convrot_gptq", "int8_mixed", "mxfp8",
+             "mxfp8_gptq", "mxfp8_weight_only"]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         for name in names:
             recipe = OmegaConf.to_object(compose("ptq", overrides=["config=tiny_nvfp4", f"quant={name}"])).quant

@@ -103,7 +103,13 @@ def write_fp8(layer: str, state: QuantizedLinearState, dtype: torch.dtype) -> di
 
 
 def write_int8(layer: str, state: QuantizedLinearState, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """int8 and int8_convrot: codes as stored in memory, float32 scale ``[]`` or ``[out, 1]``."""
+    """int8 and int8_convrot: codes as stored in memory, float32 scale ``[]`` or ``[out, 1]``. Weight-only int8 is
+    refused: ComfyUI runs an int8_tensorwise layer as W8A8 even with ``full_precision_matrix_mult`` (the weight keeps
+    its compute dtype, so comfy.ops never dequantizes it, and comfy-kitchen's int8 linear quantizes every input)."""
+    if state.weight_only:
+        raise UnsupportedExport(f"{layer}: ComfyUI runs int8_tensorwise layers as W8A8 (dynamic per-row activations) "
+                                "even with full_precision_matrix_mult, so weight-only int8 cannot be exported for it; "
+                                "use quant.activation=max (or dynamic)")
     scale = state.weight_scale.float()
     scale = scale.reshape(()) if scale.numel() == 1 and state.format == "int8" else scale.reshape(-1, 1)
     return {f"{layer}.weight": state.weight, f"{layer}.weight_scale": scale, **_common(layer, state, dtype)}

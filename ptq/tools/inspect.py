@@ -100,6 +100,7 @@ PROBLEM_CODES: dict[str, str] = {
     "int8_scale_shape": "int8_tensorwise weight scale neither a scalar nor one per output row [out, 1]",
     "convrot_group": "ConvRot group size not a power of 4 dividing in_features",
     "mxfp8_scale_layout": "MXFP8 block scales not E8M0 in the cuBLAS tiled shape ComfyUI reads",
+    "int8_weight_only_ignored": "int8_tensorwise layers marked full_precision_matrix_mult, which ComfyUI ignores",
 }
 """Every problem code :func:`inspect_file` can emit, with a one-line meaning."""
 
@@ -929,6 +930,7 @@ class _Inspector:
         bad_mx: list[str] = []
         not_f32: list[str] = []
         unused_in: list[str] = []
+        fp_ignored: list[str] = []
         counts: Counter[str] = Counter()
         detail = {"int8": "", "mx": "", "group": ""}
         for li in layers:
@@ -940,6 +942,8 @@ class _Inspector:
             ws = g.get("weight_scale")
             if "input_scale" in g:
                 unused_in.append(li.name)
+            if li.format != "mxfp8" and confs.get(li.name, {}).get("full_precision_matrix_mult"):
+                fp_ignored.append(li.name)
             if ws is None:
                 missing_ws.append(li.name)
                 continue
@@ -961,6 +965,13 @@ class _Inspector:
                     bad_group.append(li.name)
                     detail["group"] = detail["group"] or f"{li.name}: convrot_groupsize {gs!r}, in_features {in_f}"
         self._report_dynamic_formats(missing_ws, bad_int8, bad_group, bad_mx, not_f32, detail)
+        if fp_ignored:
+            self.problem("int8_weight_only_ignored", "warning", fp_ignored,
+                         'int8_tensorwise layers with "full_precision_matrix_mult": true: ComfyUI still runs them as '
+                         "W8A8 with dynamic per-row activations (the weight keeps the compute dtype, so comfy.ops "
+                         "never dequantizes it and comfy-kitchen's int8 linear quantizes the input), not as W8A16.",
+                         "drop the flag (what ComfyUI computes anyway), or store the layer in bf16 / another format "
+                         "for weight-only precision")
         if unused_in:
             self.notes.append(f"{len(unused_in)} int8/mxfp8 layer(s) carry an input_scale, which ComfyUI does not "
                               "use for these formats (activations are scaled at run time)")

@@ -143,9 +143,11 @@ def _layer_format(g: dict[str, torch.Tensor], conf: dict[str, Any]) -> str | Non
 def file_layer_state(g: dict[str, torch.Tensor], conf: dict[str, Any], inp: int, out: int,
                      bias: torch.Tensor | None = None) -> QuantizedLinearState:
     """A ComfyUI-layout layer of a dynamic-activation format (``g``: suffix -> tensor) in ptq's in-memory layout:
-    int8 / int8_convrot codes with their float32 scale, MXFP8 codes with untiled uint8 E8M0 scales."""
+    int8 / int8_convrot codes with their float32 scale, MXFP8 codes with untiled uint8 E8M0 scales; weight-only as
+    ComfyUI runs it (MXFP8 with ``full_precision_matrix_mult``; int8 never: ComfyUI ignores the flag for int8)."""
     fmt = _layer_format(g, conf)
-    weight_only = bool(conf.get("full_precision_matrix_mult"))
+    # ComfyUI dequantizes weight-only MXFP8 layers, but runs int8_tensorwise as W8A8 whatever the flag says
+    weight_only = bool(conf.get("full_precision_matrix_mult")) and fmt == "mxfp8"
     if fmt == "mxfp8":
         codes = reference_untile(g["weight_scale"].view(torch.uint8), out, inp // 32).contiguous()
         return QuantizedLinearState("mxfp8", g["weight"], codes, None, None, bias, inp, out, not weight_only)
