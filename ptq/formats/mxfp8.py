@@ -146,7 +146,8 @@ class MXFP8Format(NumberFormat):
     weight_bits = 8.0 + 8.0 / MXFP8_BLOCK
     activation_block = MXFP8_BLOCK
     dynamic_activations = True
-    # ComfyUI runs mxfp8 natively on compute capability >= 10 (Blackwell); elsewhere it dequantizes the weight
+    # ComfyUI runs mxfp8 natively on compute capability >= 10 (Blackwell) with torch >= 2.10; elsewhere it
+    # dequantizes the weight
     native_min_capability = (10, 0)
     portable_kernel = False
 
