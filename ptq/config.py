@@ -12,7 +12,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from ptq.algorithms.recipe import ACTIVATION_METHODS, WEIGHT_METHODS, QuantRecipe
+from ptq.algorithms.recipe import ACTIVATION_METHODS, WEIGHT_METHODS
 from ptq.calibration.hessian_store import HESSIAN_STORAGES
 from ptq.pipeline.settings import (
     CalibConfig,
@@ -64,5 +64,18 @@ def validate_config(cfg: RunConfig) -> None:
     if cfg.calib.hessian_storage not in HESSIAN_STORAGES:
         raise ValueError(f"calib.hessian_storage={cfg.calib.hessian_storage!r}: expected one of "
                          f"{', '.join(HESSIAN_STORAGES)}")
+    from ptq.pipeline.experts import TRAJECTORIES
+
+    if cfg.calib.expert_trajectory not in TRAJECTORIES:
+        raise ValueError(f"calib.expert_trajectory={cfg.calib.expert_trajectory!r}: expected one of "
+                         f"{', '.join(TRAJECTORIES)}")
+    from ptq.algorithms.recipe import GPTQWeight
+
+    if cfg.model.offload and isinstance(cfg.quant.weight, GPTQWeight):
+        raise ValueError("model.offload=true with quant/weight=gptq: GPTQ needs the weights on the GPU next to its "
+                         "Hessians; use a round-to-nearest or mse weight method, or model.offload=false")
+    for i, lora in enumerate(cfg.model.loras):
+        if not lora.path:
+            raise ValueError(f"model.loras[{i}].path is empty: give the LoRA's .safetensors file")
     if cfg.quant.needs().samples and cfg.calib.samples_per_call <= 0:
         raise ValueError(f"quant.activation={cfg.quant.activation.label!r} needs calib.samples_per_call > 0")

@@ -138,13 +138,15 @@ def main() -> None:
             summary = recipe.summary()
             rows.append({"recipe": name, **{k: summary[k] for k in ("format", "weight_only", "activation", "weight")},
                          "bits_all": bits_per_weight(records), "bits_quantized": bpw_q,
-                         "counts": {f: sum(r.format == f for r in records) for f in ("nvfp4", "fp8", "bf16")},
+                         "counts": {f: sum(r.format == f for r in records)
+                                    for f in sorted({r.format for r in records})},
                          **mean, "per_prompt_rel_l2": [m["rel_l2"] for m in ms], "seconds": t_quant,
                          "plan": plan and {k: plan[k] for k in ("bits_per_weight", "counts", "predicted_error")}})
             print(f"{name}: rel_l2 {mean['rel_l2']:.4f} cos {mean['cosine']:.5f} psnr {mean['psnr']:.2f} "
                   f"bits {bpw_q:.3f} ({t_quant:.1f} s)", flush=True)
 
-    ref = {r["format"]: r["rel_l2"] for r in rows if r["activation"] == "max" and r["weight"] == "max"
+    # the reference of each format: max round-to-nearest with its activations quantized (static max or run-time scales)
+    ref = {r["format"]: r["rel_l2"] for r in rows if r["activation"] in ("max", "dynamic") and r["weight"] == "max"
            and not r["plan"] and not r["weight_only"] and not r["recipe"].startswith(ACT_ONLY)}
     print("\n| recipe | bits/weight (quantized layers) | bits/weight (all Linears) | final rel. L2 | vs max RTN "
           "| cosine | PSNR dB | quantize s |")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from ptq import cli
+from ptq.algorithms.recipe import ACTIVATION_METHODS
 from ptq.run import CONFIG_DIR, hydra_main
 
 #: every preset, as the error lists them (the WAN family's presets included)
@@ -16,7 +17,8 @@ PRESETS = ", ".join(sorted(p.stem for p in (CONFIG_DIR / "config").glob("*.yaml"
 
 @pytest.mark.parametrize("args,expected", [
     (["calib.num_prompts=0"], "calib.num_prompts=0: expected >= 1"),
-    (["quant/activation=maxx"], "quant/activation=maxx: no such option; choose one of max, mse, mse_steps, none"),
+    (["quant/activation=maxx"], "quant/activation=maxx: no such option; choose one of "
+                                + ", ".join(sorted(ACTIVATION_METHODS))),
     (["quant.activation=maxx"], "quant.activation=maxx: choose the method with quant/activation=NAME"),
     (["eval.height=17"], "eval.height=17: expected a positive multiple of 8"),
     (["+quant.activaton=max"], "quant.activaton: no such key"),

@@ -250,12 +250,12 @@ def test_fake_quantize_fp8_shapes_and_saturation():
 
 
 def test_format_registry():
-    assert set(FORMATS) == {"fp8", "nvfp4"}
+    assert set(FORMATS) == {"fp8", "nvfp4", "int8", "int8_convrot", "mxfp8"}
     assert get_format("fp8").weight_bits == 8.0 and get_format("fp8").block_size is None
     assert get_format("fp8").storage_dtype == torch.float8_e4m3fn
     nv = get_format("nvfp4")
     assert nv.weight_bits == 4.5 and nv.block_size == 16 and nv.storage_dtype == torch.uint8
-    with pytest.raises(ValueError, match="fp8, nvfp4"):
+    with pytest.raises(ValueError, match="fp8, int8, int8_convrot, mxfp8, nvfp4"):
         get_format("int4")
 
 

@@ -195,3 +195,24 @@ def test_gpu_batched_matches_per_layer(fmt: str, scales: str) -> None:
         ea = gptq.layer_output_error(w, a, hessians[name])
         eb = gptq.layer_output_error(w, b, hessians[name])
         assert agree > 0.9 and abs(eb / ea - 1) < 0.01, f"{name}: {agree:.4f} equal, error ratio {eb / ea:.4f}"
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int8_convrot", "mxfp8"])
+def test_quantize_with_batched_gptq_on_dynamic_formats_equals_per_layer(fmt: str) -> None:
+    """Formats with run-time activation scales need no calibration statistics: quantize_ batches their GPTQ too
+    (int8), or leaves it to the per-layer path where the batched sweep cannot go (ConvRot's rotated basis, MXFP8's
+    block scales); either way the result equals the per-layer GPTQ bit for bit."""
+    torch.manual_seed(1)
+    template = nn.Sequential(nn.Linear(256, 512), nn.Linear(512, 256))
+    x = torch.randn(512, 256)
+    hessians = {"0": x.t() @ x, "1": template[0](x).detach().t() @ template[0](x).detach()}
+    states = []
+    for batched in (True, False):
+        model = nn.Sequential(nn.Linear(256, 512), nn.Linear(512, 256))
+        model.load_state_dict(template.state_dict())
+        recipe = QuantRecipe(format=fmt, weight=GPTQWeight(batched=batched), activation="dynamic")
+        recipe.layers.exclude = []
+        quantize_(model, recipe, hessians=hessians, progress=False)
+        states.append([model[i].state() for i in (0, 1)])
+    for a, b in zip(*states, strict=True):
+        assert a.format == fmt and torch.equal(a.weight, b.weight) and torch.equal(a.weight_scale, b.weight_scale)

@@ -1,4 +1,4 @@
-"""GPTQ for NVFP4 and FP8: error-compensating rounding with the layer's input Hessian ``H = E[x x^T]``.
+"""GPTQ for every format: error-compensating rounding with the layer's input Hessian ``H = E[x x^T]``.
 
 Minimises ``||X W^T - X Q^T||^2`` column by column (Frantar et al., "GPTQ", 2022): column ``j`` is rounded to the
 format's grid with its (fixed) scales, and its rounding error, weighted by the inverse-Hessian row
@@ -11,6 +11,8 @@ of ``block_size`` columns. The scales are chosen first and kept, so the result i
   when GPTQ reaches the block's first column, from the weights as updated by the error feedback so far (GPTQ's
   "groups"); False chooses all block scales from the original weights (required for ``act_order``).
 * FP8: one scale per tensor (or per output channel) from "max" or "mse" clipping; elements are rounded in float32.
+  int8 the same (int8_convrot in its rotated basis: the rotated weight with the rotated Hessian ``R^T H R``).
+* Other block formats (MXFP8): each block's scale chosen when GPTQ reaches it (:func:`gptq_block_scaled`).
 
 The column rounding itself is the format's (:meth:`ptq.formats.NumberFormat.gptq_round`): formats with fixed
 per-tensor / per-channel scales share :func:`gptq_fixed_scale`; NVFP4's per-16 block scales chosen on the fly are
@@ -247,10 +249,71 @@ def gptq_fp8(
     return codes, scale.to(torch.float32)
 
 
+@torch.no_grad()
+def gptq_block_scaled(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    fmt: NumberFormat,
+    *,
+    damp: float = 0.01,
+    block_size: int = 128,
+    scales: str = "mse",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ rounding of ``w [out, in]`` to a block format with one scale per ``fmt.block_size`` inputs chosen when
+    GPTQ reaches the block's first column, from the weights as updated by the error feedback so far: "max" takes the
+    format's round-to-nearest scale, "mse" (and "four_over_six") the candidate of
+    :meth:`~ptq.formats.NumberFormat.block_scale_candidates` with the smallest ``diag(H)``-weighted squared error.
+    Returns ``(codes [out, in], stored block scales [out, in/block])``."""
+    bsz = fmt.block_size
+    assert bsz is not None
+    rows, cols = w.shape
+    dev = w.device
+    W = w.detach().float().clone()
+    H = prepare_hessian(hessian.to(dev), damp)
+    diag = torch.diagonal(H).clone()
+    hinv = inverse_cholesky_upper(H, damp)
+    codes = torch.empty(rows, cols, dtype=fmt.storage_dtype, device=dev)
+    stored: list[torch.Tensor] = []
+    value = torch.empty(rows, 1, device=dev)
+
+    def quantize_column(j: int, w1: torch.Tensor, i: int) -> torch.Tensor:
+        if j % bsz == 0:
+            s, v = _choose_block_scale(fmt, w1[:, i : i + bsz], diag[j : j + bsz], scales)
+            stored.append(s)
+            value.copy_(v.reshape(rows, 1))
+        c, q = fmt.gptq_round(w1[:, i], value[:, 0])
+        codes[:, j] = c
+        return q
+
+    _gptq_sweep(W, hinv, max(bsz, (block_size // bsz) * bsz), quantize_column)
+    return codes, torch.stack(stored, dim=1)
+
+
+def _choose_block_scale(fmt: NumberFormat, cols: torch.Tensor, cw: torch.Tensor, method: str
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stored scale [out], element scale [out]) of one block of columns ``cols [out, block]``."""
+    cands = fmt.block_scale_candidates(cols)
+    if method == "max" or len(cands) == 1:
+        return cands[0]
+    best_s, best_v = cands[0]
+    best_e = None
+    for s, v in cands:
+        _, q = fmt.gptq_round(cols, v.unsqueeze(-1))
+        e = ((q - cols).pow(2) * cw).sum(-1)
+        if best_e is None:
+            best_e = e
+            continue
+        better = e < best_e
+        best_s, best_v = torch.where(better, s, best_s), torch.where(better, v, best_v)
+        best_e = torch.minimum(e, best_e)
+    return best_s, best_v
+
+
 def quantize_gptq(w: torch.Tensor, fmt: NumberFormat, cfg: GPTQWeight, ctx: WeightContext) -> QuantizedWeight:
-    """The ``GPTQWeight`` method: NVFP4 with block scales chosen on the fly (:func:`gptq_nvfp4`); formats with
-    per-tensor / per-channel scales on the scales round-to-nearest would use (Four-over-Six, an NVFP4 block idea,
-    takes the amax scale there), then :func:`gptq_fixed_scale`."""
+    """The ``GPTQWeight`` method: NVFP4 with block scales chosen on the fly (:func:`gptq_nvfp4`); other block formats
+    with :func:`gptq_block_scaled`; formats with per-tensor / per-channel scales on the scales round-to-nearest would
+    use (Four-over-Six, an NVFP4 block idea, takes the amax scale there), then :func:`gptq_fixed_scale`, in the
+    basis the format stores its codes in (:meth:`~ptq.formats.NumberFormat.code_domain`: rotated for ConvRot)."""
     if ctx.hessian is None:
         raise ValueError(f"{ctx.name}: weight method 'gptq' needs the layer's input Hessian (calibrate with "
                          "LinearInputObserver(hessian=True) and pass hessians= to quantize_)")
@@ -259,11 +322,15 @@ def quantize_gptq(w: torch.Tensor, fmt: NumberFormat, cfg: GPTQWeight, ctx: Weig
         codes, s, g = gptq_nvfp4(w, ctx.hessian, damp=cfg.damp, block_size=cfg.block_size, scales=cfg.scales)
         return fmt.from_codes(codes, s, g, ctx.name)
     if fmt.block_size is not None:
-        raise ValueError(f"{ctx.name}: GPTQ for the block format {fmt.name!r} is not implemented")
+        codes, s = gptq_block_scaled(w, ctx.hessian, fmt, damp=cfg.damp, block_size=cfg.block_size,
+                                     scales=cfg.scales)
+        return fmt.from_codes(codes, s, None, ctx.name)
     scales = "max" if cfg.scales == "four_over_six" else cfg.scales
     initial = quantize_rtn(w, fmt, WeightMethod(scales=scales, fp8_per_channel=cfg.fp8_per_channel),
                            WeightContext(ctx.name))
-    codes = gptq_fixed_scale(w, ctx.hessian, fmt, initial.scale, damp=cfg.damp, block_size=cfg.block_size)
+    w_c, h_c = fmt.code_domain(w, ctx.hessian)
+    assert h_c is not None
+    codes = gptq_fixed_scale(w_c, h_c, fmt, initial.scale, damp=cfg.damp, block_size=cfg.block_size)
     return fmt.from_codes(codes, initial.scale, initial.scale_2, ctx.name)
 
 
@@ -276,6 +343,7 @@ def layer_output_error(w: torch.Tensor, w_q: torch.Tensor, hessian: torch.Tensor
 
 __all__ = [
     "GPTQ_SCALE_METHODS",
+    "gptq_block_scaled",
     "gptq_fixed_scale",
     "gptq_fp8",
     "gptq_nvfp4",

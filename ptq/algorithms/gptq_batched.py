@@ -432,6 +432,8 @@ def gptq_quantize_many(
         return {}
     if fmt.name != NVFP4.name and fmt.block_size is not None:
         raise ValueError(f"GPTQ for the block format {fmt.name!r} is not implemented")
+    if fmt.rotated_codes:
+        raise ValueError(f"batched GPTQ for {fmt.name!r} (codes in a rotated basis) is not implemented")
     if cfg.scales not in gptq.GPTQ_SCALE_METHODS:
         raise ValueError(f"GPTQ scale method {cfg.scales!r}: expected one of {gptq.GPTQ_SCALE_METHODS}")
     for name, w in weights.items():

@@ -6,6 +6,8 @@ Xv, Wv are the E2M1 codes times their float8 block scales. Those block values ar
 computed with fp32 accumulation (an fp32 matmul on CPU, a bf16 GEMM with fp32 output on CUDA) and rounded once.
 FP8 W8A8 (``torch._scaled_mm``): ``y = (Xq @ Wq^T) * (input_scale * weight_scale) + bias``,
 ``Xq = fp8(clamp(x.float() * (1/input_scale), +-448))`` (comfy-kitchen's CUDA quantizer; ``QuantLinear.fp8_act_mode``).
+Formats whose activation scales are computed at run time (int8 per row, mxfp8 per 32-block; no input_scale) run
+their own kernel's arithmetic, ``NumberFormat.dynamic_linear``.
 Weight-only variants dequantize the weight to the activation dtype and run a plain linear (what loaders without
 FP4/FP8 kernels do).
 
@@ -42,7 +44,8 @@ class QuantizedLinearState:
     ``weight`` / ``weight_scale`` / ``weight_scale_2`` are that format's in-memory layout (e.g. fp8: float8_e4m3fn
     ``[out, in]`` + float32 ``[]`` or ``[out, 1]``; nvfp4: uint8 ``[out, in/2]`` high nibble first + float8_e4m3fn
     ``[out, in/16]`` row-major + float32 ``[]``). input_scale: float32 ``[]`` (the calibrated activation scale) or
-    None for weight-only.
+    None for weight-only. dynamic_activations: the activations are quantized with scales computed at run time
+    (formats with ``NumberFormat.dynamic_activations``, e.g. int8, mxfp8); no input_scale, not weight-only.
     """
 
     format: str
@@ -53,6 +56,12 @@ class QuantizedLinearState:
     bias: torch.Tensor | None
     in_features: int
     out_features: int
+    dynamic_activations: bool = False
+
+    @property
+    def weight_only(self) -> bool:
+        """Activations stay in high precision (no input_scale and no run-time activation quantization)."""
+        return self.input_scale is None and not self.dynamic_activations
 
     def to(self, device: str | torch.device) -> QuantizedLinearState:
         """A copy with every tensor on ``device``."""
@@ -60,7 +69,8 @@ class QuantizedLinearState:
             return None if t is None else t.to(device)
 
         return QuantizedLinearState(self.format, mv(self.weight), mv(self.weight_scale), mv(self.weight_scale_2),
-                                    mv(self.input_scale), mv(self.bias), self.in_features, self.out_features)
+                                    mv(self.input_scale), mv(self.bias), self.in_features, self.out_features,
+                                    self.dynamic_activations)
 
     @property
     def number_format(self) -> NumberFormat:
@@ -113,6 +123,10 @@ class QuantLinear(nn.Module):
         self.format = state.format
         self.fmt = get_format(state.format)
         self.compute_dtype = compute_dtype
+        if state.dynamic_activations and not self.fmt.dynamic_activations:
+            raise ValueError(f"format {state.format!r} has static activation scales; dynamic_activations needs a "
+                             "format that computes them at run time")
+        self.dynamic_activations = state.dynamic_activations
         self.register_buffer("weight_q", state.weight)
         self.register_buffer("weight_scale", state.weight_scale)
         self.register_buffer("weight_scale_2", state.weight_scale_2)
@@ -133,7 +147,8 @@ class QuantLinear(nn.Module):
     #: Activation quantization arithmetic passed to the format (FP8 modes of ``ptq.formats.fp8``): "float32" =
     #: ``fp8(clamp(x.float() * (1/input_scale)))``, what comfy-kitchen's CUDA backend (ComfyUI's FP8 runtime on
     #: NVIDIA GPUs) computes; "ck_eager" = its CPU/eager fallback (the reciprocal rounded to the activation dtype,
-    #: product in bf16). NVFP4 has one arithmetic.
+    #: product in bf16). NVFP4 has one arithmetic. int8 / mxfp8 (dynamic activation scales) read the same names:
+    #: "float32" = comfy-kitchen's CUDA kernels, "ck_eager" = its eager backend (ptq.formats.int8 / mxfp8).
     fp8_act_mode: ClassVar[str] = "float32"
     #: Use the fused CUDA path for bf16 activations (False: the reference path on CUDA too, for debugging).
     fast_path: ClassVar[bool] = True
@@ -150,7 +165,7 @@ class QuantLinear(nn.Module):
         self._alpha: float | None = None
         self._act_key: tuple | None = None
         self._prepared: object = None
-        if self.weight_only:
+        if self.weight_only or self.dynamic_activations:
             return
         scale = self.input_scale.float().reshape(())
         self._act_key = (self.format, scale.view(torch.int32).item())
@@ -218,13 +233,13 @@ class QuantLinear(nn.Module):
 
     @property
     def weight_only(self) -> bool:
-        return self.input_scale is None
+        return self.input_scale is None and not self.dynamic_activations
 
     def state(self) -> QuantizedLinearState:
         """The quantized weight as exporters read it."""
         return QuantizedLinearState(self.format, self.weight_q, self.weight_scale, self.weight_scale_2,
                                     self.input_scale, None if self.bias is None else self.bias.data,
-                                    self.in_features, self.out_features)
+                                    self.in_features, self.out_features, self.dynamic_activations)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.state().dequantized_weight(dtype)
@@ -240,6 +255,8 @@ class QuantLinear(nn.Module):
         if self.weight_only:
             w = self.dequantized_weight(out_dtype)
             return F.linear(x, w, None if self.bias is None else self.bias.to(out_dtype))
+        if self.dynamic_activations:  # the format's runtime kernel: activation scales from x itself
+            return self.fmt.dynamic_linear(x, self._qweight(), self.bias, mode=self.fp8_act_mode)
         xv = self.fmt.activation_values(x, self.input_scale, mode=self.fp8_act_mode)
         y = _exact_matmul(xv, self.weight_values) * (self.input_scale * self.weight_alpha())
         if self.bias is not None:
@@ -247,5 +264,5 @@ class QuantLinear(nn.Module):
         return y.to(out_dtype)
 
     def extra_repr(self) -> str:
-        mode = "weight-only" if self.weight_only else "W+A"
+        mode = "weight-only" if self.weight_only else "W+A dynamic" if self.dynamic_activations else "W+A"
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, {mode}"

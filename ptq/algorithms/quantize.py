@@ -74,12 +74,14 @@ def quantize_layer(
     hessian: torch.Tensor | None = None,
     weight: QuantizedWeight | None = None,
 ) -> tuple[QuantLinear, LayerRecord]:
-    """Quantize one Linear to ``fmt`` with ``recipe``; ``stats`` is required unless the recipe is weight-only.
-    ``weight``: the quantized weight already computed by the recipe's weight method (batched GPTQ), used as is."""
+    """Quantize one Linear to ``fmt`` with ``recipe``; ``stats`` is required unless the recipe is weight-only or
+    the format scales its activations at run time. ``weight``: the quantized weight already computed by the
+    recipe's weight method (batched GPTQ), used as is."""
     number_format = get_format(fmt)
     rec = LayerRecord(name, fmt, recipe.weight_only, module.in_features, module.out_features)
     input_scale = None
-    if not recipe.weight_only:
+    dynamic = number_format.dynamic_activations and not recipe.weight_only
+    if not recipe.weight_only and not dynamic:
         if stats is None:
             raise ValueError(f"{name}: no calibration statistics (layer never called during calibration)")
         clip = choose_clip(recipe.activation, stats, number_format)
@@ -93,7 +95,7 @@ def quantize_layer(
                                                                  WeightContext(name=name, hessian=hessian))
     state = QuantizedLinearState(fmt, qw.weight, qw.scale, qw.scale_2, input_scale,
                                  None if module.bias is None else module.bias.detach().clone(),
-                                 module.in_features, module.out_features)
+                                 module.in_features, module.out_features, dynamic)
     deq = state.dequantized_weight()
     w32 = w.float()
     rec.weight_rel_error = float((deq - w32).norm() / w32.norm().clamp_min(1e-30))
@@ -135,7 +137,7 @@ def quantize_(
         fmt, reason = planner.plan_with_fallback(name, module)
         if reason.startswith("fallback: "):
             log.warning("%s: %s; falls back to %s", name, reason.removeprefix("fallback: "), fmt)
-        if fmt != KEEP and not recipe.weight_only and name not in stats:
+        if fmt != KEEP and not recipe.weight_only and name not in stats and not get_format(fmt).dynamic_activations:
             log.warning("%s: never called during calibration, kept in high precision", name)
             fmt, reason = KEEP, "no calibration statistics (layer never called)"
         if fmt == KEEP:
@@ -169,11 +171,13 @@ def batched_gptq_weights(model: nn.Module, recipe: QuantRecipe, stats: Mapping[s
         if not isinstance(module, nn.Linear):
             continue
         fmt, _ = planner.plan_with_fallback(name, module)
-        if fmt == KEEP or (not recipe.weight_only and name not in stats) or hessians.get(name) is None:
+        if fmt == KEEP or hessians.get(name) is None:
             continue
         number_format = get_format(fmt)
-        if number_format.name != NVFP4.name and number_format.block_size is not None:
-            continue
+        if not recipe.weight_only and name not in stats and not number_format.dynamic_activations:
+            continue  # kept by quantize_ (never called during calibration)
+        if (number_format.name != NVFP4.name and number_format.block_size is not None) or number_format.rotated_codes:
+            continue  # the per-layer path
         try:
             number_format.check_weight(module.weight, f"{name}.weight")
         except FormatError:

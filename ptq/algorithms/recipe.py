@@ -138,9 +138,11 @@ WEIGHT_METHODS: dict[str, WeightMethod] = {
 @dataclass
 class ActivationMethod:
     """How the static ``input_scale`` is chosen: ``method="max"`` (observed max |x|) or ``"none"`` (weight-only:
-    activations stay in high precision, no ``input_scale``). Subclasses add clipping methods."""
+    activations stay in high precision, no ``input_scale``); ``"dynamic"``: no static scale, for formats that scale
+    activations at run time (int8, mxfp8; no calibration). Layers of such formats quantize their activations at run
+    time under every method but "none". Subclasses add clipping methods."""
 
-    method_names: ClassVar[tuple[str, ...]] = ("max", "none")
+    method_names: ClassVar[tuple[str, ...]] = ("max", "none", "dynamic")
     method: str = "max"
 
     @property
@@ -156,7 +158,7 @@ class ActivationMethod:
     __hash__ = None  # type: ignore[assignment]
 
     def needs(self) -> CalibrationNeeds:
-        return CalibrationNeeds() if self.method == "none" else CalibrationNeeds(amax=True)
+        return CalibrationNeeds() if self.method in ("none", "dynamic") else CalibrationNeeds(amax=True)
 
     def validate(self) -> None:
         if self.method not in self.method_names:
@@ -214,6 +216,7 @@ class MSEActivation(ActivationMethod):
 ACTIVATION_METHODS: dict[str, ActivationMethod] = {
     "none": ActivationMethod(method="none"),
     "max": ActivationMethod(method="max"),
+    "dynamic": ActivationMethod(method="dynamic"),
     "percentile": PercentileActivation(),
     "mse": MSEActivation(),
     "mse_steps": MSEActivation(step_weighting="relative"),
@@ -340,9 +343,23 @@ class QuantRecipe:
         """True when activations are not quantized (no ``input_scale``)."""
         return self.activation.method == "none"
 
+    def formats_used(self) -> set[str]:
+        """Every number format a layer of this recipe may get (the format, the per-layer map, the fallback and the
+        mixed-precision candidates), ``"bf16"`` excluded."""
+        names = {self.format, self.layers.fallback, *self.layers.formats.values()}
+        if self.mixed.analyse:
+            names |= set(self.mixed.formats)
+        return {f for f in names if f != KEEP}
+
+    def static_activations(self) -> bool:
+        """Whether some layer may take a format with a static (calibrated) ``input_scale``."""
+        return any(f in FORMATS and not FORMATS[f].dynamic_activations for f in self.formats_used())
+
     def needs(self) -> CalibrationNeeds:
-        """What calibration must collect for this recipe (union of its parts' needs)."""
-        return self.weight.needs() | self.activation.needs() | self.mixed.needs()
+        """What calibration must collect for this recipe (union of its parts' needs; no activation statistics when
+        every format scales its activations at run time)."""
+        act = self.activation.needs() if self.static_activations() else CalibrationNeeds()
+        return self.weight.needs() | act | self.mixed.needs()
 
     def validate(self) -> None:
         """Raise ValueError naming the key for any out-of-range or inconsistent value."""
@@ -351,6 +368,11 @@ class QuantRecipe:
         self.activation.validate()
         self.layers.validate()
         self.mixed.validate()
+        if self.activation.method == "dynamic" and self.static_activations():
+            static = sorted(f for f in self.formats_used() if f in FORMATS and not FORMATS[f].dynamic_activations)
+            raise ValueError(f"quant.activation=dynamic: formats {static} need a calibrated input_scale (choose "
+                             "quant/activation=max or another clipping method; dynamic applies to "
+                             f"{', '.join(sorted(n for n, f in FORMATS.items() if f.dynamic_activations))})")
         if self.weight.scales == "four_over_six" and type(self.weight) is WeightMethod and self.format != "nvfp4":
             raise ValueError("quant.weight.scales='four_over_six' applies to nvfp4 only")
         if isinstance(self.weight, GPTQWeight) and self.mixed.analyse and self.weight.blocks_per_pass:
@@ -361,14 +383,22 @@ class QuantRecipe:
         """A copy whose per-layer map also holds ``formats`` (exact names)."""
         return replace(self, layers=replace(self.layers, formats={**self.layers.formats, **formats}))
 
+    @property
+    def activation_label(self) -> str:
+        """The activation method's label; "dynamic" when no layer has a static input_scale (int8, mxfp8: every
+        method but "none" means the run-time max of each row / block)."""
+        if self.weight_only or self.static_activations():
+            return self.activation.label
+        return "dynamic"
+
     def summary(self) -> dict[str, Any]:
         """The recipe in a few labels (report, leaderboard): format, weight_only, activation, weight, mixed."""
-        return {"format": self.format, "weight_only": self.weight_only, "activation": self.activation.label,
+        return {"format": self.format, "weight_only": self.weight_only, "activation": self.activation_label,
                 "weight": self.weight.label, "mixed_precision": self.mixed.enabled,
                 "fp8_per_channel": self.weight.fp8_per_channel}
 
     def title(self) -> str:
         """One-line name of the recipe, e.g. ``nvfp4 gptq_four_over_six act=mse``."""
-        act = "weight-only" if self.weight_only else f"act={self.activation.label}"
+        act = "weight-only" if self.weight_only else f"act={self.activation_label}"
         mixed = f" mixed<={self.mixed.bits_budget:g}b" if self.mixed.enabled else ""
         return f"{self.format} {self.weight.label} {act}{mixed}"

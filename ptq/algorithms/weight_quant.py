@@ -2,7 +2,8 @@
 
 The scale method (``WeightMethod.scales``) is looked up per format in :data:`SCALE_METHODS`: "max" (the format
 object's own amax quantizer) and "mse" (clip search) work for every format; NVFP4 and FP8 have their own "mse"
-searches and "four_over_six" (``ptq.algorithms.weight_search`` holds them). Every method returns the format's ordinary in-memory layout,
+searches and "four_over_six" (``ptq.algorithms.weight_search`` holds them), int8 a per-row clip search, MXFP8 a
+per-block choice between two power-of-two scales. Every method returns the format's ordinary in-memory layout,
 so the exported file format never changes with the method.
 """
 
@@ -100,6 +101,58 @@ def _nvfp4_four_over_six_scales(w: torch.Tensor, fmt: NumberFormat, cfg: WeightM
     w32 = w.float()
     g, s = ws.nvfp4_four_over_six_scales(w32)
     return fmt.from_codes(ws.nvfp4_codes(w32, g, s), s, g, ctx.name)
+
+
+@register_scale_method("mse", "int8")
+@register_scale_method("mse", "int8_convrot")
+def _fixed_scale_mse(w: torch.Tensor, fmt: NumberFormat, cfg: WeightMethod, ctx: WeightContext,
+                     grid: int = 40, lo: float = 0.5) -> QuantizedWeight:
+    """Formats with one scale per tensor or per row: the amax scale times the clip ratio ``a`` (``grid`` log-spaced
+    values in [lo, 1], 1 first so ties keep it) with the smallest squared weight error, chosen per row when the
+    format's round-to-nearest scales are per row; measured in the basis the codes are stored in (for an orthogonal
+    rotation, the same error as in the original basis)."""
+    base = fmt.quantize_weight(w, ctx.weight_name, per_channel=cfg.fp8_per_channel)
+    w_c, _ = fmt.code_domain(w, None)
+    per_row = base.scale.dim() > 0
+    best_s, best_e = base.scale, None
+    for a in torch.logspace(0.0, float(torch.log10(torch.tensor(lo))), grid).tolist():
+        s = base.scale * a
+        _, q = fmt.gptq_round(w_c, s)
+        e = (q - w_c).pow(2).sum(dim=1, keepdim=True) if per_row else (q - w_c).pow(2).sum()
+        if best_e is None:
+            best_e = e
+        else:
+            better = e < best_e
+            best_s, best_e = torch.where(better, s, best_s), torch.minimum(e, best_e)
+    codes, _ = fmt.gptq_round(w_c, best_s)
+    return fmt.from_codes(codes, best_s, None, ctx.name)
+
+
+@register_scale_method("mse", "mxfp8")
+def _block_candidate_mse(w: torch.Tensor, fmt: NumberFormat, cfg: WeightMethod, ctx: WeightContext
+                         ) -> QuantizedWeight:
+    """Block formats with per-block scale candidates (:meth:`~ptq.formats.NumberFormat.block_scale_candidates`): per
+    block the candidate with the smallest squared error, weighted by ``diag(H)`` when a Hessian is given."""
+    fmt.check_weight(w, ctx.weight_name)
+    bs = fmt.block_size
+    assert bs is not None
+    out_f, in_f = w.shape
+    blocks = w.float().reshape(out_f, in_f // bs, bs)
+    cw = (torch.ones(in_f, device=w.device) if ctx.hessian is None
+          else torch.diagonal(ctx.hessian).float().to(w.device)).reshape(1, in_f // bs, bs)
+    best_s = best_v = best_e = None
+    for s, v in fmt.block_scale_candidates(blocks):
+        _, q = fmt.gptq_round(blocks, v.unsqueeze(-1))
+        e = ((q - blocks).pow(2) * cw).sum(-1)
+        if best_e is None:
+            best_s, best_v, best_e = s, v, e
+        else:
+            better = e < best_e
+            best_s, best_v = torch.where(better, s, best_s), torch.where(better, v, best_v)
+            best_e = torch.minimum(e, best_e)
+    assert best_v is not None and best_s is not None
+    codes, _ = fmt.gptq_round(blocks, best_v.unsqueeze(-1))
+    return fmt.from_codes(codes.reshape(out_f, in_f), best_s, None, ctx.name)
 
 
 def scale_method(scales: str, fmt: NumberFormat) -> ScaleMethod:

@@ -10,6 +10,13 @@ What ComfyUI reads (comfy/ops.py mixed-precision ops, comfy/utils.py convert_old
   float32 ``[]``;
 - FP8: ``weight`` float8_e4m3fn ``[out, in]``; ``weight_scale`` float32 ``[]`` (per tensor only: ComfyUI's FP8 layout
   is tensor-wise); ``input_scale`` float32 ``[]`` (without it ComfyUI quantizes activations with scale 1.0);
+- int8 (``int8_tensorwise``): ``weight`` int8 ``[out, in]``; ``weight_scale`` float32 ``[]`` or ``[out, 1]``; no
+  ``input_scale`` (activations are scaled per row at run time). ``int8_convrot``: the same format name with
+  ``"convrot": true, "convrot_groupsize": 256`` in the layer JSON, the codes of the Hadamard-rotated weight and a
+  per-row ``weight_scale`` ``[out, 1]``;
+- MXFP8 (``mxfp8``): ``weight`` float8_e4m3fn ``[out, in]``; ``weight_scale`` float8_e8m0fnu block scales (one per
+  32 inputs) in the cuBLAS tiled layout ``[roundup(out,128), roundup(in/32,4)]``; no ``input_scale`` (ComfyUI
+  quantizes MXFP8 activations with their own block scales);
 - unquantized tensors bf16 or float32.
 """
 
@@ -32,21 +39,34 @@ from ptq.export.base import (
     header_metadata,
     plain_tensors,
 )
-from ptq.export.roundtrip import reference_decode_nvfp4, reference_untile
+from ptq.export.roundtrip import (
+    reference_decode_int8,
+    reference_decode_mxfp8,
+    reference_decode_nvfp4,
+    reference_unrotate,
+    reference_untile,
+)
 from ptq.export.safetensors_io import save_safetensors
+from ptq.formats import INT8_CONVROT
 from ptq.formats import nvfp4 as nvfp4_fmt
 from ptq.formats.nvfp4 import NibbleOrder
 
 #: ptq format name -> the per-layer ``format`` ComfyUI's QUANT_ALGOS registers.
-COMFY_FORMAT_NAMES = {"nvfp4": "nvfp4", "fp8": "float8_e4m3fn"}
+COMFY_FORMAT_NAMES = {"nvfp4": "nvfp4", "fp8": "float8_e4m3fn", "int8": "int8_tensorwise",
+                      "int8_convrot": "int8_tensorwise", "mxfp8": "mxfp8"}
+#: Extra per-layer JSON keys of a ptq format (ComfyUI comfy/ops.py reads ``convrot`` / ``convrot_groupsize``).
+COMFY_LAYER_EXTRAS: dict[str, dict[str, Any]] = {
+    "int8_convrot": {"convrot": True, "convrot_groupsize": INT8_CONVROT.group_size},
+}
 TARGET_NIBBLE_ORDER = NibbleOrder.HIGH_FIRST
 
 
 def comfy_layer_config(state: QuantizedLinearState) -> dict[str, Any]:
     """The per-layer JSON ComfyUI reads from ``comfy_quant`` / ``_quantization_metadata``."""
     conf: dict[str, Any] = {"format": COMFY_FORMAT_NAMES[state.format]}
-    if state.input_scale is None:
+    if state.weight_only:
         conf["full_precision_matrix_mult"] = True
+    conf.update(COMFY_LAYER_EXTRAS.get(state.format, {}))
     return conf
 
 
@@ -82,6 +102,40 @@ def write_fp8(layer: str, state: QuantizedLinearState, dtype: torch.dtype) -> di
             **_common(layer, state, dtype)}
 
 
+def write_int8(layer: str, state: QuantizedLinearState, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """int8 and int8_convrot: codes as stored in memory, float32 scale ``[]`` or ``[out, 1]``. Weight-only int8 is
+    refused: ComfyUI runs an int8_tensorwise layer as W8A8 even with ``full_precision_matrix_mult`` (the weight keeps
+    its compute dtype, so comfy.ops never dequantizes it, and comfy-kitchen's int8 linear quantizes every input)."""
+    if state.weight_only:
+        raise UnsupportedExport(f"{layer}: ComfyUI runs int8_tensorwise layers as W8A8 (dynamic per-row activations) "
+                                "even with full_precision_matrix_mult, so weight-only int8 cannot be exported for it; "
+                                "use quant.activation=max (or dynamic)")
+    scale = state.weight_scale.float()
+    scale = scale.reshape(()) if scale.numel() == 1 and state.format == "int8" else scale.reshape(-1, 1)
+    return {f"{layer}.weight": state.weight, f"{layer}.weight_scale": scale, **_common(layer, state, dtype)}
+
+
+def write_mxfp8(layer: str, state: QuantizedLinearState, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """float8 codes, E8M0 block scales tiled and stored as float8_e8m0fnu."""
+    tiled = nvfp4_fmt.to_tiled(state.weight_scale.view(torch.uint8))
+    return {f"{layer}.weight": state.weight, f"{layer}.weight_scale": tiled.view(torch.float8_e8m0fnu),
+            **_common(layer, state, dtype)}
+
+
+def read_int8(get: Callable[[str], torch.Tensor], layer: str,
+              state: QuantizedLinearState) -> tuple[torch.Tensor, set[str]]:
+    w = reference_decode_int8(get(f"{layer}.weight"), get(f"{layer}.weight_scale"))
+    if state.format == "int8_convrot":
+        w = reference_unrotate(w, INT8_CONVROT.group_size)
+    return w, {f"{layer}.weight", f"{layer}.weight_scale"}
+
+
+def read_mxfp8(get: Callable[[str], torch.Tensor], layer: str,
+               state: QuantizedLinearState) -> tuple[torch.Tensor, set[str]]:
+    scales = reference_untile(get(f"{layer}.weight_scale"), state.out_features, state.in_features // 32)
+    return reference_decode_mxfp8(get(f"{layer}.weight"), scales), {f"{layer}.weight", f"{layer}.weight_scale"}
+
+
 def read_nvfp4(get: Callable[[str], torch.Tensor], layer: str,
                state: QuantizedLinearState) -> tuple[torch.Tensor, set[str]]:
     keys = {f"{layer}.weight", f"{layer}.weight_scale", f"{layer}.weight_scale_2"}
@@ -100,8 +154,10 @@ class ComfyUIExporter(Exporter):
     """``<stem>_comfyui.safetensors``: the layout above."""
 
     name = "comfyui"
-    writers = {"nvfp4": write_nvfp4, "fp8": write_fp8}
-    readers = {"nvfp4": read_nvfp4, "fp8": read_fp8}
+    writers = {"nvfp4": write_nvfp4, "fp8": write_fp8, "int8": write_int8, "int8_convrot": write_int8,
+               "mxfp8": write_mxfp8}
+    readers = {"nvfp4": read_nvfp4, "fp8": read_fp8, "int8": read_int8, "int8_convrot": read_int8,
+               "mxfp8": read_mxfp8}
 
     def build(self, plain: Mapping[str, torch.Tensor], quant: Mapping[str, QuantizedLinearState],
               dtype: torch.dtype, key_map: KeyMap) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -56,6 +56,38 @@ def reference_untile(tiled: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return flat[offset]
 
 
+def reference_decode_int8(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 ``[out, in]`` = int8 code * scale (``[]`` or ``[out, 1]``)."""
+    return codes.to(torch.float32) * scale.to(torch.float32)
+
+
+def reference_hadamard(size: int) -> torch.Tensor:
+    """The normalised regular Hadamard matrix of a power-of-4 ``size``, entry by entry: the product over the base-4
+    digits of ``(i, j)`` of ``[[1,1,1,-1],[1,1,-1,1],[1,-1,1,1],[-1,1,1,1]]``, over ``sqrt(size)``."""
+    h4 = torch.tensor([[1, 1, 1, -1], [1, 1, -1, 1], [1, -1, 1, 1], [-1, 1, 1, 1]], dtype=torch.float64)
+    i = torch.arange(size).view(-1, 1)
+    j = torch.arange(size).view(1, -1)
+    out = torch.ones(size, size, dtype=torch.float64)
+    step = 1
+    while step < size:
+        out *= h4[(i // step) % 4, (j // step) % 4]
+        step *= 4
+    return (out / size**0.5).to(torch.float32)
+
+
+def reference_unrotate(w_rot: torch.Tensor, group: int) -> torch.Tensor:
+    """ConvRot weights back in the original basis: ``W_g = W_rot_g @ H^T`` per group of ``group`` inputs (float32)."""
+    out_f, in_f = w_rot.shape
+    return torch.matmul(w_rot.reshape(out_f, in_f // group, group), reference_hadamard(group).T).reshape(out_f, in_f)
+
+
+def reference_decode_mxfp8(codes: torch.Tensor, e8m0_row_major: torch.Tensor) -> torch.Tensor:
+    """float32 ``[rows, cols]`` = fp8 code * 2**(e - 127) per 32-block (E8M0 code 0 decodes to 0, as ComfyUI)."""
+    e = e8m0_row_major.view(torch.uint8).to(torch.float64)
+    scale = torch.where(e == 0, torch.zeros_like(e), torch.pow(2.0, e - 127.0)).to(torch.float32)
+    return codes.to(torch.float32) * scale.repeat_interleave(32, dim=1)
+
+
 @dataclass
 class _FileCheck:
     """One file under verification: its reader, open handle, keys, metadata, the keys accounted for, problems."""

@@ -29,6 +29,9 @@ from .fp8 import (
     quantize_fp8_weight,
 )
 from .fp8_format import FP8
+from .int8 import INT8
+from .int8_convrot import INT8_CONVROT
+from .mxfp8 import MXFP8
 from .nvfp4 import (
     E2M1_MAX,
     E2M1_VALUES,
@@ -56,6 +59,9 @@ from .nvfp4_format import NVFP4
 # The registry of number formats: one line per format (its object lives in its own module).
 register_format(FP8)
 register_format(NVFP4)
+register_format(INT8)
+register_format(INT8_CONVROT)
+register_format(MXFP8)
 
 
 __all__ = [
@@ -66,6 +72,9 @@ __all__ = [
     "FP8_E4M3_MAX",
     "FP8_MODES",
     "FP8_SCALE_FOR_ZERO",
+    "INT8",
+    "INT8_CONVROT",
+    "MXFP8",
     "NVFP4_BLOCK",
     "NVFP4_DEFAULT_FALLBACK",
     "NVFP4_DEQUANT_MODES",

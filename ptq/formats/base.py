@@ -46,6 +46,15 @@ class NumberFormat(ABC):
     storage_dtype: ClassVar[torch.dtype]
     weight_bits: ClassVar[float]
     activation_block: ClassVar[int] = 1
+    #: Activation scales are computed from each input at run time (per row / per block): a file stores no
+    #: ``input_scale``, calibration collects nothing for the activations, and the simulated W+A linear is
+    #: :meth:`dynamic_linear` (the static methods ``input_scale_from_amax`` / ``activation_values`` do not apply).
+    dynamic_activations: ClassVar[bool] = False
+    #: Runtime facts, as data for per-GPU reports: the lowest CUDA compute capability on which ComfyUI runs the
+    #: format's W+A kernel (None: no native kernel); ``portable_kernel``: ComfyUI also runs the same W+A arithmetic
+    #: without that kernel (on CPU: comfy-kitchen's eager backend) instead of dequantizing the weight.
+    native_min_capability: ClassVar[tuple[int, int] | None] = None
+    portable_kernel: ClassVar[bool] = False
 
     # -- shapes and sizes -----------------------------------------------------------------------------------
     def unsupported(self, in_features: int, out_features: int) -> str | None:
@@ -113,12 +122,34 @@ class NumberFormat(ABC):
         codes for a native GEMM when ``codes``), or None when the format has no such kernel."""
         return None
 
+    # -- dynamic activations (optional) ---------------------------------------------------------------------
+    def dynamic_linear(self, x: torch.Tensor, q: QuantizedWeight, bias: torch.Tensor | None, *,
+                       mode: str) -> torch.Tensor:
+        """Formats with :attr:`dynamic_activations`: the runtime W+A linear of ``x [..., in]`` with activation
+        scales computed from ``x`` itself, ``[..., out]`` in ``x.dtype`` (``mode``: the arithmetic variant)."""
+        raise NotImplementedError(f"format {self.name!r} has static activation scales (input_scale)")
+
     # -- GPTQ -----------------------------------------------------------------------------------------------
     def gptq_round(self, col: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Round a weight column (float32, any shape) to the format's grid given the total scale of each element
         (same shape or broadcastable); returns ``(codes, dequantized float32 values)``. GPTQ calls it once per
         column with fixed scales."""
         raise NotImplementedError(f"format {self.name!r} does not implement GPTQ column rounding")
+
+    def block_scale_candidates(self, blocks: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Block formats whose block scales GPTQ and the MSE search choose one block at a time: candidate scales of
+        ``blocks`` (float32 ``[..., block_size]``), each ``(stored scale [...], float32 element scale [...])``, the
+        round-to-nearest (amax) candidate first."""
+        raise NotImplementedError(f"format {self.name!r} has no per-block scale candidates")
+
+    #: True when :meth:`code_domain` changes the basis (the codes are not rounded from the weight as given)
+    rotated_codes: bool = False
+
+    def code_domain(self, w: torch.Tensor, hessian: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight (float32 ``[out, in]``) and input Hessian in the basis the codes are stored in, for methods
+        that round the codes themselves (GPTQ): unchanged for most formats; rotated for formats that rotate the
+        weight offline."""
+        return w.float(), hessian
 
 
 #: The registered formats, by name (``quant.format``). Filled by :mod:`ptq.formats`.

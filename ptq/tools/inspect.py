@@ -97,6 +97,10 @@ PROBLEM_CODES: dict[str, str] = {
     "mixed_prefix": "some keys carry the model prefix and others do not",
     "prefixed_quantized_file": "quantization metadata in a file whose keys carry model.diffusion_model.",
     "orphan_scale": "scale tensors for layers that have no weight",
+    "int8_scale_shape": "int8_tensorwise weight scale neither a scalar nor one per output row [out, 1]",
+    "convrot_group": "ConvRot group size not a power of 4 dividing in_features",
+    "mxfp8_scale_layout": "MXFP8 block scales not E8M0 in the cuBLAS tiled shape ComfyUI reads",
+    "int8_weight_only_ignored": "int8_tensorwise layers marked full_precision_matrix_mult, which ComfyUI ignores",
 }
 """Every problem code :func:`inspect_file` can emit, with a one-line meaning."""
 
@@ -106,7 +110,10 @@ TARGETS = {"comfyui": "comfyui", "modelopt": "modelopt", "diffusers": "modelopt"
 
 _FLOAT_DTYPES = {"F16": "fp16", "BF16": "bf16", "F32": "fp32", "F64": "fp64"}
 _STORAGE_FORMATS = {"F8_E4M3": "fp8", "F8_E5M2": "fp8_e5m2", "I8": "int8", "F4": "fp4"}
-_REQUIRED_DTYPE = {"nvfp4": "U8", "fp8": "F8_E4M3", "fp8_e5m2": "F8_E5M2", "mxfp8": "F8_E4M3", "int8": "I8"}
+_REQUIRED_DTYPE = {"nvfp4": "U8", "fp8": "F8_E4M3", "fp8_e5m2": "F8_E5M2", "mxfp8": "F8_E4M3", "int8": "I8",
+                   "int8_convrot": "I8"}
+#: Formats whose activation scales ComfyUI computes at run time (no input_scale): checked by _check_dynamic_formats.
+_DYNAMIC_FORMATS = ("int8", "int8_convrot", "mxfp8")
 _LEGACY = ("scale_weight", "scale_input")
 _FOREIGN = (
     "weight_global_scale",
@@ -291,9 +298,7 @@ class _Inspector:
         convention = detect_convention(self.tensors, self.metadata)
         groups = group_layers(self.tensors.values())
         confs = self._resolve_confs(groups, naming)
-        layer_formats = {
-            layer: COMFY_FORMATS.get(str(c.get("format")), str(c.get("format"))) for layer, c in confs.items()
-        }
+        layer_formats = {layer: _short_format(c) for layer, c in confs.items()}
         known = {
             k: v for k, v in layer_formats.items() if v != "?"
         }  # "?": comfy_quant not read (header only)
@@ -302,6 +307,7 @@ class _Inspector:
         self._check_metadata_vs_storage(groups, confs, layers, convention)
         self._check_names(groups, confs, naming, convention)
         self._check_scales(groups, layers, confs, convention)
+        self._check_dynamic_formats(groups, layers, confs)
         self._check_base_tensors(groups, layers, naming, arch)
         self._check_sensitive(layers, arch)
         if self.read_bytes is not None:
@@ -474,6 +480,9 @@ class _Inspector:
             return meta_fmt
         if is_packed_fp4(group):
             return "nvfp4"
+        scale = group.get("weight_scale")
+        if dtype == "F8_E4M3" and scale is not None and scale.dtype == "F8_E8M0":
+            return "mxfp8"
         if dtype == "U8":
             return "uint8"
         if ws == "weight_packed" and dtype == "I32":
@@ -747,7 +756,7 @@ class _Inspector:
                 continue
             g = groups[li.name]
             fmt = li.format
-            if fmt in ("int8",):
+            if fmt in _DYNAMIC_FORMATS:
                 continue
             block = g.get("weight_scale") or g.get("scale_weight")
             if fmt == "nvfp4":
@@ -913,6 +922,105 @@ class _Inspector:
                 "already lost precision (bf16 keeps 8 mantissa bits) and fp16 under/overflows small amax/(6*448).",
                 "store per-tensor scales as float32",
             )
+
+    def _check_dynamic_formats(
+        self, groups: dict[str, dict[str, TensorInfo]], layers: list[LayerInfo], confs: dict[str, dict[str, Any]]
+    ) -> None:
+        """int8_tensorwise (with or without ConvRot) and MXFP8 layers, as ComfyUI's loader and comfy-kitchen's layouts
+        read them: no input_scale needed (activations are scaled at run time)."""
+        missing_ws: list[str] = []
+        bad_int8: list[str] = []
+        bad_group: list[str] = []
+        bad_mx: list[str] = []
+        not_f32: list[str] = []
+        unused_in: list[str] = []
+        fp_ignored: list[str] = []
+        counts: Counter[str] = Counter()
+        detail = {"int8": "", "mx": "", "group": ""}
+        for li in layers:
+            if li.format not in _DYNAMIC_FORMATS or li.weight is None or len(li.weight.shape) != 2:
+                continue
+            counts[li.format] += 1
+            g = groups[li.name]
+            out_f, in_f = li.weight.shape
+            ws = g.get("weight_scale")
+            if "input_scale" in g:
+                unused_in.append(li.name)
+            if li.format != "mxfp8" and confs.get(li.name, {}).get("full_precision_matrix_mult"):
+                fp_ignored.append(li.name)
+            if ws is None:
+                missing_ws.append(li.name)
+                continue
+            if li.format == "mxfp8":
+                want = [_roundup(out_f, 128), _roundup(in_f // 32, 4)]
+                if in_f % 32 or out_f % 32 or list(ws.shape) != want or ws.dtype not in ("F8_E8M0", "U8"):
+                    bad_mx.append(li.name)
+                    detail["mx"] = detail["mx"] or (f"{li.name}: weight [{out_f}, {in_f}], weight_scale {ws.dtype} "
+                                                    f"{list(ws.shape)}, expected F8_E8M0 {want}")
+                continue
+            if ws.numel != 1 and list(ws.shape) != [out_f, 1]:
+                bad_int8.append(li.name)
+                detail["int8"] = detail["int8"] or f"{li.name}: weight [{out_f}, {in_f}], weight_scale {list(ws.shape)}"
+            elif ws.dtype != "F32":
+                not_f32.append(li.name)
+            if li.format == "int8_convrot":
+                gs = confs.get(li.name, {}).get("convrot_groupsize", 256)
+                if not isinstance(gs, int) or not _power_of_4(gs) or in_f % gs:
+                    bad_group.append(li.name)
+                    detail["group"] = detail["group"] or f"{li.name}: convrot_groupsize {gs!r}, in_features {in_f}"
+        self._report_dynamic_formats(missing_ws, bad_int8, bad_group, bad_mx, not_f32, detail)
+        if fp_ignored:
+            self.problem("int8_weight_only_ignored", "warning", fp_ignored,
+                         'int8_tensorwise layers with "full_precision_matrix_mult": true: ComfyUI still runs them as '
+                         "W8A8 with dynamic per-row activations (the weight keeps the compute dtype, so comfy.ops "
+                         "never dequantizes it and comfy-kitchen's int8 linear quantizes the input), not as W8A16.",
+                         "drop the flag (what ComfyUI computes anyway), or store the layer in bf16 / another format "
+                         "for weight-only precision")
+        if unused_in:
+            self.notes.append(f"{len(unused_in)} int8/mxfp8 layer(s) carry an input_scale, which ComfyUI does not "
+                              "use for these formats (activations are scaled at run time)")
+        self._runtime_notes(counts)
+
+    def _report_dynamic_formats(self, missing_ws: list[str], bad_int8: list[str], bad_group: list[str],
+                                bad_mx: list[str], not_f32: list[str], detail: dict[str, str]) -> None:
+        if missing_ws:
+            self.problem("missing_weight_scale", "error", missing_ws,
+                         "int8_tensorwise / mxfp8 layers without .weight_scale: ComfyUI raises 'Missing INT8 weight "
+                         "scale' / 'Missing MXFP8 block scales' while loading.",
+                         "write .weight_scale (int8: float32 [] or [out, 1]; mxfp8: E8M0 block scales)")
+        if bad_int8:
+            self.problem("int8_scale_shape", "error", bad_int8,
+                         f"int8 weight_scale is neither a scalar nor [out, 1] ({detail['int8']}). comfy-kitchen "
+                         "dequantizes as code * scale: a 1-D [out] scale broadcasts along the input dimension.",
+                         "store one float32 scale per tensor ([]) or per output row ([out, 1])")
+        if bad_group:
+            self.problem("convrot_group", "error", bad_group,
+                         f"ConvRot group size is not a power of 4 dividing in_features ({detail['group']}); "
+                         "comfy-kitchen builds the Hadamard matrix from it and fails or rotates the wrong inputs.",
+                         'write "convrot_groupsize": 256 (the default) for in_features divisible by 256')
+        if bad_mx:
+            self.problem("mxfp8_scale_layout", "error", bad_mx,
+                         f"MXFP8 block scales do not have the layout ComfyUI reads ({detail['mx']}): one E8M0 "
+                         "scale per 32 inputs in the cuBLAS tiled layout [roundup(out,128), roundup(in/32,4)], "
+                         "weights a multiple of 32 in both dimensions.",
+                         "tile the [out, in/32] E8M0 scales with comfy-kitchen's to_blocked and store them as "
+                         "float8_e8m0fnu")
+        if not_f32:
+            self.problem("scale_not_float32", "warning", not_f32,
+                         "int8 weight scales stored in a 16-bit dtype; comfy-kitchen multiplies in float32, but the "
+                         "value has already lost precision.", "store int8 weight scales as float32")
+
+    def _runtime_notes(self, counts: Counter[str]) -> None:
+        """What ComfyUI computes for the dynamic-activation formats of the file, from the format objects' facts."""
+        from ptq.formats import get_format
+
+        for name, n in sorted(counts.items()):
+            fmt = get_format(name)
+            cc = ".".join(map(str, fmt.native_min_capability)) if fmt.native_min_capability else "?"
+            where = ("; on CPU comfy-kitchen's eager kernel computes the same W8A8"
+                     if fmt.portable_kernel else "; below that ComfyUI dequantizes the weight (W8A16 numerics)")
+            self.notes.append(f"{n} {name} layer(s): W8A8 with activation scales computed at run time, native on "
+                              f"CUDA compute capability >= {cc}{where}")
 
     def _check_base_tensors(
         self,
@@ -1155,6 +1263,16 @@ class _Inspector:
                 "problems are judged against ModelOpt-style loaders (diffusers' BFL quantizer, "
                 "TensorRT Model Optimizer): row-major block scales, no ComfyUI metadata needed"
             )
+
+
+def _short_format(conf: Mapping[str, Any]) -> str:
+    """Report name of a layer's ComfyUI config: ``COMFY_FORMATS`` short names, ``int8_convrot`` for int8 + ConvRot."""
+    name = COMFY_FORMATS.get(str(conf.get("format")), str(conf.get("format")))
+    return "int8_convrot" if name == "int8" and conf.get("convrot") else name
+
+
+def _power_of_4(n: int) -> bool:
+    return n >= 4 and n & (n - 1) == 0 and (n.bit_length() - 1) % 2 == 0
 
 
 def _roundup(x: int, m: int) -> int:

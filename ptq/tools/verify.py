@@ -10,6 +10,10 @@ For every quantized Linear of the file:
    kernel with the file's tensors and ``input_scale``, and compare its output error with ptq's own simulation:
    it must be within ``tolerance`` x ptq's error (+ 1e-3);
 4. load the dequantized state dict into a diffusers ``WanTransformer3DModel`` (strict: no missing or unexpected key).
+
+int8 (ComfyUI ``int8_tensorwise``, with or without ConvRot) and MXFP8 layers are recognised from their
+``comfy_quant`` / ``_quantization_metadata`` entry (else from dtypes: int8 weights; float8 weights with E8M0 block
+scales) and decoded in ComfyUI's layout; their activations are scaled at run time, so they have no input_scale.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from ptq.algorithms.methods import quantize_weight
 from ptq.algorithms.qlinear import CANONICAL_NIBBLE_ORDER, QuantizedLinearState, QuantLinear
 from ptq.algorithms.weight_quant import WeightContext
 from ptq.eval.metrics import rel_l2
+from ptq.export.comfyui import ComfyUIExporter
 from ptq.export.roundtrip import reference_decode_nvfp4, reference_untile
+from ptq.formats import INT8_CONVROT, get_format
 from ptq.formats import nvfp4 as nvfp4_fmt
 from ptq.formats.nvfp4 import NibbleOrder
 from ptq.models.wan.names import NameMapError, original_to_diffusers
@@ -98,7 +104,59 @@ def _quant_format(weight: torch.Tensor) -> str | None:
         return "nvfp4"
     if weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         return "fp8"
+    if weight.dtype == torch.int8:
+        return "int8"
     return None
+
+
+#: Formats decoded by :func:`file_layer_state` (activation scales computed at run time: no input_scale).
+DYNAMIC_FORMATS = ("int8", "int8_convrot", "mxfp8")
+
+
+def _layer_conf(raw: dict[str, torch.Tensor], layer: str, header_layers: dict[str, Any]) -> dict[str, Any]:
+    """The layer's ComfyUI JSON (``comfy_quant`` tensor, else the header ``_quantization_metadata``), or {}."""
+    t = raw.get(f"{layer}.comfy_quant")
+    if t is not None:
+        try:
+            conf = json.loads(bytes(t.tolist()))
+            return conf if isinstance(conf, dict) else {}
+        except (ValueError, AttributeError):
+            return {}
+    conf = header_layers.get(layer, {})
+    return conf if isinstance(conf, dict) else {}
+
+
+def _layer_format(g: dict[str, torch.Tensor], conf: dict[str, Any]) -> str | None:
+    """ptq's format name of a file layer: from its ComfyUI JSON when present, else from dtypes and shapes."""
+    name = conf.get("format")
+    if name == "int8_tensorwise":
+        return "int8_convrot" if conf.get("convrot") else "int8"
+    if name == "mxfp8":
+        return "mxfp8"
+    fmt = _quant_format(g["weight"])
+    scale = g.get("weight_scale")
+    if fmt == "fp8" and scale is not None and (scale.dtype == torch.float8_e8m0fnu or (
+            scale.dtype == torch.uint8 and scale.dim() == 2)):
+        return "mxfp8"
+    return fmt
+
+
+def file_layer_state(g: dict[str, torch.Tensor], conf: dict[str, Any], inp: int, out: int,
+                     bias: torch.Tensor | None = None) -> QuantizedLinearState:
+    """A ComfyUI-layout layer of a dynamic-activation format (``g``: suffix -> tensor) in ptq's in-memory layout:
+    int8 / int8_convrot codes with their float32 scale, MXFP8 codes with untiled uint8 E8M0 scales; weight-only as
+    ComfyUI runs it (MXFP8 with ``full_precision_matrix_mult``; int8 never: ComfyUI ignores the flag for int8)."""
+    fmt = _layer_format(g, conf)
+    # ComfyUI dequantizes weight-only MXFP8 layers, but runs int8_tensorwise as W8A8 whatever the flag says
+    weight_only = bool(conf.get("full_precision_matrix_mult")) and fmt == "mxfp8"
+    if fmt == "mxfp8":
+        codes = reference_untile(g["weight_scale"].view(torch.uint8), out, inp // 32).contiguous()
+        return QuantizedLinearState("mxfp8", g["weight"], codes, None, None, bias, inp, out, not weight_only)
+    if fmt in ("int8", "int8_convrot"):
+        scale = g["weight_scale"].float()
+        scale = scale.reshape(()) if scale.numel() == 1 else scale.reshape(-1, 1)
+        return QuantizedLinearState(fmt, g["weight"], scale, None, None, bias, inp, out, not weight_only)
+    raise ValueError(f"file_layer_state: format {fmt!r} is not one of {DYNAMIC_FORMATS}")
 
 
 def _nvfp4_candidates(
@@ -294,14 +352,25 @@ def verify_file(
             f"{len(missing)} quantized layers are not Linears of the model (first: {missing[0]})"
         )
     inputs = capture_linear_inputs(model, [n for n in names if n not in missing])
+    header_layers = _header_layers(header.metadata)
     dequant_state: dict[str, torch.Tensor] = {}
     for dname, layer in names.items():
         if dname in missing:
             continue
         g = quant_layers[layer]
-        fmt = _quant_format(g["weight"])
-        chk = LayerCheck(dname, fmt)
+        conf = _layer_conf(raw, layer, header_layers)
+        fmt = _layer_format(g, conf)
         w_ref = ref_state[f"{dname}.weight"].float()
+        if fmt in DYNAMIC_FORMATS:
+            chk, w_file = _check_dynamic_layer(dname, layer, g, conf, w_ref, ref_state, inputs.get(dname),
+                                               tolerance, device)
+            report.layers.append(chk)
+            if w_file is not None:
+                dequant_state[f"{dname}.weight"] = w_file.to(ref_state[f"{dname}.weight"].dtype)
+                if "bias" in g:
+                    dequant_state[f"{dname}.bias"] = g["bias"]
+            continue
+        chk = LayerCheck(dname, fmt)
         out, inp = w_ref.shape
         scale_key = next((s for s in SCALE_NAMES if s in g), None)
         if scale_key is None:
@@ -409,6 +478,63 @@ def verify_file(
     if check_load:
         _check_diffusers_load(report, tdir, groups, quant_layers, dequant_state)
     return report
+
+
+def _header_layers(metadata: dict[str, str]) -> dict[str, Any]:
+    try:
+        layers = json.loads(metadata.get("_quantization_metadata", "{}")).get("layers", {})
+    except (ValueError, AttributeError):
+        return {}
+    return layers if isinstance(layers, dict) else {}
+
+
+def _check_dynamic_layer(dname: str, layer: str, g: dict[str, torch.Tensor], conf: dict[str, Any],
+                         w_ref: torch.Tensor, ref_state: dict[str, torch.Tensor], x: torch.Tensor | None,
+                         tolerance: float, device: str) -> tuple[LayerCheck, torch.Tensor | None]:
+    """int8 / int8_convrot / mxfp8 (ComfyUI layout): decode with the exporter's reference reader, compare the weight
+    error with ptq's round-to-nearest and the layer output of ComfyUI's runtime kernel (dynamic activation scales)
+    with ptq's own simulation."""
+    fmt = _layer_format(g, conf)
+    assert fmt is not None
+    chk = LayerCheck(dname, fmt)
+    out, inp = w_ref.shape
+    if "weight_scale" not in g:
+        chk.problems.append("no weight_scale tensor")
+        chk.ok = False
+        return chk, None
+    if fmt == "int8_convrot" and int(conf.get("convrot_groupsize", 256)) != INT8_CONVROT.group_size:
+        chk.problems.append(f"convrot_groupsize {conf.get('convrot_groupsize')}: ptq simulates ConvRot groups of "
+                            f"{INT8_CONVROT.group_size} only")
+        chk.ok = False
+        return chk, None
+    bias = g.get("bias")
+    bias_t = None if bias is None else bias.to(device)
+    try:
+        state = file_layer_state(g, conf, inp, out, bias_t)
+        w_file, _ = ComfyUIExporter.readers[fmt](lambda k: g[k.rpartition(".")[2]], layer, state)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        chk.problems.append(f"cannot be decoded as {fmt} ({type(exc).__name__}: {exc})")
+        chk.ok = False
+        return chk, None
+    per_row = state.weight_scale.numel() > 1
+    chk.packing = "per-channel" if per_row else "per-tensor"
+    if fmt == "mxfp8":
+        chk.packing = "e8m0/tiled"
+    chk.weight_err_file = rel_l2(w_ref, w_file)
+    qw = get_format(fmt).quantize_weight(w_ref, f"{dname}.weight", per_channel=per_row)
+    ptq_state = QuantizedLinearState(fmt, qw.weight, qw.scale, qw.scale_2, None, bias_t, inp, out,
+                                     state.dynamic_activations)
+    chk.weight_err_ptq = rel_l2(w_ref, ptq_state.dequantized_weight())
+    if x is not None:
+        chk.observed_amax = float(x.float().abs().max())
+        y_ref = torch.nn.functional.linear(x, ref_state[f"{dname}.weight"], ref_state.get(f"{dname}.bias"))
+        chk.output_err_file = rel_l2(y_ref, QuantLinear(state.to(device))(x))
+        chk.output_err_ptq = rel_l2(y_ref, QuantLinear(ptq_state)(x))
+        if chk.output_err_file > tolerance * chk.output_err_ptq + 1e-3:
+            chk.problems.append(f"Linear output error {chk.output_err_file:.4f} exceeds {tolerance}x ptq's "
+                                f"simulation ({chk.output_err_ptq:.4f})")
+    chk.ok = not chk.problems
+    return chk, w_file
 
 
 def _weight_only_marked(raw: dict[str, torch.Tensor], layer: str) -> bool:
