@@ -1,9 +1,10 @@
 """Hydra structured configs: a typo in an override is an error.
 
 Groups: ``config`` (presets in ``ptq/configs/config/*.yaml``, package _global_), ``model`` (``configs/model``),
-``quant`` (recipes, ``configs/quant``) and, per part of a recipe, ``quant/weight`` and ``quant/activation`` (one
-option per named method of ``ptq.algorithms.recipe``, each its own structured schema). The schemas themselves are
-the dataclasses of :mod:`ptq.pipeline.settings`. ``validate_config`` checks value ranges.
+``quant`` (recipes, ``configs/quant``) and, per part of a recipe, ``quant/weight``, ``quant/activation`` and
+``quant/smoothing`` (one option per named method of ``ptq.algorithms.recipe``, each its own structured schema).
+The schemas themselves are the dataclasses of :mod:`ptq.pipeline.settings`. ``validate_config`` checks value
+ranges.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from ptq.algorithms.recipe import ACTIVATION_METHODS, WEIGHT_METHODS, QuantRecipe
+from ptq.algorithms.recipe import ACTIVATION_METHODS, SMOOTHING_METHODS, WEIGHT_METHODS, QuantRecipe
+from ptq.pipeline.runtime_eval import runtime_list
 from ptq.pipeline.settings import (
     CalibConfig,
     DatasetConfig,
@@ -37,6 +39,8 @@ def register_configs() -> None:
         cs.store(group="quant/weight", name=name, node=node)
     for name, node in ACTIVATION_METHODS.items():
         cs.store(group="quant/activation", name=name, node=node)
+    for name, node in SMOOTHING_METHODS.items():
+        cs.store(group="quant/smoothing", name=name, node=node)
 
 
 def _check_sampling(prefix: str, s: Any) -> None:
@@ -60,5 +64,6 @@ def validate_config(cfg: RunConfig) -> None:
     if cfg.export.unquantized_dtype not in ("bfloat16", "float32"):
         raise ValueError(f"export.unquantized_dtype={cfg.export.unquantized_dtype!r}: expected bfloat16 or float32 "
                          "(float16 breaks WAN: ComfyUI/diffusers expect bf16/fp32 for unquantized tensors)")
+    runtime_list(list(cfg.eval.runtimes))
     if cfg.quant.needs().samples and cfg.calib.samples_per_call <= 0:
         raise ValueError(f"quant.activation={cfg.quant.activation.label!r} needs calib.samples_per_call > 0")

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ptq.algorithms import smoothing
 from ptq.algorithms.layers import LayerPlanner, LayerRules, rules_for
 from ptq.algorithms.methods import choose_clip, quantize_weight_with
 from ptq.algorithms.qlinear import QuantizedLinearState, QuantLinear
@@ -42,9 +43,11 @@ class LayerRecord:
     input_clip: float | None = None
     clip_ratio: float | None = None  # input_clip / input_amax (1.0 = no clipping)
     input_scale: float | None = None
-    weight_rel_error: float | None = None  # ||W - deq(W)|| / ||W||
+    weight_rel_error: float | None = None  # ||W - deq(W)|| / ||W|| (deq(W) * pre_quant_scale when smoothed)
     bits_per_weight: float = 16.0
     reason: str = ""
+    smoothing: str | None = None  # the chosen pre_quant_scale candidate ("max a=0.5", "none"); None = not searched
+    smoothing_gain: float | None = None  # calibration output error with / without it (squared)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,9 +73,20 @@ def quantize_layer(
     stats: LinearInputStats | None,
     hessian: torch.Tensor | None = None,
 ) -> tuple[QuantLinear, LayerRecord]:
-    """Quantize one Linear to ``fmt`` with ``recipe``; ``stats`` is required unless the recipe is weight-only."""
+    """Quantize one Linear to ``fmt`` with ``recipe``; ``stats`` is required unless the recipe is weight-only (or
+    smooths this layer: ``recipe.smoothing`` searches ``pre_quant_scale`` on ``stats.rows``)."""
     number_format = get_format(fmt)
     rec = LayerRecord(name, fmt, recipe.weight_only, module.in_features, module.out_features)
+    w = module.weight.detach()
+    pre_quant_scale = None
+    if recipe.smoothing.applies_to(fmt) and stats is not None:
+        choice = smoothing.search_pre_quant_scale(name, w, stats, number_format, recipe)
+        rec.smoothing, rec.smoothing_gain = choice.label, choice.gain
+        if choice.scale is not None:
+            pre_quant_scale = choice.scale.to(w.device)
+            w = w.float() / pre_quant_scale
+            stats = smoothing.smoothed_stats(stats, pre_quant_scale)
+            hessian = smoothing.smoothed_hessian(hessian, pre_quant_scale)
     input_scale = None
     if not recipe.weight_only:
         if stats is None:
@@ -83,16 +97,16 @@ def quantize_layer(
         rec.input_clip = float(clip)
         rec.clip_ratio = rec.input_clip / rec.input_amax if rec.input_amax > 0 else 1.0
         rec.input_scale = float(input_scale)
-    w = module.weight.detach()
     qw = quantize_weight_with(recipe.weight, w, number_format, WeightContext(name=name, hessian=hessian))
     state = QuantizedLinearState(fmt, qw.weight, qw.scale, qw.scale_2, input_scale,
                                  None if module.bias is None else module.bias.detach().clone(),
-                                 module.in_features, module.out_features)
-    deq = state.dequantized_weight()
-    w32 = w.float()
+                                 module.in_features, module.out_features,
+                                 None if pre_quant_scale is None else pre_quant_scale.to(torch.bfloat16))
+    deq = state.effective_weight()
+    w32 = module.weight.detach().float()
     rec.weight_rel_error = float((deq - w32).norm() / w32.norm().clamp_min(1e-30))
     rec.bits_per_weight = state.bits_per_weight
-    return QuantLinear(state, compute_dtype=w.dtype), rec
+    return QuantLinear(state, compute_dtype=module.weight.dtype), rec
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:

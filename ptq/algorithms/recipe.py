@@ -1,9 +1,9 @@
 """A quantization recipe, composed of parts (torchao style: one config object per method).
 
 ``QuantRecipe`` = number format (a name in :data:`ptq.formats.FORMATS`) + weight method + activation method +
-layer selection + mixed precision. Each part is a dataclass; the alternatives of a part are subclasses with their
+smoothing + layer selection + mixed precision. Each part is a dataclass; the alternatives of a part are subclasses with their
 own fields (``GPTQWeight`` adds ``damp``, ...), which is also how Hydra sees them: one config group per part
-(``quant/weight``, ``quant/activation``), each option its own structured schema, so a typo is an error. The named
+(``quant/weight``, ``quant/activation``, ``quant/smoothing``), each option its own structured schema, so a typo is an error. The named
 options of each group are :data:`WEIGHT_METHODS` and :data:`ACTIVATION_METHODS`; the code that runs a method is
 looked up by the part's type in :mod:`ptq.algorithms.methods`.
 
@@ -213,6 +213,77 @@ ACTIVATION_METHODS: dict[str, ActivationMethod] = {
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# smoothing
+# ---------------------------------------------------------------------------------------------------------------
+
+SMOOTHING_STATISTICS = ("max", "mean")
+
+
+@dataclass
+class Smoothing:
+    """Per-input-channel smoothing that ComfyUI runs (``pre_quant_scale``; ``ptq.algorithms.smoothing``): the layer
+    computes ``linear(x * p, W / p)``, ``p`` chosen per layer by a grid search minimising the layer's quantized
+    output error on calibration input rows. ``method="none"`` (off) or ``"search"``.
+
+    statistics: candidate families searched: "max" = SmoothQuant ``1/p_j = amax_j^a / wmax_j^(1-a)`` (per-channel
+        max |x| and max |W| of input column j), "mean" = AWQ ``1/p_j = mean|x_j|^a``. alphas: the migration
+        strengths ``a`` tried (no smoothing, p = 1, is always a candidate). rows: calibration input rows per layer
+        the search measures on. formats: the formats whose layers are smoothed (ComfyUI reads ``pre_quant_scale``
+        for nvfp4 layers only).
+    """
+
+    method: str = "none"
+    statistics: list[str] = field(default_factory=lambda: ["max"])
+    alphas: list[float] = field(default_factory=lambda: [round(0.1 * k, 1) for k in range(11)])
+    rows: int = 4096
+    formats: list[str] = field(default_factory=lambda: ["nvfp4"])
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+    @property
+    def label(self) -> str:
+        """"none", "smoothquant" (max), "awq" (mean) or "smoothquant+awq"."""
+        if not self.enabled:
+            return "none"
+        names = {"max": "smoothquant", "mean": "awq"}
+        return "+".join(names[s] for s in self.statistics)
+
+    def applies_to(self, fmt: str) -> bool:
+        return self.enabled and fmt in self.formats
+
+    def needs(self) -> CalibrationNeeds:
+        return CalibrationNeeds(amax=True, rows=self.rows) if self.enabled else CalibrationNeeds()
+
+    def validate(self) -> None:
+        if self.method not in ("none", "search"):
+            raise ValueError(f"quant.smoothing.method={self.method!r}: expected 'none' or 'search' (choose with "
+                             f"quant/smoothing=NAME, one of {', '.join(SMOOTHING_METHODS)})")
+        if not self.enabled:
+            return
+        bad = [s for s in self.statistics if s not in SMOOTHING_STATISTICS]
+        if bad or not self.statistics:
+            raise ValueError(f"quant.smoothing.statistics={list(self.statistics)}: expected a non-empty list of "
+                             f"{', '.join(SMOOTHING_STATISTICS)}")
+        if not self.alphas or any(not 0.0 <= a <= 1.0 for a in self.alphas):
+            raise ValueError(f"quant.smoothing.alphas={list(self.alphas)}: expected values in [0, 1]")
+        if self.rows < 16:
+            raise ValueError(f"quant.smoothing.rows={self.rows}: expected >= 16")
+        for f in self.formats:
+            _check_format("quant.smoothing.formats", f, keep_ok=False)
+
+
+#: Named smoothing options (the Hydra group ``quant/smoothing``).
+SMOOTHING_METHODS: dict[str, Smoothing] = {
+    "none": Smoothing(),
+    "smoothquant": Smoothing(method="search", statistics=["max"]),
+    "awq": Smoothing(method="search", statistics=["mean"]),
+    "smoothquant_awq": Smoothing(method="search", statistics=["max", "mean"]),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # layer selection and mixed precision
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -313,8 +384,9 @@ def _named(value: Any, table: dict[str, Any], what: str) -> Any:
 class QuantRecipe:
     """How to quantize the Linears of a model: ``format`` (a registered number format) + its parts.
 
-    ``weight`` and ``activation`` also accept the names of :data:`WEIGHT_METHODS` / :data:`ACTIVATION_METHODS`
-    in Python (``QuantRecipe(format="nvfp4", weight="gptq")``).
+    ``weight``, ``activation`` and ``smoothing`` also accept the names of :data:`WEIGHT_METHODS` /
+    :data:`ACTIVATION_METHODS` / :data:`SMOOTHING_METHODS` in Python (``QuantRecipe(format="nvfp4",
+    weight="gptq")``).
     """
 
     format: str = "nvfp4"
@@ -322,10 +394,12 @@ class QuantRecipe:
     activation: ActivationMethod = field(default_factory=ActivationMethod)
     layers: LayerSelection = field(default_factory=LayerSelection)
     mixed: MixedPrecision = field(default_factory=MixedPrecision)
+    smoothing: Smoothing = field(default_factory=Smoothing)
 
     def __post_init__(self) -> None:
         self.weight = _named(self.weight, WEIGHT_METHODS, "weight")
         self.activation = _named(self.activation, ACTIVATION_METHODS, "activation")
+        self.smoothing = _named(self.smoothing, SMOOTHING_METHODS, "smoothing")
 
     @property
     def weight_only(self) -> bool:
@@ -334,7 +408,7 @@ class QuantRecipe:
 
     def needs(self) -> CalibrationNeeds:
         """What calibration must collect for this recipe (union of its parts' needs)."""
-        return self.weight.needs() | self.activation.needs() | self.mixed.needs()
+        return self.weight.needs() | self.activation.needs() | self.mixed.needs() | self.smoothing.needs()
 
     def validate(self) -> None:
         """Raise ValueError naming the key for any out-of-range or inconsistent value."""
@@ -343,6 +417,7 @@ class QuantRecipe:
         self.activation.validate()
         self.layers.validate()
         self.mixed.validate()
+        self.smoothing.validate()
         if self.weight.scales == "four_over_six" and type(self.weight) is WeightMethod and self.format != "nvfp4":
             raise ValueError("quant.weight.scales='four_over_six' applies to nvfp4 only")
         if isinstance(self.weight, GPTQWeight) and self.mixed.analyse and self.weight.blocks_per_pass:
@@ -357,10 +432,11 @@ class QuantRecipe:
         """The recipe in a few labels (report, leaderboard): format, weight_only, activation, weight, mixed."""
         return {"format": self.format, "weight_only": self.weight_only, "activation": self.activation.label,
                 "weight": self.weight.label, "mixed_precision": self.mixed.enabled,
-                "fp8_per_channel": self.weight.fp8_per_channel}
+                "fp8_per_channel": self.weight.fp8_per_channel, "smoothing": self.smoothing.label}
 
     def title(self) -> str:
         """One-line name of the recipe, e.g. ``nvfp4 gptq_four_over_six act=mse``."""
         act = "weight-only" if self.weight_only else f"act={self.activation.label}"
         mixed = f" mixed<={self.mixed.bits_budget:g}b" if self.mixed.enabled else ""
-        return f"{self.format} {self.weight.label} {act}{mixed}"
+        smooth = f" smooth={self.smoothing.label}" if self.smoothing.enabled else ""
+        return f"{self.format} {self.weight.label} {act}{smooth}{mixed}"

@@ -13,6 +13,7 @@ import torch
 
 from ptq.algorithms.recipe import KEEP
 from ptq.eval.metrics import latent_metrics, psnr, ssim
+from ptq.eval.runtimes import runtime_markdown
 
 
 def _finite(x: float) -> float | None:
@@ -98,10 +99,12 @@ def write_report(out_dir: Path, *, run_info: dict[str, Any], records: list[Any],
                  baseline: list[dict[str, Any]] | None, quantized: list[dict[str, Any]] | None,
                  exports: list[Any], timings: dict[str, float],
                  decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 eval_prompts: list[str] | None = None, sensitivity: dict[str, Any] | None = None) -> dict[str, Any]:
+                 eval_prompts: list[str] | None = None, sensitivity: dict[str, Any] | None = None,
+                 runtimes: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write report.json / report.md / PNGs; returns the JSON dict. ``decode``: latents -> frames ``[F, H, W, 3]``
     in [0, 1] (the model adapter's decoder) for the frame metrics and images; ``sensitivity``: the dict of
-    ``ptq.algorithms.mixed_precision.analyse_and_plan`` (per-layer / per-block output errors, mixed-precision plan)."""
+    ``ptq.algorithms.mixed_precision.analyse_and_plan`` (per-layer / per-block output errors, mixed-precision plan);
+    ``runtimes``: per ComfyUI runtime, the evaluation of ``ptq.pipeline.runtime_eval.evaluate_runtimes``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"run": run_info, "timings_s": timings, "bits_per_weight": bits_per_weight(records),
                               "layers": [r.to_dict() for r in records], "exports": [asdict(e) for e in exports]}
@@ -131,6 +134,8 @@ def write_report(out_dir: Path, *, run_info: dict[str, Any], records: list[Any],
         images.append("layer_weight_error.png")
     if sensitivity is not None:
         report["sensitivity"] = _json_safe(sensitivity)
+    if runtimes is not None:
+        report["runtimes"] = _json_safe(runtimes)
     report["images"] = images
     report["eval_prompts"] = eval_prompts or []
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
@@ -170,6 +175,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Decoded frames", "", f"mean frame PSNR {fm['psnr']:.2f} dB, SSIM {fm['ssim']:.4f} "
                   "(top row bf16, bottom row quantized)", ""]
         lines += [f"![prompt {i}](frames_prompt{i}.png)" for i in range(len(report["frames"]))]
+    if report.get("runtimes"):
+        lines += runtime_markdown(report["runtimes"])
     if report.get("sensitivity"):
         lines += sensitivity_markdown(report["sensitivity"], report["layers"])
     lines += ["", "## Exports", "", "| target | file | MB | verified |", "|---|---|---|---|"]

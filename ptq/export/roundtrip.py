@@ -70,6 +70,12 @@ def verify_export(exporter: Exporter, path: Path, plain: Mapping[str, torch.Tens
                 expected.add(key)
                 if key not in keys or not torch.equal(f.get_tensor(key).float().reshape(()), st.input_scale.float()):
                     problems.append(f"{key}: missing or different")
+            if st.pre_quant_scale is not None:
+                key = f"{layer}.pre_quant_scale"
+                expected.add(key)
+                if key not in keys or not torch.equal(f.get_tensor(key).float().reshape(-1),
+                                                      st.pre_quant_scale.float().reshape(-1)):
+                    problems.append(f"{key}: missing or different")
             if st.bias is not None:
                 expected.add(f"{layer}.bias")
                 b = f.get_tensor(f"{layer}.bias")

@@ -16,7 +16,7 @@ from ptq.eval.report import write_report
 from ptq.models import get_adapter
 from ptq.models.base import ModelAdapter
 from ptq.models.cpu_matmul import Float32LinearOnCPU
-from ptq.pipeline import stages
+from ptq.pipeline import runtime_eval, stages
 from ptq.pipeline.prompts import load_images, load_prompts
 from ptq.pipeline.sampling import PromptSet
 from ptq.pipeline.settings import RunConfig, SamplingConfig
@@ -113,6 +113,8 @@ def _run(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
     evals = _prompt_set(adapter, eval_prompts, eval_emb, neg_eval, cfg.eval) if eval_prompts else None
 
     baseline = cache_file = None
+    runtimes = runtime_eval.runtime_list(list(cfg.eval.runtimes)) if evals is not None else []
+    references: dict[str, Any] = {}
     if evals is not None:
         payload = stages.baseline_payload(adapter, evals, dtype=cfg.model.dtype, device=device.type,
                                           negative=cfg.eval.negative_prompt, images=list(cfg.eval.images),
@@ -124,6 +126,11 @@ def _run(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
         if cached:
             del timer.seconds["baseline_eval"]
             timer.peak_gib.pop("baseline_eval", None)
+        if runtimes:
+            with timer("runtime_reference"):
+                references = runtime_eval.unquantized_references(
+                    adapter, evals, runtimes, model_dtype=cfg.model.dtype, payload=payload,
+                    cache_dir=cfg.eval.cache_dir, progress=cfg.progress, cuda_graphs=cfg.model.cuda_graphs)
 
     recipe = cfg.quant
     with timer("calibrate"):
@@ -146,6 +153,11 @@ def _run(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
         with timer("quant_eval"):
             quant_results = stages.evaluate(adapter, evals, desc=f"eval ({recipe.format})", progress=cfg.progress,
                                             cuda_graphs=cfg.model.cuda_graphs)
+    runtime_report = None
+    if runtimes:
+        with timer("runtime_eval"):
+            runtime_report = runtime_eval.evaluate_runtimes(adapter, evals, runtimes, baseline, references,
+                                                            model_dtype=cfg.model.dtype, progress=cfg.progress)
     with timer("export"):
         source = {"ptq_source_model": adapter.display_name,
                   "ptq_source_sha256": adapter.content_hash(Path(cfg.eval.cache_dir))}
@@ -167,6 +179,6 @@ def _run(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
         report = write_report(out_dir, run_info=run_info, records=records[target], baseline=baseline,
                               quantized=quant_results, exports=exports, timings=timer.seconds,
                               decode=adapter.decode if cfg.eval.decode and adapter.can_decode else None,
-                              eval_prompts=eval_prompts, sensitivity=analyses.get(target))
+                              eval_prompts=eval_prompts, sensitivity=analyses.get(target), runtimes=runtime_report)
     log.info("wrote %s", out_dir / "report.md")
     return report

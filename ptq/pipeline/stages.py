@@ -13,7 +13,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -103,8 +103,17 @@ def calibration_needs(recipe: QuantRecipe) -> CalibrationNeeds:
     """The recipe's needs, with the Hessians left to the later passes of sequential GPTQ."""
     needs = recipe.needs()
     if isinstance(recipe.weight, GPTQWeight) and recipe.weight.blocks_per_pass > 0:
-        needs = CalibrationNeeds(amax=needs.amax, samples=needs.samples, hessians=False, inputs=needs.inputs)
+        needs = replace(needs, hessians=False)
     return needs
+
+
+def rows_per_call(rows: int, ps: PromptSet) -> int:
+    """Input rows to keep per Linear call so that about ``rows`` are kept over the calibration forwards of ``ps``
+    (one per step and prompt, two with classifier-free guidance); 0 for 0."""
+    if rows <= 0:
+        return 0
+    calls = sum(s.num_steps * (2 if s.guidance_scale > 1.0 else 1) for s in ps.specs)
+    return max(1, -(-rows // max(calls, 1)))
 
 
 def calibrate(adapter: ModelAdapter, recipe: QuantRecipe, ps: PromptSet, *, samples_per_call: int, seed: int,
@@ -135,7 +144,8 @@ def calibrate(adapter: ModelAdapter, recipe: QuantRecipe, ps: PromptSet, *, samp
         layers = LayerPlanner.for_model(target.module, recipe, adapter.layer_rules).targets(target.module)
         observers[name] = LinearInputObserver(target.module, layers, num_steps=ps.specs[0].num_steps,
                                               samples_per_call=samples_per_call if needs.samples else 0, seed=seed,
-                                              sample_block=SAMPLE_BLOCK, hessian=needs.hessians)
+                                              sample_block=SAMPLE_BLOCK, hessian=needs.hessians,
+                                              rows_per_call=rows_per_call(needs.rows, ps))
         if needs.inputs:
             recorders[name] = ForwardInputRecorder(target.module, needs.inputs, seed=seed)
     with contextlib.ExitStack() as stack:
