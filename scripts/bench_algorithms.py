@@ -90,6 +90,14 @@ def print_table(rows: list[dict]) -> None:
         tf_r = "-" if tf is None or not tf_base else f"{tf / tf_base:.3f}x"
         print(f"| {r['recipe']} | {r['bits_quantized']:.3f} | {r['bits_all']:.3f} | {r['rel_l2']:.4f} | "
               f"{ratio:.3f}x | {r['cosine']:.5f} | {r['psnr']:.2f} | {tf_s} | {tf_r} | {r['seconds']:.1f} |")
+    names = list(next((r["runtimes"] for r in rows if r.get("runtimes")), {}) or {})
+    if names:  # final-latent rel. L2 as ComfyUI computes each file per GPU (ratio to the bf16 max RTN row)
+        print("\n| recipe | " + " | ".join(names) + " |\n|---" * 1 + "|---" * len(names) + "|")
+        for r in rows:
+            base = ref.get(r["format"], {}).get("rel_l2")
+            cells = [f"{v['rel_l2']:.4f}" + (f" ({v['rel_l2'] / base:.3f}x)" if base else "")
+                     for v in (r.get("runtimes") or {}).values()]
+            print(f"| {r['recipe']} | " + " | ".join(cells) + " |")
 
 
 def compose_cfg(overrides: list[str]):
@@ -117,6 +125,9 @@ def main() -> None:
     ap.add_argument("--json", type=str, default=None, help="write the results here")
     ap.add_argument("--teacher-forced", action="store_true",
                     help="also measure the teacher-forced per-step prediction error (one more pass per recipe)")
+    ap.add_argument("--runtimes", nargs="*", default=[],
+                    help="also evaluate each recipe as ComfyUI computes it on these runtimes (ptq.eval.runtimes; "
+                    "runtimes with identical numerics share one pass), e.g. blackwell hopper ampere")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. calib.num_steps=20")
     args = ap.parse_args()
 
@@ -189,6 +200,14 @@ def main() -> None:
             mean = {k: sum(m[k] for m in ms) / len(ms) for k in ms[0]}
             if tf_ref is not None:
                 mean["teacher_forced"] = teacher_forced_error(teacher_forced_run(adapter, evals, tf_ref), tf_ref)
+            per_runtime = None
+            if args.runtimes:
+                from ptq.pipeline.runtime_eval import evaluate_runtimes, runtime_list
+
+                res = evaluate_runtimes(adapter, evals, runtime_list(args.runtimes), baseline, {},
+                                        model_dtype=cfg.model.dtype, progress=False)
+                per_runtime = {k: {"rel_l2": v["mean_final"]["rel_l2"], "same_as": v["same_as"],
+                                   "layers": v["layers"]} for k, v in res.items()}
             q = [r for r in records if r.format != "bf16"]
             bpw_q = (sum(r.bits_per_weight * r.in_features * r.out_features for r in q)
                      / max(sum(r.in_features * r.out_features for r in q), 1))
@@ -198,8 +217,13 @@ def main() -> None:
                          "bits_all": bits_per_weight(records), "bits_quantized": bpw_q,
                          "counts": {f: sum(r.format == f for r in records) for f in ("nvfp4", "fp8", "bf16")},
                          **mean, "per_prompt_rel_l2": [m["rel_l2"] for m in ms], "seconds": t_quant,
-                         "plan": plan and {k: plan[k] for k in ("bits_per_weight", "counts", "predicted_error")}})
+                         "plan": plan and {k: plan[k] for k in ("bits_per_weight", "counts", "predicted_error")},
+                         "runtimes": per_runtime,
+                         "smoothing_layers": {r.name: [r.smoothing, r.smoothing_gain] for r in records
+                                              if r.smoothing is not None}})
             tf = f" teacher-forced {mean['teacher_forced']:.4f}" if "teacher_forced" in mean else ""
+            if per_runtime:
+                tf += " | " + " ".join(f"{k} {v['rel_l2']:.4f}" for k, v in per_runtime.items())
             print(f"{name}: rel_l2 {mean['rel_l2']:.4f} cos {mean['cosine']:.5f} psnr {mean['psnr']:.2f}{tf} "
                   f"bits {bpw_q:.3f} ({t_quant:.1f} s)", flush=True)
 

@@ -55,7 +55,7 @@ def unquantized_references(adapter: ModelAdapter, ps: PromptSet, runtimes: list[
         name = dtype_name(rt.compute_dtype)
         if name == model_dtype or name in out:
             continue
-        cache = stages.baseline_cache_file(cache_dir, {**payload, "compute_dtype": name})
+        cache = stages.baseline_cache_file(cache_dir, {**payload, "compute_dtype": name}, prefix=f"reference_{name}")
         with _simulated(adapter, rt, monitor=False):
             out[name], _ = stages.bf16_baseline(adapter, ps, cache, progress=progress, cuda_graphs=cuda_graphs)
     return out

@@ -51,10 +51,11 @@ def encode(adapter: ModelAdapter, prompts: list[str], negative: str) -> tuple[to
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def baseline_cache_file(cache_dir: str | os.PathLike[str], payload: dict[str, Any]) -> Path:
-    """The cache file of the bf16 reference outputs identified by ``payload`` (model, settings, prompts, ...)."""
+def baseline_cache_file(cache_dir: str | os.PathLike[str], payload: dict[str, Any], prefix: str = "baseline") -> Path:
+    """The cache file of the bf16 reference outputs identified by ``payload`` (model, settings, prompts, ...);
+    ``prefix`` names other cached references (e.g. the unquantized model in another compute dtype)."""
     key = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    return Path(cache_dir).expanduser() / f"baseline_{key}.pt"
+    return Path(cache_dir).expanduser() / f"{prefix}_{key}.pt"
 
 
 def baseline_payload(adapter: ModelAdapter, ps: PromptSet, **settings: Any) -> dict[str, Any]:
