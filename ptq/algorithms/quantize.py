@@ -3,7 +3,8 @@
 Model-agnostic: layers are chosen by the recipe's layer selection over module names, with the model's
 :class:`~ptq.algorithms.layers.LayerRules` (block numbering, default high-precision layers) as data. The weight
 and activation methods run through :mod:`ptq.algorithms.methods`. :func:`gptq_sequential_` is GPTQ over a model
-a few blocks at a time (bounded Hessian memory).
+a few blocks at a time (bounded Hessian memory); :func:`gptq_act_aware_` fits the weights to the runtime-quantized
+inputs measured in extra calibration passes.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ptq.algorithms.qlinear import QuantizedLinearState, QuantLinear
 from ptq.algorithms.recipe import KEEP, GPTQWeight, QuantRecipe
 from ptq.algorithms.weight_quant import WeightContext
 from ptq.calibration.observers import LinearInputObserver, LinearInputStats
+from ptq.calibration.quantized_inputs import QuantizedInputObserver
 from ptq.formats import get_format
 from ptq.formats.checks import FormatError
 
@@ -64,29 +66,32 @@ def num_blocks(model: nn.Module, rules: LayerRules | None = None) -> int:
     return (rules_for(model) if rules is None else rules).num_blocks(model)
 
 
+@dataclass
+class ActivationPlan:
+    """The input side of one quantized layer, decided from calibration before its weight is quantized:
+    ``pre_quant_scale`` (smoothing, float32 ``[in]`` or None), the statistics of the (smoothed) input, the input
+    scale (None for weight-only), and the partly filled record."""
+
+    pre_quant_scale: torch.Tensor | None
+    stats: LinearInputStats | None
+    input_scale: torch.Tensor | None
+    record: LayerRecord
+
+
 @torch.no_grad()
-def quantize_layer(
-    name: str,
-    module: nn.Linear,
-    fmt: str,
-    recipe: QuantRecipe,
-    stats: LinearInputStats | None,
-    hessian: torch.Tensor | None = None,
-) -> tuple[QuantLinear, LayerRecord]:
-    """Quantize one Linear to ``fmt`` with ``recipe``; ``stats`` is required unless the recipe is weight-only (or
-    smooths this layer: ``recipe.smoothing`` searches ``pre_quant_scale`` on ``stats.rows``)."""
+def plan_activation(name: str, module: nn.Linear, fmt: str, recipe: QuantRecipe,
+                    stats: LinearInputStats | None) -> ActivationPlan:
+    """Smoothing (``recipe.smoothing`` searches ``pre_quant_scale`` on ``stats.rows``) and input scale of one layer;
+    ``stats`` is required unless the recipe is weight-only."""
     number_format = get_format(fmt)
     rec = LayerRecord(name, fmt, recipe.weight_only, module.in_features, module.out_features)
-    w = module.weight.detach()
     pre_quant_scale = None
     if recipe.smoothing.applies_to(fmt) and stats is not None:
-        choice = smoothing.search_pre_quant_scale(name, w, stats, number_format, recipe)
+        choice = smoothing.search_pre_quant_scale(name, module.weight.detach(), stats, number_format, recipe)
         rec.smoothing, rec.smoothing_gain = choice.label, choice.gain
         if choice.scale is not None:
-            pre_quant_scale = choice.scale.to(w.device)
-            w = w.float() / pre_quant_scale
+            pre_quant_scale = choice.scale.to(module.weight.device)
             stats = smoothing.smoothed_stats(stats, pre_quant_scale)
-            hessian = smoothing.smoothed_hessian(hessian, pre_quant_scale)
     input_scale = None
     if not recipe.weight_only:
         if stats is None:
@@ -97,11 +102,40 @@ def quantize_layer(
         rec.input_clip = float(clip)
         rec.clip_ratio = rec.input_clip / rec.input_amax if rec.input_amax > 0 else 1.0
         rec.input_scale = float(input_scale)
-    qw = quantize_weight_with(recipe.weight, w, number_format, WeightContext(name=name, hessian=hessian))
-    state = QuantizedLinearState(fmt, qw.weight, qw.scale, qw.scale_2, input_scale,
+    return ActivationPlan(pre_quant_scale, stats, input_scale, rec)
+
+
+@torch.no_grad()
+def quantize_layer(
+    name: str,
+    module: nn.Linear,
+    fmt: str,
+    recipe: QuantRecipe,
+    stats: LinearInputStats | None,
+    hessian: torch.Tensor | None = None,
+    *,
+    plan: ActivationPlan | None = None,
+    input_hessians: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[QuantLinear, LayerRecord]:
+    """Quantize one Linear to ``fmt`` with ``recipe``; ``stats`` is required unless the recipe is weight-only.
+    ``plan``: its :func:`plan_activation` (computed here when None); ``input_hessians``: ``(H_qq, H_xq)`` of the
+    runtime-quantized input for activation-aware GPTQ (:func:`gptq_act_aware_`), replacing ``hessian``."""
+    number_format = get_format(fmt)
+    plan = plan_activation(name, module, fmt, recipe, stats) if plan is None else plan
+    rec, p = plan.record, plan.pre_quant_scale
+    w = module.weight.detach()
+    cross = None
+    if p is not None:
+        w = w.float() / p
+        hessian = smoothing.smoothed_hessian(hessian, p)
+    if input_hessians is not None:
+        hessian, cross = input_hessians
+    qw = quantize_weight_with(recipe.weight, w, number_format,
+                              WeightContext(name=name, hessian=hessian, input_cross=cross))
+    state = QuantizedLinearState(fmt, qw.weight, qw.scale, qw.scale_2, plan.input_scale,
                                  None if module.bias is None else module.bias.detach().clone(),
                                  module.in_features, module.out_features,
-                                 None if pre_quant_scale is None else pre_quant_scale.to(torch.bfloat16))
+                                 None if p is None else p.to(torch.bfloat16))
     deq = state.effective_weight()
     w32 = module.weight.detach().float()
     rec.weight_rel_error = float((deq - w32).norm() / w32.norm().clamp_min(1e-30))
@@ -236,3 +270,69 @@ def gptq_sequential_(
     for name, module in linears:
         records.append(done[name] if name in done else kept_record(name, module, planned[name][1]))
     return records
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Activation-aware GPTQ over a model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _runtime_quantizer(fmt: str, input_scale: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The format's runtime activation quantize + dequantize with the layer's input scale."""
+    number_format = get_format(fmt)
+    return lambda x: number_format.fake_quantize_activation(x, input_scale.to(x.device))
+
+
+def gptq_act_aware_(
+    model: nn.Module,
+    recipe: QuantRecipe,
+    stats: Mapping[str, LinearInputStats],
+    calibrate: Callable[[QuantizedInputObserver], None],
+    *,
+    rules: LayerRules | None = None,
+    progress: bool = True,
+) -> list[LayerRecord]:
+    """Quantize ``model`` in place with activation-aware GPTQ (``GPTQWeight.act_aware``),
+    ``recipe.weight.blocks_per_pass`` transformer blocks per pass (0 = all in one).
+
+    Per pass: each layer's smoothing and input scale are planned from ``stats`` (:func:`plan_activation`), then
+    ``calibrate(observer)`` runs the calibration forwards with a :class:`QuantizedInputObserver` measuring
+    ``H_qq`` / ``H_xq`` of the inputs as the runtime quantizes them (earlier passes already quantized), and every
+    layer of the pass is quantized by GPTQ onto the least-squares target for those inputs
+    (:func:`ptq.algorithms.gptq.quantized_input_target`). Returns one LayerRecord per Linear, in model order."""
+    if not (isinstance(recipe.weight, GPTQWeight) and recipe.weight.act_aware):
+        raise ValueError(f"gptq_act_aware_ needs GPTQ with act_aware=true, got {recipe.weight.label!r}")
+    recipe.validate()
+    rules = rules_for(model) if rules is None else rules
+    planner = LayerPlanner.for_model(model, recipe, rules)
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    planned = {n: planner.plan_with_fallback(n, m) for n, m in linears}
+    targets = [n for n, _ in linears if planned[n][0] != KEEP and n in stats]
+    done: dict[str, LayerRecord] = {}
+    for names in tqdm(plan_groups(targets, recipe.weight.blocks_per_pass, rules), desc="act-aware gptq passes",
+                      disable=not progress, leave=False):
+        plans = {n: plan_activation(n, model.get_submodule(n), planned[n][0], recipe, stats[n]) for n in names}
+        observer = QuantizedInputObserver(model, {n: (plans[n].pre_quant_scale,
+                                                      _runtime_quantizer(planned[n][0], plans[n].input_scale))
+                                                  for n in names})
+        with observer:
+            calibrate(observer)
+        measured = observer.hessians()
+        del observer
+        for n in names:
+            if n not in measured:
+                raise ValueError(f"{n}: not called in the quantized-input calibration pass")
+            try:
+                q, rec = quantize_layer(n, model.get_submodule(n), planned[n][0], recipe, stats[n], plan=plans[n],
+                                        input_hessians=measured[n])
+            except FormatError as exc:
+                log.warning("%s: %s; kept in high precision", n, exc)
+                done[n] = kept_record(n, model.get_submodule(n), str(exc))
+                continue
+            rec.reason = planned[n][1]
+            set_module(model, n, q)
+            done[n] = rec
+        del measured
+    return [done[n] if n in done else kept_record(n, m, "no calibration statistics (layer never called)"
+                                                   if planned[n][0] != KEEP else planned[n][1])
+            for n, m in linears]

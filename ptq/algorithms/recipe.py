@@ -85,6 +85,10 @@ class GPTQWeight(WeightMethod):
     block_size: columns per lazy-batch update. blocks_per_pass: 0 = one calibration pass collects every Linear's
         Hessian (4*in^2 bytes each); N > 0 = quantize N transformer blocks at a time, each pass re-running
         calibration on the partially quantized model (memory-bounded, sequential GPTQ).
+    act_aware: W+A recipes: fit the weight to the runtime-quantized input ``q(x)`` instead of ``x`` (least-squares
+        target ``W H_xq H_qq^-1`` for the layer's input quantizer, then GPTQ with ``H_qq``; ``ptq.algorithms.
+        act_aware``); the statistics of ``q(x)`` come from a second calibration pass after the input scales are
+        chosen (``blocks_per_pass`` bounds its memory the same way, 8*in^2 bytes per layer).
     """
 
     method_name: ClassVar[str] = "gptq"
@@ -93,13 +97,20 @@ class GPTQWeight(WeightMethod):
     damp: float = 0.01
     block_size: int = 128
     blocks_per_pass: int = 0
+    act_aware: bool = False
 
     @property
     def label(self) -> str:
-        return "gptq" if self.scales == "mse" else f"gptq_{self.scales}"
+        base = "gptq" if self.scales == "mse" else f"gptq_{self.scales}"
+        return f"{base}_act_aware" if self.act_aware else base
+
+    @property
+    def extra_passes(self) -> bool:
+        """Whether quantization re-runs calibration (sequential passes or the quantized-input statistics)."""
+        return self.blocks_per_pass > 0 or self.act_aware
 
     def needs(self) -> CalibrationNeeds:
-        return CalibrationNeeds(hessians=True)
+        return CalibrationNeeds(amax=True) if self.act_aware else CalibrationNeeds(hessians=True)
 
     def validate(self) -> None:
         super().validate()
@@ -119,6 +130,8 @@ WEIGHT_METHODS: dict[str, WeightMethod] = {
     "gptq": GPTQWeight(scales="mse"),
     "gptq_max": GPTQWeight(scales="max"),
     "gptq_four_over_six": GPTQWeight(scales="four_over_six"),
+    "gptq_act_aware": GPTQWeight(scales="mse", act_aware=True),
+    "gptq_four_over_six_act_aware": GPTQWeight(scales="four_over_six", act_aware=True),
 }
 
 
@@ -420,9 +433,13 @@ class QuantRecipe:
         self.smoothing.validate()
         if self.weight.scales == "four_over_six" and type(self.weight) is WeightMethod and self.format != "nvfp4":
             raise ValueError("quant.weight.scales='four_over_six' applies to nvfp4 only")
-        if isinstance(self.weight, GPTQWeight) and self.mixed.analyse and self.weight.blocks_per_pass:
-            raise ValueError("quant.mixed with GPTQ needs quant.weight.blocks_per_pass=0 (the sensitivity analysis "
-                             "quantizes each layer with its Hessian from the one calibration pass)")
+        if isinstance(self.weight, GPTQWeight) and self.mixed.analyse and self.weight.extra_passes:
+            raise ValueError("quant.mixed with GPTQ needs quant.weight.blocks_per_pass=0 and act_aware=false (the "
+                             "sensitivity analysis quantizes each layer with its Hessian from the one calibration "
+                             "pass)")
+        if isinstance(self.weight, GPTQWeight) and self.weight.act_aware and self.weight_only:
+            raise ValueError("quant.weight.act_aware=true fits the weights to the quantized activations: it needs an "
+                             "activation method other than 'none'")
 
     def with_layer_formats(self, formats: dict[str, str]) -> QuantRecipe:
         """A copy whose per-layer map also holds ``formats`` (exact names)."""

@@ -21,7 +21,7 @@ import torch
 
 from ptq.algorithms.layers import LayerPlanner
 from ptq.algorithms.mixed_precision import analyse_and_plan
-from ptq.algorithms.quantize import LayerRecord, gptq_sequential_, quantize_
+from ptq.algorithms.quantize import LayerRecord, gptq_act_aware_, gptq_sequential_, quantize_
 from ptq.algorithms.recipe import GPTQWeight, QuantRecipe
 from ptq.calibration.needs import CalibrationNeeds
 from ptq.calibration.observers import LinearInputObserver, LinearInputStats
@@ -189,7 +189,11 @@ def quantize(adapter: ModelAdapter, recipes: dict[str, QuantRecipe], cal: Calibr
         recipe = recipes[name]
         stats = cal.stats.get(name, {})
         hessians = cal.hessians.get(name) if recipe.needs().hessians else None
-        if isinstance(recipe.weight, GPTQWeight) and recipe.weight.blocks_per_pass > 0:
+        if isinstance(recipe.weight, GPTQWeight) and recipe.weight.act_aware:
+            assert cal.rerun is not None
+            records[name] = gptq_act_aware_(target.module, recipe, stats, lambda obs, _n=name: cal.rerun(_n, obs),
+                                            rules=adapter.layer_rules, progress=progress)
+        elif isinstance(recipe.weight, GPTQWeight) and recipe.weight.blocks_per_pass > 0:
             assert cal.rerun is not None
             records[name] = gptq_sequential_(target.module, recipe, stats,
                                               lambda obs, _n=name: cal.rerun(_n, obs),
