@@ -77,8 +77,8 @@ def test_act_aware_gptq_lowers_the_w4a4_output_error(smooth: str) -> None:
         if recipe.weight.act_aware:
             calls = []
 
-            def calibrate(observer: QuantizedInputObserver, _m: nn.Module = model) -> None:
-                calls.append(observer)
+            def calibrate(observer: QuantizedInputObserver, _m: nn.Module = model, _calls: list = calls) -> None:
+                _calls.append(observer)
                 with torch.no_grad():
                     for chunk in calib.chunk(8):
                         _m(chunk)
