@@ -134,3 +134,19 @@ def test_leaderboard_has_a_column_per_runtime(tmp_path: Path) -> None:
     md = (tmp_path / "leaderboard.md").read_text()
     assert "| rel_l2@blackwell | rel_l2@hopper |" in md and "0.2500 | - |" in md
     assert (tmp_path / "leaderboard.csv").read_text().splitlines()[0].endswith("rel_l2@blackwell,rel_l2@hopper,path")
+
+
+@pytest.mark.gpu
+def test_simulation_on_cuda_matches_cpu() -> None:
+    """The per-runtime simulation runs on the GPU (fp16 activations take QuantLinear's reference path there) and
+    agrees with the CPU simulation up to the GEMM's float32 summation order."""
+    for fmt in ("nvfp4", "fp8"):
+        model, x = _model(fmt)
+        for name in ("blackwell", "hopper", "ampere"):
+            with rt.simulate(model, rt.RUNTIMES[name]):
+                y_cpu = model(x.to(torch.float16)).float()
+            model.cuda()
+            with rt.simulate(model, rt.RUNTIMES[name]):
+                y_gpu = model(x.cuda().to(torch.float16)).float().cpu()
+            model.cpu()
+            assert float((y_gpu - y_cpu).norm() / y_cpu.norm()) < 2e-3, (fmt, name)
