@@ -114,8 +114,9 @@ def check_wan_build(arch: Architecture, metadata: Mapping[str, str], problem: Pr
     dim = arch.dim
     heads = override.get("num_heads", dim // COMFYUI_WAN_HEAD_DIM)
     text_dim = override.get("text_dim", COMFYUI_WAN_TEXT_DIM)
-    fix = ('add the header entry config = json.dumps({"transformer": {"num_heads": <heads>, "text_dim": '
-           '<text_dim>}}) (ComfyUI >= ' + COMFYUI_CONFIG_MIN_VERSION + '; ptq run writes it)')
+    file_text_dim = arch.text_dim if arch.text_dim is not None else "<text_dim>"
+    fix = (f'add the header entry config = json.dumps({{"transformer": {{"num_heads": <heads>, "text_dim": '
+           f'{file_text_dim}}}}}) (ComfyUI >= {COMFYUI_CONFIG_MIN_VERSION}; ptq run writes it)')
     if not isinstance(heads, int) or heads < 1 or dim % heads:
         problem("comfyui_wan_misbuilt", "error", [],
                 f"ComfyUI builds this WAN model (dim {dim}) with num_heads={heads!r}, which does not divide dim "
