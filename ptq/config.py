@@ -1,9 +1,10 @@
 """Hydra structured configs: a typo in an override is an error.
 
 Groups: ``config`` (presets in ``ptq/configs/config/*.yaml``, package _global_), ``model`` (``configs/model``),
-``quant`` (recipes, ``configs/quant``) and, per part of a recipe, ``quant/weight`` and ``quant/activation`` (one
-option per named method of ``ptq.algorithms.recipe``, each its own structured schema). The schemas themselves are
-the dataclasses of :mod:`ptq.pipeline.settings`. ``validate_config`` checks value ranges.
+``quant`` (recipes, ``configs/quant``) and, per part of a recipe, ``quant/weight``, ``quant/activation`` and
+``quant/smoothing`` (one option per named method of ``ptq.algorithms.recipe``, each its own structured schema).
+The schemas themselves are the dataclasses of :mod:`ptq.pipeline.settings`. ``validate_config`` checks value
+ranges.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from ptq.algorithms.recipe import ACTIVATION_METHODS, WEIGHT_METHODS
+from ptq.algorithms.recipe import ACTIVATION_METHODS, SMOOTHING_METHODS, WEIGHT_METHODS
 from ptq.calibration.hessian_store import HESSIAN_STORAGES
+from ptq.pipeline.runtime_eval import runtime_list
 from ptq.pipeline.settings import (
     CalibConfig,
     DatasetConfig,
@@ -36,6 +38,8 @@ def register_configs() -> None:
         cs.store(group="quant/weight", name=name, node=node)
     for name, node in ACTIVATION_METHODS.items():
         cs.store(group="quant/activation", name=name, node=node)
+    for name, node in SMOOTHING_METHODS.items():
+        cs.store(group="quant/smoothing", name=name, node=node)
 
 
 def _check_sampling(prefix: str, s: Any) -> None:
@@ -77,5 +81,6 @@ def validate_config(cfg: RunConfig) -> None:
     for i, lora in enumerate(cfg.model.loras):
         if not lora.path:
             raise ValueError(f"model.loras[{i}].path is empty: give the LoRA's .safetensors file")
+    runtime_list(list(cfg.eval.runtimes))
     if cfg.quant.needs().samples and cfg.calib.samples_per_call <= 0:
         raise ValueError(f"quant.activation={cfg.quant.activation.label!r} needs calib.samples_per_call > 0")

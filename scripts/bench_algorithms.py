@@ -42,6 +42,66 @@ def exact_weights(model: torch.nn.Module, original: torch.nn.Module) -> None:
             m.weight_values = w / (alpha.reshape(-1, 1) if alpha.dim() else alpha)
 
 
+def teacher_forced_run(adapter, ps, reference: list[tuple[list, list]] | None = None) -> list[tuple[list, list]]:
+    """Per prompt (step inputs, CFG predictions) of the adapter's current transformer. With ``reference`` (the
+    bf16 model's run): each step gets the reference's input latents (teacher forcing), so a step's prediction
+    error is the model's own, free of the trajectory's divergence."""
+    from ptq.models.wan.sampling import denoise
+
+    out = []
+    for i in range(len(ps)):
+        inputs: list = []
+        preds: list = []
+        model = adapter.targets()["transformer"].module
+
+        def forward(_m=model, _inputs=inputs, **kw):
+            _inputs.append(kw["hidden_states"].detach().float().cpu())
+            return _m(**kw)
+
+        forced = None if reference is None else reference[i][0]
+        denoise(adapter.components, ps.embeds[i : i + 1], ps.negative, ps.specs[i], forward=forward,
+                latents_at=None if forced is None else forced.__getitem__,
+                on_prediction=lambda _s, p, _p=preds: _p.append(p.detach().float().cpu()))
+        out.append((inputs[:: 2 if ps.specs[i].guidance_scale > 1.0 else 1], preds))
+    return out
+
+
+def teacher_forced_error(run: list[tuple[list, list]], reference: list[tuple[list, list]]) -> float:
+    """Mean over prompts and steps of the rel. L2 of each step's CFG prediction vs the reference's."""
+    from ptq.eval.metrics import rel_l2
+
+    errs = [rel_l2(r, q) for (_, qp), (_, rp) in zip(run, reference) for q, r in zip(qp, rp)]
+    return sum(errs) / len(errs)
+
+
+def print_table(rows: list[dict]) -> None:
+    """The markdown table of the results, ratios against max-calibrated RTN of the same format (activations
+    quantized with the static max or, for formats that scale them at run time, dynamically)."""
+    refs = [r for r in rows if r["activation"] in ("max", "dynamic") and r["weight"] == "max"
+            and r.get("smoothing") == "none"
+            and not r["plan"] and not r["weight_only"] and not r["recipe"].startswith(ACT_ONLY)]
+    ref = {r["format"]: r for r in refs}
+    print("\n| recipe | bits/weight (quantized layers) | bits/weight (all Linears) | final rel. L2 | vs max RTN "
+          "| cosine | PSNR dB | teacher-forced | vs max RTN | quantize s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        base = ref.get(r["format"], {})
+        ratio = r["rel_l2"] / base["rel_l2"] if base else float("nan")
+        tf, tf_base = r.get("teacher_forced"), base.get("teacher_forced")
+        tf_s = "-" if tf is None else f"{tf:.4f}"
+        tf_r = "-" if tf is None or not tf_base else f"{tf / tf_base:.3f}x"
+        print(f"| {r['recipe']} | {r['bits_quantized']:.3f} | {r['bits_all']:.3f} | {r['rel_l2']:.4f} | "
+              f"{ratio:.3f}x | {r['cosine']:.5f} | {r['psnr']:.2f} | {tf_s} | {tf_r} | {r['seconds']:.1f} |")
+    names = list(next((r["runtimes"] for r in rows if r.get("runtimes")), {}) or {})
+    if names:  # final-latent rel. L2 as ComfyUI computes each file per GPU (ratio to the bf16 max RTN row)
+        print("\n| recipe | " + " | ".join(names) + " |\n|---" * 1 + "|---" * len(names) + "|")
+        for r in rows:
+            base = ref.get(r["format"], {}).get("rel_l2")
+            cells = [f"{v['rel_l2']:.4f}" + (f" ({v['rel_l2'] / base:.3f}x)" if base else "")
+                     for v in (r.get("runtimes") or {}).values()]
+            print(f"| {r['recipe']} | " + " | ".join(cells) + " |")
+
+
 def compose_cfg(overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
@@ -65,6 +125,11 @@ def main() -> None:
     ap.add_argument("--samples-per-call", type=int, default=4096)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", type=str, default=None, help="write the results here")
+    ap.add_argument("--teacher-forced", action="store_true",
+                    help="also measure the teacher-forced per-step prediction error (one more pass per recipe)")
+    ap.add_argument("--runtimes", nargs="*", default=[],
+                    help="also evaluate each recipe as ComfyUI computes it on these runtimes (ptq.eval.runtimes; "
+                    "runtimes with identical numerics share one pass), e.g. blackwell hopper ampere")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. calib.num_steps=20")
     args = ap.parse_args()
 
@@ -102,6 +167,9 @@ def main() -> None:
         t_base = time.perf_counter() - t0
         needs = CalibrationNeeds(amax=True, samples=True, hessians=True,
                                  inputs=max(r.mixed.sensitivity_inputs for r in recipes.values()))
+        for r in recipes.values():
+            needs = needs | r.needs()
+        tf_ref = teacher_forced_run(adapter, evals) if args.teacher_forced else None
         union = next(iter(recipes.values()))
         t0 = time.perf_counter()
         cal = stages.calibrate(adapter, union, calib, samples_per_call=args.samples_per_call, seed=cfg.calib.seed,
@@ -132,29 +200,37 @@ def main() -> None:
             out = stages.evaluate(adapter, evals, desc=name, progress=False, cuda_graphs=False)
             ms = [latent_metrics(b["final"], q["final"]) for b, q in zip(baseline, out)]
             mean = {k: sum(m[k] for m in ms) / len(ms) for k in ms[0]}
+            if tf_ref is not None:
+                mean["teacher_forced"] = teacher_forced_error(teacher_forced_run(adapter, evals, tf_ref), tf_ref)
+            per_runtime = None
+            if args.runtimes:
+                from ptq.pipeline.runtime_eval import evaluate_runtimes, runtime_list
+
+                res = evaluate_runtimes(adapter, evals, runtime_list(args.runtimes), baseline, {},
+                                        model_dtype=cfg.model.dtype, progress=False)
+                per_runtime = {k: {"rel_l2": v["mean_final"]["rel_l2"], "same_as": v["same_as"],
+                                   "layers": v["layers"]} for k, v in res.items()}
             q = [r for r in records if r.format != "bf16"]
             bpw_q = (sum(r.bits_per_weight * r.in_features * r.out_features for r in q)
                      / max(sum(r.in_features * r.out_features for r in q), 1))
             summary = recipe.summary()
-            rows.append({"recipe": name, **{k: summary[k] for k in ("format", "weight_only", "activation", "weight")},
+            rows.append({"recipe": name, **{k: summary[k] for k in ("format", "weight_only", "activation", "weight",
+                                                                    "smoothing")},
                          "bits_all": bits_per_weight(records), "bits_quantized": bpw_q,
                          "counts": {f: sum(r.format == f for r in records)
                                     for f in sorted({r.format for r in records})},
                          **mean, "per_prompt_rel_l2": [m["rel_l2"] for m in ms], "seconds": t_quant,
-                         "plan": plan and {k: plan[k] for k in ("bits_per_weight", "counts", "predicted_error")}})
-            print(f"{name}: rel_l2 {mean['rel_l2']:.4f} cos {mean['cosine']:.5f} psnr {mean['psnr']:.2f} "
+                         "plan": plan and {k: plan[k] for k in ("bits_per_weight", "counts", "predicted_error")},
+                         "runtimes": per_runtime,
+                         "smoothing_layers": {r.name: [r.smoothing, r.smoothing_gain] for r in records
+                                              if r.smoothing is not None}})
+            tf = f" teacher-forced {mean['teacher_forced']:.4f}" if "teacher_forced" in mean else ""
+            if per_runtime:
+                tf += " | " + " ".join(f"{k} {v['rel_l2']:.4f}" for k, v in per_runtime.items())
+            print(f"{name}: rel_l2 {mean['rel_l2']:.4f} cos {mean['cosine']:.5f} psnr {mean['psnr']:.2f}{tf} "
                   f"bits {bpw_q:.3f} ({t_quant:.1f} s)", flush=True)
 
-    # the reference of each format: max round-to-nearest with its activations quantized (static max or run-time scales)
-    ref = {r["format"]: r["rel_l2"] for r in rows if r["activation"] in ("max", "dynamic") and r["weight"] == "max"
-           and not r["plan"] and not r["weight_only"] and not r["recipe"].startswith(ACT_ONLY)}
-    print("\n| recipe | bits/weight (quantized layers) | bits/weight (all Linears) | final rel. L2 | vs max RTN "
-          "| cosine | PSNR dB | quantize s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        ratio = r["rel_l2"] / ref[r["format"]] if r["format"] in ref else float("nan")
-        print(f"| {r['recipe']} | {r['bits_quantized']:.3f} | {r['bits_all']:.3f} | {r['rel_l2']:.4f} | "
-              f"{ratio:.3f}x | {r['cosine']:.5f} | {r['psnr']:.2f} | {r['seconds']:.1f} |")
+    print_table(rows)
     if args.json:
         with open(args.json, "w") as fh:
             fh.write(json.dumps({"config": asdict(cfg), "calib_seconds": t_calib, "rows": rows}, indent=1,

@@ -29,6 +29,9 @@ from ptq.tools.safetensors_header import DTYPE_BITS, HeaderError
 # ----------------------------------------------------------------------------------------------- builders
 
 TINY = dict(dim=64, ffn=128, in_dim=48, text_dim=32, freq_dim=16, layers=3, out_dim=48)
+#: dim 64 = one 64-wide head, text_dim 32: a ComfyUI file of this size must carry the header config override
+#: (ComfyUI >= 0.15.1) or ComfyUI's detection builds it wrong (num_heads = dim // 128 = 0, text_dim 4096).
+TINY_CONFIG = {"config": json.dumps({"transformer": {"num_heads": 1, "text_dim": TINY["text_dim"]}})}
 WAN5B = dict(dim=3072, ffn=14336, in_dim=48, text_dim=4096, freq_dim=256, layers=30, out_dim=48)
 PATCH = (1, 2, 2)
 
@@ -139,7 +142,7 @@ def tiny() -> dict:
 def good_nvfp4(tmp_path_factory: pytest.TempPathFactory, tiny: dict) -> Path:
     q = middle_linears(tiny, TINY["layers"])
     path = tmp_path_factory.mktemp("good") / "wan_nvfp4.safetensors"
-    save_file(build_state(tiny, q), path, metadata=comfy_meta(q))
+    save_file(build_state(tiny, q), path, metadata=comfy_meta(q, **TINY_CONFIG))
     return path
 
 
@@ -259,7 +262,7 @@ def test_comfy_quant_tensor_style(tmp_path: Path, tiny: dict) -> None:
             list(json.dumps({"format": "nvfp4"}).encode()), dtype=torch.uint8
         )
     path = tmp_path / "cq.safetensors"
-    save_file(sd, path)
+    save_file(sd, path, metadata=TINY_CONFIG)
     r = inspect_file(path)
     assert r.convention.metadata_style == "comfy_quant tensors"
     assert r.errors == [], [p.code for p in r.problems]
@@ -300,7 +303,7 @@ def test_kijai_fp8(tmp_path: Path, tiny: dict) -> None:
             sd[key] = torch.randn(shape).to(torch.bfloat16)
     sd["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
     path = tmp_path / "kijai.safetensors"
-    save_file(sd, path)
+    save_file(sd, path, metadata=TINY_CONFIG)
     r = inspect_file(path)
     assert r.convention.name == "comfyui-scaled-fp8"
     assert r.errors == [], [(p.code, p.message) for p in r.problems]
@@ -371,7 +374,7 @@ def test_torchao_detected(tmp_path: Path) -> None:
 
 def test_plain_bf16(tmp_path: Path, tiny: dict) -> None:
     path = tmp_path / "plain.safetensors"
-    save_file(build_state(tiny, set()), path)
+    save_file(build_state(tiny, set()), path, metadata=TINY_CONFIG)
     r = inspect_file(path)
     assert r.convention.name == "plain" and r.convention.label == "plain bf16 (unquantized)"
     assert r.problems == []
@@ -600,8 +603,8 @@ def test_diff_normalises_naming_and_prefix(
     sd = build_state(tiny, set())
     a = tmp_path / "orig.safetensors"
     b = tmp_path / "diffusers.safetensors"
-    save_file(sd, a)
-    save_file({"model.diffusion_model." + to_diffusers_name(k): v for k, v in sd.items()}, b)
+    save_file(sd, a, metadata=TINY_CONFIG)
+    save_file({"model.diffusion_model." + to_diffusers_name(k): v for k, v in sd.items()}, b, metadata=TINY_CONFIG)
     d = diff_files(a, b)
     assert d.normalized_names and d.b_prefix == "model.diffusion_model."
     assert d.identical and d.common == len(sd)
@@ -614,7 +617,7 @@ def test_diff_bf16_vs_nvfp4(
     tmp_path: Path, good_nvfp4: Path, tiny: dict, capsys: pytest.CaptureFixture[str]
 ) -> None:
     a = tmp_path / "plain.safetensors"
-    save_file(build_state(tiny, set()), a)
+    save_file(build_state(tiny, set()), a, metadata=TINY_CONFIG)
     d = diff_files(a, good_nvfp4)
     assert d.only_in_a == [] and len(d.only_in_b) == 30
     assert d.only_in_b_suffixes == {"*.weight_scale": 10, "*.weight_scale_2": 10, "*.input_scale": 10}

@@ -160,3 +160,22 @@ def test_same_seed_same_bytes_and_no_local_paths(run_dir: Path, random_tiny_dir:
         assert meta["ptq_source_model"] == random_tiny_dir.name and len(meta["ptq_source_sha256"]) == 64
         assert not any(str(Path.home()) in v or "/tmp" in v or str(random_tiny_dir) in v for v in meta.values())
     assert "ptq run finished" in proc.stdout and "verified bit-exact" in proc.stdout
+
+
+def test_run_reports_each_comfyui_runtime(run_dir: Path) -> None:
+    """tiny_nvfp4 evaluates the file as ComfyUI computes it per GPU (eval.runtimes): NVFP4 W4A4 natively on
+    Blackwell only, W4A16 (dequantized, fp16) on Hopper / Ada / Ampere (one shared evaluation), float32 on the CPU."""
+    report = json.loads((run_dir / "report.json").read_text())
+    runs = report["runtimes"]
+    assert list(runs) == ["blackwell", "hopper", "ada", "ampere", "cpu"]
+    assert runs["blackwell"]["layers"] == {"nvfp4": "native"} and runs["hopper"]["layers"] == {"nvfp4": "dequantized"}
+    assert runs["ada"]["same_as"] == runs["ampere"]["same_as"] == "hopper" and runs["hopper"]["same_as"] is None
+    assert runs["ada"]["mean_final"] == runs["hopper"]["mean_final"]
+    assert runs["hopper"]["mean_final"]["rel_l2"] != runs["blackwell"]["mean_final"]["rel_l2"]
+    assert runs["cpu"]["compute_dtype"] == "float32" and runs["blackwell"]["compute_dtype"] == "float16"
+    for r in runs.values():
+        assert 0.0 < r["mean_final"]["rel_l2"] < 1.0 and 0.0 < r["unquantized"]["mean_final"]["rel_l2"] < 0.2
+    fp16 = runs["blackwell"]["activation_range"]
+    assert fp16["overflow"] is False and fp16["max_abs"] > 0 and runs["cpu"]["activation_range"] is None
+    assert "## ComfyUI per target GPU" in (run_dir / "report.md").read_text()
+    assert "runtime_eval" in report["timings_s"] and "runtime_reference" in report["timings_s"]

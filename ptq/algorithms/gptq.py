@@ -318,6 +318,11 @@ def quantize_gptq(w: torch.Tensor, fmt: NumberFormat, cfg: GPTQWeight, ctx: Weig
         raise ValueError(f"{ctx.name}: weight method 'gptq' needs the layer's input Hessian (calibrate with "
                          "LinearInputObserver(hessian=True) and pass hessians= to quantize_)")
     fmt.check_weight(w, ctx.weight_name)
+    if cfg.act_aware:
+        if ctx.input_cross is None:
+            raise ValueError(f"{ctx.name}: activation-aware GPTQ needs the quantized-input statistics (H_qq as the "
+                             "hessian, H_xq as input_cross: ptq.algorithms.quantize.gptq_act_aware_)")
+        w = quantized_input_target(w, ctx.hessian, ctx.input_cross)
     if fmt.name == NVFP4.name:
         codes, s, g = gptq_nvfp4(w, ctx.hessian, damp=cfg.damp, block_size=cfg.block_size, scales=cfg.scales)
         return fmt.from_codes(codes, s, g, ctx.name)
@@ -332,6 +337,27 @@ def quantize_gptq(w: torch.Tensor, fmt: NumberFormat, cfg: GPTQWeight, ctx: Weig
     assert h_c is not None
     codes = gptq_fixed_scale(w_c, h_c, fmt, initial.scale, damp=cfg.damp, block_size=cfg.block_size)
     return fmt.from_codes(codes, initial.scale, initial.scale_2, ctx.name)
+
+
+#: Ridge of the least-squares target, relative to each diagonal entry of ``H_qq`` (scale invariant: GPTQ's
+#: dampening relative to the mean diagonal would shrink the weights of small input channels).
+TARGET_RIDGE = 1e-3
+
+
+def quantized_input_target(w: torch.Tensor, h_qq: torch.Tensor, h_xq: torch.Tensor) -> torch.Tensor:
+    """float32 ``[out, in]``: the weight ``V`` minimising ``E||x W^T - q(x) V^T||^2`` for the layer's runtime input
+    quantizer ``q``: ``V^T = (H_qq + r diag(H_qq))^-1 H_xq^T W^T`` with ``H_qq = E[q(x)^T q(x)]``, ``H_xq =
+    E[x^T q(x)]`` and ridge ``r`` = :data:`TARGET_RIDGE` (inputs never non-zero keep their weight). GPTQ then
+    rounds ``V`` with ``H_qq``: the part of the activation rounding error that other input channels predict
+    linearly is compensated in the weights."""
+    d = torch.diagonal(h_qq).double()
+    live = d > 0
+    h = h_qq.double()[live][:, live]
+    h = h + TARGET_RIDGE * torch.diag(d[live])
+    v = w.double().clone()
+    rhs = h_xq.double()[:, live].t() @ w.double().t()  # [live, out]
+    v[:, live] = torch.linalg.solve(h, rhs).t()
+    return v.to(torch.float32)
 
 
 def layer_output_error(w: torch.Tensor, w_q: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -352,4 +378,5 @@ __all__ = [
     "nvfp4_initial_scales",
     "prepare_hessian",
     "quantize_gptq",
+    "quantized_input_target",
 ]

@@ -46,6 +46,9 @@ class QuantizedLinearState:
     ``[out, in/16]`` row-major + float32 ``[]``). input_scale: float32 ``[]`` (the calibrated activation scale) or
     None for weight-only. dynamic_activations: the activations are quantized with scales computed at run time
     (formats with ``NumberFormat.dynamic_activations``, e.g. int8, mxfp8); no input_scale, not weight-only.
+    pre_quant_scale: ``[in]`` per-input-channel smoothing factor (AWQ/SmoothQuant-style, as
+    ComfyUI runs it: the layer computes ``linear(x * pre_quant_scale, W_stored)`` with ``W_stored = W /
+    pre_quant_scale`` column-wise; values exact in bf16 and fp16) or None.
     """
 
     format: str
@@ -62,6 +65,7 @@ class QuantizedLinearState:
     def weight_only(self) -> bool:
         """Activations stay in high precision (no input_scale and no run-time activation quantization)."""
         return self.input_scale is None and not self.dynamic_activations
+    pre_quant_scale: torch.Tensor | None = None
 
     def to(self, device: str | torch.device) -> QuantizedLinearState:
         """A copy with every tensor on ``device``."""
@@ -70,7 +74,7 @@ class QuantizedLinearState:
 
         return QuantizedLinearState(self.format, mv(self.weight), mv(self.weight_scale), mv(self.weight_scale_2),
                                     mv(self.input_scale), mv(self.bias), self.in_features, self.out_features,
-                                    self.dynamic_activations)
+                                    self.dynamic_activations, mv(self.pre_quant_scale))
 
     @property
     def number_format(self) -> NumberFormat:
@@ -84,6 +88,12 @@ class QuantizedLinearState:
         """The weight the file represents, ``[out, in]``, dequantized in ``dtype`` the way the loaders do it
         (the format's dequantization, e.g. comfy-kitchen's ``dequantize_nvfp4`` arithmetic)."""
         return self.number_format.dequantize_weight(self.quantized_weight, dtype)
+
+    def effective_weight(self) -> torch.Tensor:
+        """float32 ``[out, in]``: the weight the layer applies to its unsmoothed input (the stored weight times
+        ``pre_quant_scale`` per input column; the stored weight when there is none)."""
+        w = self.dequantized_weight()
+        return w if self.pre_quant_scale is None else w * self.pre_quant_scale.float().reshape(1, -1)
 
     @property
     def bits_per_weight(self) -> float:
@@ -131,6 +141,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("weight_scale", state.weight_scale)
         self.register_buffer("weight_scale_2", state.weight_scale_2)
         self.register_buffer("input_scale", state.input_scale)
+        self.register_buffer("pre_quant_scale", state.pre_quant_scale)
         self.bias = None if state.bias is None else nn.Parameter(state.bias, requires_grad=False)
         # bf16-exact operand of the simulated GEMM (block values / fp8 values), built once
         wv = self.fmt.gemm_operand(state.quantized_weight)
@@ -152,6 +163,12 @@ class QuantLinear(nn.Module):
     fp8_act_mode: ClassVar[str] = "float32"
     #: Use the fused CUDA path for bf16 activations (False: the reference path on CUDA too, for debugging).
     fast_path: ClassVar[bool] = True
+    #: Runtime overrides, per instance (``ptq.eval.runtimes`` sets them to simulate one GPU's ComfyUI):
+    #: ``run_dequantized`` computes as a loader without the format's kernel does (dequantized weight, matmul in the
+    #: input dtype, ``input_scale`` unused); ``dequant_float32`` dequantizes in float32 and rounds once to the input
+    #: dtype (comfy-kitchen's CUDA backend) instead of computing in the input dtype (its eager backend).
+    run_dequantized: bool = False
+    dequant_float32: bool = False
     #: The last activation quantized on CUDA: (weakref to input, input version, key, quantized), shared by siblings.
     _act_cache: ClassVar[tuple | None] = None
 
@@ -183,7 +200,7 @@ class QuantLinear(nn.Module):
 
     def _use_fast_path(self, x: torch.Tensor) -> bool:
         return (self.fast_path and x.is_cuda and x.dtype == torch.bfloat16 and not self.weight_only
-                and self._act_key is not None and triton_quant.triton_available(x.device))
+                and not self.run_dequantized and self._act_key is not None and triton_quant.triton_available(x.device))
 
     def _native_gemm(self) -> bool:
         return (QuantLinear.fp8_gemm == "scaled_mm" and hasattr(self.fmt, "native_gemm")
@@ -239,7 +256,8 @@ class QuantLinear(nn.Module):
         """The quantized weight as exporters read it."""
         return QuantizedLinearState(self.format, self.weight_q, self.weight_scale, self.weight_scale_2,
                                     self.input_scale, None if self.bias is None else self.bias.data,
-                                    self.in_features, self.out_features, self.dynamic_activations)
+                                    self.in_features, self.out_features, self.dynamic_activations,
+                                    self.pre_quant_scale)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.state().dequantized_weight(dtype)
@@ -249,11 +267,14 @@ class QuantLinear(nn.Module):
         return self.fmt.gemm_alpha(self._qweight())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre_quant_scale is not None:  # ComfyUI: input * pre_quant_scale cast to the input dtype, first
+            x = x * self.pre_quant_scale.to(x.dtype)
         if self._use_fast_path(x):
             return self._forward_fast(x)
         out_dtype = x.dtype
-        if self.weight_only:
-            w = self.dequantized_weight(out_dtype)
+        if self.weight_only or self.run_dequantized:
+            w = self.dequantized_weight(torch.float32).to(out_dtype) if self.dequant_float32 else \
+                self.dequantized_weight(out_dtype)
             return F.linear(x, w, None if self.bias is None else self.bias.to(out_dtype))
         if self.dynamic_activations:  # the format's runtime kernel: activation scales from x itself
             return self.fmt.dynamic_linear(x, self._qweight(), self.bias, mode=self.fp8_act_mode)
@@ -265,4 +286,6 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         mode = "weight-only" if self.weight_only else "W+A dynamic" if self.dynamic_activations else "W+A"
-        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, {mode}"
+        smooth = ", pre_quant_scale" if self.pre_quant_scale is not None else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
+                f"{mode}{smooth}")

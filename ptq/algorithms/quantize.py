@@ -3,7 +3,8 @@
 Model-agnostic: layers are chosen by the recipe's layer selection over module names, with the model's
 :class:`~ptq.algorithms.layers.LayerRules` (block numbering, default high-precision layers) as data. The weight
 and activation methods run through :mod:`ptq.algorithms.methods`. :func:`gptq_sequential_` is GPTQ over a model
-a few blocks at a time (bounded Hessian memory).
+a few blocks at a time (bounded Hessian memory); :func:`gptq_act_aware_` fits the weights to the runtime-quantized
+inputs measured in extra calibration passes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ptq.algorithms import smoothing
 from ptq.algorithms.gptq_batched import GIB, gptq_quantize_many
 from ptq.algorithms.layers import LayerPlanner, LayerRules, rules_for
 from ptq.algorithms.methods import choose_clip, quantize_weight_with
@@ -23,6 +25,7 @@ from ptq.algorithms.qlinear import QuantizedLinearState, QuantLinear
 from ptq.algorithms.recipe import KEEP, GPTQWeight, QuantRecipe
 from ptq.algorithms.weight_quant import WeightContext
 from ptq.calibration.observers import LinearInputObserver, LinearInputStats
+from ptq.calibration.quantized_inputs import QuantizedInputObserver
 from ptq.formats import NVFP4, QuantizedWeight, get_format
 from ptq.formats.checks import FormatError
 
@@ -43,10 +46,12 @@ class LayerRecord:
     input_clip: float | None = None
     clip_ratio: float | None = None  # input_clip / input_amax (1.0 = no clipping)
     input_scale: float | None = None
-    weight_rel_error: float | None = None  # ||W - deq(W)|| / ||W||
+    weight_rel_error: float | None = None  # ||W - deq(W)|| / ||W|| (deq(W) * pre_quant_scale when smoothed)
     bits_per_weight: float = 16.0
     reason: str = ""
     dtype: str = ""  # storage dtype of a kept layer ("bfloat16", "float32")
+    smoothing: str | None = None  # the chosen pre_quant_scale candidate ("max a=0.5", "none"); None = not searched
+    smoothing_gain: float | None = None  # calibration output error with / without it (squared)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,21 +69,33 @@ def num_blocks(model: nn.Module, rules: LayerRules | None = None) -> int:
     return (rules_for(model) if rules is None else rules).num_blocks(model)
 
 
+@dataclass
+class ActivationPlan:
+    """The input side of one quantized layer, decided from calibration before its weight is quantized:
+    ``pre_quant_scale`` (smoothing, float32 ``[in]`` or None), the statistics of the (smoothed) input, the input
+    scale (None for weight-only), and the partly filled record."""
+
+    pre_quant_scale: torch.Tensor | None
+    stats: LinearInputStats | None
+    input_scale: torch.Tensor | None
+    record: LayerRecord
+    dynamic: bool = False  # activations quantized with run-time scales (the format's dynamic_activations)
+
+
 @torch.no_grad()
-def quantize_layer(
-    name: str,
-    module: nn.Linear,
-    fmt: str,
-    recipe: QuantRecipe,
-    stats: LinearInputStats | None,
-    hessian: torch.Tensor | None = None,
-    weight: QuantizedWeight | None = None,
-) -> tuple[QuantLinear, LayerRecord]:
-    """Quantize one Linear to ``fmt`` with ``recipe``; ``stats`` is required unless the recipe is weight-only or
-    the format scales its activations at run time. ``weight``: the quantized weight already computed by the
-    recipe's weight method (batched GPTQ), used as is."""
+def plan_activation(name: str, module: nn.Linear, fmt: str, recipe: QuantRecipe,
+                    stats: LinearInputStats | None) -> ActivationPlan:
+    """Smoothing (``recipe.smoothing`` searches ``pre_quant_scale`` on ``stats.rows``) and input scale of one layer;
+    ``stats`` is required unless the recipe is weight-only or the format scales its activations at run time."""
     number_format = get_format(fmt)
     rec = LayerRecord(name, fmt, recipe.weight_only, module.in_features, module.out_features)
+    pre_quant_scale = None
+    if recipe.smoothing.applies_to(fmt) and stats is not None:
+        choice = smoothing.search_pre_quant_scale(name, module.weight.detach(), stats, number_format, recipe)
+        rec.smoothing, rec.smoothing_gain = choice.label, choice.gain
+        if choice.scale is not None:
+            pre_quant_scale = choice.scale.to(module.weight.device)
+            stats = smoothing.smoothed_stats(stats, pre_quant_scale)
     input_scale = None
     dynamic = number_format.dynamic_activations and not recipe.weight_only
     if not recipe.weight_only and not dynamic:
@@ -90,17 +107,50 @@ def quantize_layer(
         rec.input_clip = float(clip)
         rec.clip_ratio = rec.input_clip / rec.input_amax if rec.input_amax > 0 else 1.0
         rec.input_scale = float(input_scale)
+    return ActivationPlan(pre_quant_scale, stats, input_scale, rec, dynamic)
+
+
+@torch.no_grad()
+def quantize_layer(
+    name: str,
+    module: nn.Linear,
+    fmt: str,
+    recipe: QuantRecipe,
+    stats: LinearInputStats | None,
+    hessian: torch.Tensor | None = None,
+    *,
+    plan: ActivationPlan | None = None,
+    input_hessians: tuple[torch.Tensor, torch.Tensor] | None = None,
+    weight: QuantizedWeight | None = None,
+) -> tuple[QuantLinear, LayerRecord]:
+    """Quantize one Linear to ``fmt`` with ``recipe``; ``stats`` is required unless the recipe is weight-only or
+    the format scales its activations at run time. ``plan``: its :func:`plan_activation` (computed here when
+    None); ``input_hessians``: ``(H_qq, H_xq)`` of the runtime-quantized input for activation-aware GPTQ
+    (:func:`gptq_act_aware_`), replacing ``hessian``; ``weight``: the quantized weight already computed by the
+    recipe's weight method (batched GPTQ, unsmoothed layers only), used as is."""
+    number_format = get_format(fmt)
+    plan = plan_activation(name, module, fmt, recipe, stats) if plan is None else plan
+    rec, p = plan.record, plan.pre_quant_scale
     w = module.weight.detach()
-    qw = weight if weight is not None else quantize_weight_with(recipe.weight, w, number_format,
-                                                                 WeightContext(name=name, hessian=hessian))
-    state = QuantizedLinearState(fmt, qw.weight, qw.scale, qw.scale_2, input_scale,
+    cross = None
+    if p is not None:
+        if weight is not None:
+            raise ValueError(f"{name}: a precomputed weight cannot be smoothed")
+        w = w.float() / p
+        hessian = smoothing.smoothed_hessian(hessian, p)
+    if input_hessians is not None:
+        hessian, cross = input_hessians
+    qw = weight if weight is not None else quantize_weight_with(
+        recipe.weight, w, number_format, WeightContext(name=name, hessian=hessian, input_cross=cross))
+    state = QuantizedLinearState(fmt, qw.weight, qw.scale, qw.scale_2, plan.input_scale,
                                  None if module.bias is None else module.bias.detach().clone(),
-                                 module.in_features, module.out_features, dynamic)
-    deq = state.dequantized_weight()
-    w32 = w.float()
+                                 module.in_features, module.out_features, plan.dynamic,
+                                 None if p is None else p.to(torch.bfloat16))
+    deq = state.effective_weight()
+    w32 = module.weight.detach().float()
     rec.weight_rel_error = float((deq - w32).norm() / w32.norm().clamp_min(1e-30))
     rec.bits_per_weight = state.bits_per_weight
-    return QuantLinear(state, compute_dtype=w.dtype), rec
+    return QuantLinear(state, compute_dtype=module.weight.dtype), rec
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -145,7 +195,8 @@ def quantize_(
             continue
         try:
             qlinear, rec = quantize_layer(name, module, fmt, recipe, stats.get(name),
-                                          None if hessians is None else hessians.get(name), batched.pop(name, None))
+                                          None if hessians is None else hessians.get(name),
+                                          weight=batched.pop(name, None))
         except FormatError as exc:
             log.warning("%s: %s; kept in high precision", name, exc)
             records.append(kept_record(name, module, str(exc)))
@@ -157,27 +208,40 @@ def quantize_(
     return records
 
 
+def batches_gptq(recipe: QuantRecipe) -> bool:
+    """The recipe's weight method is GPTQ run in batches (``GPTQWeight.batched``, not activation-aware)."""
+    return isinstance(recipe.weight, GPTQWeight) and recipe.weight.batched and not recipe.weight.act_aware
+
+
+def batchable_format(recipe: QuantRecipe, fmt: str) -> bool:
+    """Batched GPTQ computes the same weights as the per-layer path for layers of format ``fmt``: NVFP4 or a
+    format with per-tensor / per-row scales, codes in the weight's own basis, no smoothing searched."""
+    number_format = get_format(fmt)
+    if number_format.name != NVFP4.name and number_format.block_size is not None:
+        return False
+    return not number_format.rotated_codes and not recipe.smoothing.applies_to(fmt)
+
+
 def batched_gptq_weights(model: nn.Module, recipe: QuantRecipe, stats: Mapping[str, LinearInputStats],
                          hessians: Mapping[str, torch.Tensor] | None, planner: LayerPlanner, *, progress: bool
                          ) -> dict[str, QuantizedWeight]:
     """The GPTQ weights of the layers :func:`quantize_` will quantize with a batched GPTQ recipe
     (``recipe.weight.batched``), computed per format by :func:`~ptq.algorithms.gptq_batched.gptq_quantize_many`
     (the same codes and scales as layer by layer). Layers the per-layer path would refuse (no Hessian, a weight the
-    format rejects) are left out: quantize_ then raises or falls back exactly as without batching."""
-    if not (isinstance(recipe.weight, GPTQWeight) and recipe.weight.batched and hessians):
+    format rejects, a layer smoothing may rescale) are left out: quantize_ then quantizes them one by one, raises or
+    falls back exactly as without batching."""
+    if not (batches_gptq(recipe) and hessians):
         return {}
     by_format: dict[str, dict[str, torch.Tensor]] = {}
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
         fmt, _ = planner.plan_with_fallback(name, module)
-        if fmt == KEEP or hessians.get(name) is None:
+        if fmt == KEEP or hessians.get(name) is None or not batchable_format(recipe, fmt):
             continue
         number_format = get_format(fmt)
         if not recipe.weight_only and name not in stats and not number_format.dynamic_activations:
             continue  # kept by quantize_ (never called during calibration)
-        if (number_format.name != NVFP4.name and number_format.block_size is not None) or number_format.rotated_codes:
-            continue  # the per-layer path
         try:
             number_format.check_weight(module.weight, f"{name}.weight")
         except FormatError:
@@ -265,3 +329,69 @@ def gptq_sequential_(
     for name, module in linears:
         records.append(done[name] if name in done else kept_record(name, module, planned[name][1]))
     return records
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Activation-aware GPTQ over a model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _runtime_quantizer(fmt: str, input_scale: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The format's runtime activation quantize + dequantize with the layer's input scale."""
+    number_format = get_format(fmt)
+    return lambda x: number_format.fake_quantize_activation(x, input_scale.to(x.device))
+
+
+def gptq_act_aware_(
+    model: nn.Module,
+    recipe: QuantRecipe,
+    stats: Mapping[str, LinearInputStats],
+    calibrate: Callable[[QuantizedInputObserver], None],
+    *,
+    rules: LayerRules | None = None,
+    progress: bool = True,
+) -> list[LayerRecord]:
+    """Quantize ``model`` in place with activation-aware GPTQ (``GPTQWeight.act_aware``),
+    ``recipe.weight.blocks_per_pass`` transformer blocks per pass (0 = all in one).
+
+    Per pass: each layer's smoothing and input scale are planned from ``stats`` (:func:`plan_activation`), then
+    ``calibrate(observer)`` runs the calibration forwards with a :class:`QuantizedInputObserver` measuring
+    ``H_qq`` / ``H_xq`` of the inputs as the runtime quantizes them (earlier passes already quantized), and every
+    layer of the pass is quantized by GPTQ onto the least-squares target for those inputs
+    (:func:`ptq.algorithms.gptq.quantized_input_target`). Returns one LayerRecord per Linear, in model order."""
+    if not (isinstance(recipe.weight, GPTQWeight) and recipe.weight.act_aware):
+        raise ValueError(f"gptq_act_aware_ needs GPTQ with act_aware=true, got {recipe.weight.label!r}")
+    recipe.validate()
+    rules = rules_for(model) if rules is None else rules
+    planner = LayerPlanner.for_model(model, recipe, rules)
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    planned = {n: planner.plan_with_fallback(n, m) for n, m in linears}
+    targets = [n for n, _ in linears if planned[n][0] != KEEP and n in stats]
+    done: dict[str, LayerRecord] = {}
+    for names in tqdm(plan_groups(targets, recipe.weight.blocks_per_pass, rules), desc="act-aware gptq passes",
+                      disable=not progress, leave=False):
+        plans = {n: plan_activation(n, model.get_submodule(n), planned[n][0], recipe, stats[n]) for n in names}
+        observer = QuantizedInputObserver(model, {n: (plans[n].pre_quant_scale,
+                                                      _runtime_quantizer(planned[n][0], plans[n].input_scale))
+                                                  for n in names})
+        with observer:
+            calibrate(observer)
+        measured = observer.hessians()
+        del observer
+        for n in names:
+            if n not in measured:
+                raise ValueError(f"{n}: not called in the quantized-input calibration pass")
+            try:
+                q, rec = quantize_layer(n, model.get_submodule(n), planned[n][0], recipe, stats[n], plan=plans[n],
+                                        input_hessians=measured[n])
+            except FormatError as exc:
+                log.warning("%s: %s; kept in high precision", n, exc)
+                done[n] = kept_record(n, model.get_submodule(n), str(exc))
+                continue
+            rec.reason = planned[n][1]
+            set_module(model, n, q)
+            done[n] = rec
+        del measured
+    return [done[n] if n in done else kept_record(n, m, "no calibration statistics (layer never called)"
+                                                   if planned[n][0] != KEEP else planned[n][1])
+            for n, m in linears]

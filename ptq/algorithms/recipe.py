@@ -1,9 +1,9 @@
 """A quantization recipe, composed of parts (torchao style: one config object per method).
 
 ``QuantRecipe`` = number format (a name in :data:`ptq.formats.FORMATS`) + weight method + activation method +
-layer selection + mixed precision. Each part is a dataclass; the alternatives of a part are subclasses with their
+smoothing + layer selection + mixed precision. Each part is a dataclass; the alternatives of a part are subclasses with their
 own fields (``GPTQWeight`` adds ``damp``, ...), which is also how Hydra sees them: one config group per part
-(``quant/weight``, ``quant/activation``), each option its own structured schema, so a typo is an error. The named
+(``quant/weight``, ``quant/activation``, ``quant/smoothing``), each option its own structured schema, so a typo is an error. The named
 options of each group are :data:`WEIGHT_METHODS` and :data:`ACTIVATION_METHODS`; the code that runs a method is
 looked up by the part's type in :mod:`ptq.algorithms.methods`.
 
@@ -89,6 +89,10 @@ class GPTQWeight(WeightMethod):
         as layer by layer, far fewer kernel launches); False = one layer at a time (``ptq.algorithms.gptq``).
     batch_gib: working memory of one batch in GiB (0 = auto: 40% of the free GPU memory, at most 16 GiB; 2 GiB on
         CPU); results do not depend on it.
+    act_aware: W+A recipes: fit the weight to the runtime-quantized input ``q(x)`` instead of ``x`` (least-squares
+        target ``W H_xq H_qq^-1`` for the layer's input quantizer, then GPTQ with ``H_qq``; ``ptq.algorithms.
+        act_aware``); the statistics of ``q(x)`` come from a second calibration pass after the input scales are
+        chosen (``blocks_per_pass`` bounds its memory the same way, 8*in^2 bytes per layer).
     """
 
     method_name: ClassVar[str] = "gptq"
@@ -99,13 +103,20 @@ class GPTQWeight(WeightMethod):
     blocks_per_pass: int = 0
     batched: bool = True
     batch_gib: float = 0.0
+    act_aware: bool = False
 
     @property
     def label(self) -> str:
-        return "gptq" if self.scales == "mse" else f"gptq_{self.scales}"
+        base = "gptq" if self.scales == "mse" else f"gptq_{self.scales}"
+        return f"{base}_act_aware" if self.act_aware else base
+
+    @property
+    def extra_passes(self) -> bool:
+        """Whether quantization re-runs calibration (sequential passes or the quantized-input statistics)."""
+        return self.blocks_per_pass > 0 or self.act_aware
 
     def needs(self) -> CalibrationNeeds:
-        return CalibrationNeeds(hessians=True)
+        return CalibrationNeeds(amax=True) if self.act_aware else CalibrationNeeds(hessians=True)
 
     def validate(self) -> None:
         super().validate()
@@ -127,6 +138,8 @@ WEIGHT_METHODS: dict[str, WeightMethod] = {
     "gptq": GPTQWeight(scales="mse"),
     "gptq_max": GPTQWeight(scales="max"),
     "gptq_four_over_six": GPTQWeight(scales="four_over_six"),
+    "gptq_act_aware": GPTQWeight(scales="mse", act_aware=True),
+    "gptq_four_over_six_act_aware": GPTQWeight(scales="four_over_six", act_aware=True),
 }
 
 
@@ -220,6 +233,77 @@ ACTIVATION_METHODS: dict[str, ActivationMethod] = {
     "percentile": PercentileActivation(),
     "mse": MSEActivation(),
     "mse_steps": MSEActivation(step_weighting="relative"),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# smoothing
+# ---------------------------------------------------------------------------------------------------------------
+
+SMOOTHING_STATISTICS = ("max", "mean")
+
+
+@dataclass
+class Smoothing:
+    """Per-input-channel smoothing that ComfyUI runs (``pre_quant_scale``; ``ptq.algorithms.smoothing``): the layer
+    computes ``linear(x * p, W / p)``, ``p`` chosen per layer by a grid search minimising the layer's quantized
+    output error on calibration input rows. ``method="none"`` (off) or ``"search"``.
+
+    statistics: candidate families searched: "max" = SmoothQuant ``1/p_j = amax_j^a / wmax_j^(1-a)`` (per-channel
+        max |x| and max |W| of input column j), "mean" = AWQ ``1/p_j = mean|x_j|^a``. alphas: the migration
+        strengths ``a`` tried (no smoothing, p = 1, is always a candidate). rows: calibration input rows per layer
+        the search measures on. formats: the formats whose layers are smoothed (ComfyUI reads ``pre_quant_scale``
+        for nvfp4 layers only).
+    """
+
+    method: str = "none"
+    statistics: list[str] = field(default_factory=lambda: ["max"])
+    alphas: list[float] = field(default_factory=lambda: [round(0.1 * k, 1) for k in range(11)])
+    rows: int = 4096
+    formats: list[str] = field(default_factory=lambda: ["nvfp4"])
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+    @property
+    def label(self) -> str:
+        """"none", "smoothquant" (max), "awq" (mean) or "smoothquant+awq"."""
+        if not self.enabled:
+            return "none"
+        names = {"max": "smoothquant", "mean": "awq"}
+        return "+".join(names[s] for s in self.statistics)
+
+    def applies_to(self, fmt: str) -> bool:
+        return self.enabled and fmt in self.formats
+
+    def needs(self) -> CalibrationNeeds:
+        return CalibrationNeeds(amax=True, rows=self.rows) if self.enabled else CalibrationNeeds()
+
+    def validate(self) -> None:
+        if self.method not in ("none", "search"):
+            raise ValueError(f"quant.smoothing.method={self.method!r}: expected 'none' or 'search' (choose with "
+                             f"quant/smoothing=NAME, one of {', '.join(SMOOTHING_METHODS)})")
+        if not self.enabled:
+            return
+        bad = [s for s in self.statistics if s not in SMOOTHING_STATISTICS]
+        if bad or not self.statistics:
+            raise ValueError(f"quant.smoothing.statistics={list(self.statistics)}: expected a non-empty list of "
+                             f"{', '.join(SMOOTHING_STATISTICS)}")
+        if not self.alphas or any(not 0.0 <= a <= 1.0 for a in self.alphas):
+            raise ValueError(f"quant.smoothing.alphas={list(self.alphas)}: expected values in [0, 1]")
+        if self.rows < 16:
+            raise ValueError(f"quant.smoothing.rows={self.rows}: expected >= 16")
+        for f in self.formats:
+            _check_format("quant.smoothing.formats", f, keep_ok=False)
+
+
+#: Named smoothing options (the Hydra group ``quant/smoothing``).
+SMOOTHING_METHODS: dict[str, Smoothing] = {
+    "none": Smoothing(),
+    "smoothquant": Smoothing(method="search", statistics=["max"]),
+    "awq": Smoothing(method="search", statistics=["mean"]),
+    "smoothquant_awq": Smoothing(method="search", statistics=["max", "mean"]),
 }
 
 
@@ -324,8 +408,9 @@ def _named(value: Any, table: dict[str, Any], what: str) -> Any:
 class QuantRecipe:
     """How to quantize the Linears of a model: ``format`` (a registered number format) + its parts.
 
-    ``weight`` and ``activation`` also accept the names of :data:`WEIGHT_METHODS` / :data:`ACTIVATION_METHODS`
-    in Python (``QuantRecipe(format="nvfp4", weight="gptq")``).
+    ``weight``, ``activation`` and ``smoothing`` also accept the names of :data:`WEIGHT_METHODS` /
+    :data:`ACTIVATION_METHODS` / :data:`SMOOTHING_METHODS` in Python (``QuantRecipe(format="nvfp4",
+    weight="gptq")``).
     """
 
     format: str = "nvfp4"
@@ -333,10 +418,12 @@ class QuantRecipe:
     activation: ActivationMethod = field(default_factory=ActivationMethod)
     layers: LayerSelection = field(default_factory=LayerSelection)
     mixed: MixedPrecision = field(default_factory=MixedPrecision)
+    smoothing: Smoothing = field(default_factory=Smoothing)
 
     def __post_init__(self) -> None:
         self.weight = _named(self.weight, WEIGHT_METHODS, "weight")
         self.activation = _named(self.activation, ACTIVATION_METHODS, "activation")
+        self.smoothing = _named(self.smoothing, SMOOTHING_METHODS, "smoothing")
 
     @property
     def weight_only(self) -> bool:
@@ -359,7 +446,7 @@ class QuantRecipe:
         """What calibration must collect for this recipe (union of its parts' needs; no activation statistics when
         every format scales its activations at run time)."""
         act = self.activation.needs() if self.static_activations() else CalibrationNeeds()
-        return self.weight.needs() | act | self.mixed.needs()
+        return self.weight.needs() | act | self.mixed.needs() | self.smoothing.needs()
 
     def validate(self) -> None:
         """Raise ValueError naming the key for any out-of-range or inconsistent value."""
@@ -373,11 +460,21 @@ class QuantRecipe:
             raise ValueError(f"quant.activation=dynamic: formats {static} need a calibrated input_scale (choose "
                              "quant/activation=max or another clipping method; dynamic applies to "
                              f"{', '.join(sorted(n for n, f in FORMATS.items() if f.dynamic_activations))})")
+        self.smoothing.validate()
+        if isinstance(self.weight, GPTQWeight) and self.weight.act_aware:
+            dynamic = sorted(f for f in self.formats_used() if f in FORMATS and FORMATS[f].dynamic_activations)
+            if dynamic:
+                raise ValueError(f"quant.weight.act_aware=true: formats {dynamic} scale their activations at run "
+                                 "time (no calibrated input quantizer to fit the weights to)")
         if self.weight.scales == "four_over_six" and type(self.weight) is WeightMethod and self.format != "nvfp4":
             raise ValueError("quant.weight.scales='four_over_six' applies to nvfp4 only")
-        if isinstance(self.weight, GPTQWeight) and self.mixed.analyse and self.weight.blocks_per_pass:
-            raise ValueError("quant.mixed with GPTQ needs quant.weight.blocks_per_pass=0 (the sensitivity analysis "
-                             "quantizes each layer with its Hessian from the one calibration pass)")
+        if isinstance(self.weight, GPTQWeight) and self.mixed.analyse and self.weight.extra_passes:
+            raise ValueError("quant.mixed with GPTQ needs quant.weight.blocks_per_pass=0 and act_aware=false (the "
+                             "sensitivity analysis quantizes each layer with its Hessian from the one calibration "
+                             "pass)")
+        if isinstance(self.weight, GPTQWeight) and self.weight.act_aware and self.weight_only:
+            raise ValueError("quant.weight.act_aware=true fits the weights to the quantized activations: it needs an "
+                             "activation method other than 'none'")
 
     def with_layer_formats(self, formats: dict[str, str]) -> QuantRecipe:
         """A copy whose per-layer map also holds ``formats`` (exact names)."""
@@ -395,10 +492,11 @@ class QuantRecipe:
         """The recipe in a few labels (report, leaderboard): format, weight_only, activation, weight, mixed."""
         return {"format": self.format, "weight_only": self.weight_only, "activation": self.activation_label,
                 "weight": self.weight.label, "mixed_precision": self.mixed.enabled,
-                "fp8_per_channel": self.weight.fp8_per_channel}
+                "fp8_per_channel": self.weight.fp8_per_channel, "smoothing": self.smoothing.label}
 
     def title(self) -> str:
         """One-line name of the recipe, e.g. ``nvfp4 gptq_four_over_six act=mse``."""
         act = "weight-only" if self.weight_only else f"act={self.activation_label}"
         mixed = f" mixed<={self.mixed.bits_budget:g}b" if self.mixed.enabled else ""
-        return f"{self.format} {self.weight.label} {act}{mixed}"
+        smooth = f" smooth={self.smoothing.label}" if self.smoothing.enabled else ""
+        return f"{self.format} {self.weight.label} {act}{smooth}{mixed}"

@@ -26,11 +26,11 @@ from tqdm.auto import tqdm
 
 from ptq.algorithms.gptq_batched import GIB, gptq_quantize_many
 from ptq.algorithms.layers import LayerRules, rules_for
-from ptq.algorithms.quantize import quantize_layer, set_module
+from ptq.algorithms.quantize import batchable_format, batches_gptq, quantize_layer, set_module
 from ptq.algorithms.recipe import KEEP, GPTQWeight, QuantRecipe, WeightMethod
 from ptq.calibration.observers import LinearInputStats
 from ptq.calibration.recorder import ForwardInputRecorder, to_device
-from ptq.formats import NVFP4, QuantizedWeight, get_format
+from ptq.formats import QuantizedWeight, get_format
 from ptq.formats.checks import FormatError
 
 log = logging.getLogger(__name__)
@@ -97,14 +97,14 @@ def batched_gptq_weights(modules: Mapping[str, nn.Module], candidates: Mapping[s
     """(layer, format) -> the GPTQ weight the analysis would compute layer by layer, computed in batches
     (``ptq.algorithms.gptq_batched``, the same bits) and kept on the CPU; empty unless the recipe is a batched
     GPTQ one. Layers without a Hessian or refused by a format are left to the per-layer path."""
-    if not (isinstance(recipe.weight, GPTQWeight) and recipe.weight.batched and hessians):
+    if not (batches_gptq(recipe) and hessians):
         return {}
     cache: dict[tuple[str, str], QuantizedWeight] = {}
     max_bytes = int(recipe.weight.batch_gib * GIB) if recipe.weight.batch_gib > 0 else None
     for fmt in sorted({f for fmts in candidates.values() for f in fmts if f != KEEP}):
-        number_format = get_format(fmt)
-        if number_format.name != NVFP4.name and number_format.block_size is not None:
+        if not batchable_format(recipe, fmt):
             continue
+        number_format = get_format(fmt)
         weights = {}
         for name, fmts in candidates.items():
             if fmt not in fmts or hessians.get(name) is None:
@@ -171,7 +171,7 @@ def measure_sensitivity(
         module = modules[name]
         try:
             q, _ = quantize_layer(name, module, fmt, _layer_recipe(recipe, name, hessians), stats.get(name),
-                                  None if hessians is None else hessians.get(name), cached(name, fmt))
+                                  None if hessians is None else hessians.get(name), weight=cached(name, fmt))
         except (FormatError, ValueError) as exc:
             log.warning("sensitivity: %s cannot be quantized to %s: %s", name, fmt, exc)
             rep.layer_error[name][fmt] = float("inf")
@@ -199,7 +199,7 @@ def measure_sensitivity(
                         try:
                             q, _ = quantize_layer(name, modules[name], fmt, _layer_recipe(recipe, name, hessians),
                                                   stats.get(name), None if hessians is None else hessians.get(name),
-                                                  cached(name, fmt))
+                                                  weight=cached(name, fmt))
                         except (FormatError, ValueError):
                             continue
                         set_module(model, name, q)

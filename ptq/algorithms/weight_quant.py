@@ -29,6 +29,7 @@ class WeightContext:
     hessian: torch.Tensor | None = None
     fp8_per_channel: bool = False
     gptq_damp: float = 0.01
+    input_cross: torch.Tensor | None = None  # activation-aware GPTQ: E[x^T q(x)] [in, in] (hessian = E[q(x)^T q(x)])
 
     @property
     def weight_name(self) -> str:

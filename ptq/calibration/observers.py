@@ -44,7 +44,9 @@ class LinearInputStats:
     sample_block: ``samples`` holds runs of this many consecutive input elements (``samples.view(-1, sample_block)``
     are real blocks of x along ``in_features``, aligned to multiples of ``sample_block``: NVFP4's runtime blocks
     when 16); 1 = independent elements. sample_steps: int64 ``[k]`` denoising step of each sample (``-1`` when
-    no step was set) or None.
+    no step was set) or None. rows: ``[n, in_features]`` whole input rows (tokens) in the input's dtype, on the CPU,
+    sampled evenly from every call (``LinearInputObserver(rows_per_call=...)``), or None; row_steps: int64 ``[n]``
+    their denoising steps.
     """
 
     amax: torch.Tensor
@@ -55,13 +57,16 @@ class LinearInputStats:
     tokens: int = 0
     sample_block: int = 1
     sample_steps: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+    row_steps: torch.Tensor | None = None
 
     def to(self, device: str | torch.device) -> LinearInputStats:
         def mv(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)
 
         return LinearInputStats(mv(self.amax), mv(self.channel_amax), mv(self.step_amax), mv(self.samples),
-                                self.calls, self.tokens, self.sample_block, mv(self.sample_steps))
+                                self.calls, self.tokens, self.sample_block, mv(self.sample_steps), mv(self.rows),
+                                mv(self.row_steps))
 
 
 @dataclass
@@ -70,6 +75,8 @@ class _LayerState:
     step_amax: torch.Tensor | None  # [num_steps + 1]: the last slot takes calls made outside 0 <= step < num_steps
     samples: list[torch.Tensor] = field(default_factory=list)
     sample_steps: list[tuple[int, int]] = field(default_factory=list)  # (step, number of samples) per call
+    rows: list[torch.Tensor] = field(default_factory=list)
+    row_steps: list[tuple[int, int]] = field(default_factory=list)  # (step, number of rows) per call
     sample_block: int = 1
     calls: int = 0
     tokens: int = 0
@@ -84,6 +91,8 @@ class _Totals:
     step_amax: torch.Tensor | None
     samples: list[torch.Tensor] = field(default_factory=list)
     sample_steps: list[tuple[int, int]] = field(default_factory=list)
+    rows: list[torch.Tensor] = field(default_factory=list)
+    row_steps: list[tuple[int, int]] = field(default_factory=list)
     sample_block: int = 1
     calls: int = 0
     tokens: int = 0
@@ -105,7 +114,7 @@ class PromptRecord:
 
     layers: per layer name ``channel_amax`` float32 ``[in]``, ``step_amax`` float32 ``[num_steps + 1]`` or None
     (CPU copies), ``calls``, ``tokens``, ``samples`` float32 ``[k]`` (CPU) or None, ``sample_steps`` ``[(step,
-    count)]``, ``sample_block``. hessians: per Hessian group (by its first layer's name) the prompt's ``sum X^T X``
+    count)]``, ``sample_block``, ``rows`` ``[n, in]`` (CPU) or None, ``row_steps`` ``[(step, count)]``. hessians: per Hessian group (by its first layer's name) the prompt's ``sum X^T X``
     float32 ``[in, in]`` (the observer's own buffer: valid until its next ``begin_prompt``); groups: its members.
     """
 
@@ -155,6 +164,10 @@ class LinearInputObserver:
     updated in place, no host sync), "host" (pinned host memory streamed through the GPU per product;
     :mod:`ptq.calibration.hessian_store`) or "auto". Memory: ``4 * in_features**2`` bytes per sum (37.7 MB for in=3072, 822 MB for in=14336; twice that
     in prompt mode: the totals and the open prompt's sums).
+
+    ``rows_per_call > 0``: also keep that many whole input rows (tokens) per call, evenly strided with a random
+    offset, as CPU copies in the input dtype (``LinearInputStats.rows``; smoothing searches). Layers reading the
+    same input tensor share one copy.
     """
 
     def __init__(
@@ -172,6 +185,7 @@ class LinearInputObserver:
         fuse_producers: bool = False,
         hessian_storage: str = "device",
         share_hessians: bool = True,
+        rows_per_call: int = 0,
     ) -> None:
         if amax_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"amax_backend={amax_backend!r}: expected 'auto', 'torch' or 'triton'")
@@ -188,6 +202,11 @@ class LinearInputObserver:
             {n: modules[n] for n in self.names})
         self.num_steps = num_steps
         self.samples_per_call = samples_per_call
+        if rows_per_call < 0:
+            raise ValueError(f"rows_per_call={rows_per_call}: expected >= 0")
+        self.rows_per_call = rows_per_call
+        self._last_rows: tuple | None = None  # (weakref to input, version, rows): shared by sibling layers
+        self._row_rng = random.Random(seed + 1)  # its own stream: the |x| samples do not change with rows_per_call
         if sample_block < 1:
             raise ValueError(f"sample_block={sample_block}: expected >= 1")
         self.sample_block = sample_block
@@ -374,7 +393,7 @@ class LinearInputObserver:
     def graph_safe(self) -> bool:
         """Whether forwards observed by this observer may be replayed from a CUDA graph: amax statistics only (random
         samples are drawn on the host per call; Hessians are left to eager runs)."""
-        return self.samples_per_call == 0 and not self._hessian_names
+        return self.samples_per_call == 0 and self.rows_per_call == 0 and not self._hessian_names
 
     def _check_capturable(self, name: str, st: _LayerState | None) -> None:
         if not self.graph_safe:
@@ -383,6 +402,21 @@ class LinearInputObserver:
         if st is None:
             raise RuntimeError(f"LinearInputObserver: {name!r} was first called inside a CUDA-graph capture; run the "
                                "forward eagerly once first (CudaGraphForward does)")
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """About ``rows_per_call`` rows of ``x`` as ``[k, in]`` on the CPU (evenly strided, random offset), the same
+        tensor for consecutive layers reading the same input."""
+        last = self._last_rows
+        if last is not None and last[0]() is x and last[1] == x._version:
+            return last[2]
+        flat = x.reshape(-1, x.shape[-1])
+        n = flat.shape[0]
+        k = min(self.rows_per_call, n)
+        stride = max(n // k, 1)
+        offset = self._row_rng.randrange(stride)
+        rows = flat[offset::stride][:k].detach().to("cpu", copy=True)
+        self._last_rows = (weakref.ref(x), x._version, rows)
+        return rows
 
     def _new_state(self, name: str, x: torch.Tensor) -> _LayerState:
         st = self._state[name] = _LayerState(
@@ -468,6 +502,10 @@ class LinearInputObserver:
                     samp, st.sample_block = self._sample(x)
                 st.samples.append(samp)
                 st.sample_steps.append((self.step if self.num_steps else -1, samp.numel()))
+            if self.rows_per_call > 0:
+                rows = self._rows(x)
+                st.rows.append(rows)
+                st.row_steps.append((self.step if self.num_steps else -1, rows.shape[0]))
             if name in self._hessian_names:
                 self._add_hessian(name, x)
             tokens = x.numel() // x.shape[-1]
@@ -508,7 +546,7 @@ class LinearInputObserver:
             gelu.__dict__.pop("gelu", None)
         self._patched.clear()
         self._tapped.clear()
-        self._last_key = self._last_channel = self._last_xtx = self._xtx_key = None
+        self._last_key = self._last_channel = self._last_xtx = self._xtx_key = self._last_rows = None
 
     def __enter__(self) -> LinearInputObserver:
         return self.attach()
@@ -528,9 +566,12 @@ class LinearInputObserver:
             samples = torch.cat(st.samples) if st.samples else None
             steps = (torch.cat([torch.full((k,), s, dtype=torch.int64) for s, k in st.sample_steps])
                      if st.sample_steps else None)
+            rows = torch.cat(st.rows) if st.rows else None
+            row_steps = (torch.cat([torch.full((k,), s, dtype=torch.int64) for s, k in st.row_steps])
+                         if st.row_steps else None)
             out[name] = LinearInputStats(st.channel_amax.amax(), st.channel_amax.clone(),
                                          None if st.step_amax is None else st.step_amax[:-1].clone(),
-                                         samples, st.calls, st.tokens, st.sample_block, steps)
+                                         samples, st.calls, st.tokens, st.sample_block, steps, rows, row_steps)
         return out
 
     def _hessian_sums(self) -> tuple[dict[str, HessianSum], dict[str, list[str]], dict[str, int]]:
@@ -606,6 +647,7 @@ class LinearInputObserver:
         self._prompt_mode = True
         self._prompt = int(index)
         self._rng = random.Random(f"{self.seed}:{index}")
+        self._row_rng = random.Random(f"{self.seed + 1}:{index}")
         for group in self._hgroups.values():
             if group.dirty:
                 group.current.zero_()
@@ -626,11 +668,13 @@ class LinearInputObserver:
                 "step_amax": None if st.step_amax is None else st.step_amax.to("cpu", copy=True),
                 "calls": st.calls, "tokens": st.tokens, "sample_block": st.sample_block,
                 "samples": torch.cat(st.samples).cpu() if st.samples else None,
-                "sample_steps": list(st.sample_steps)}
+                "sample_steps": list(st.sample_steps),
+                "rows": torch.cat(st.rows) if st.rows else None, "row_steps": list(st.row_steps)}
             st.channel_amax.zero_()
             if st.step_amax is not None:
                 st.step_amax.zero_()
             st.samples, st.sample_steps, st.calls, st.tokens = [], [], 0, 0
+            st.rows, st.row_steps = [], []
         for key, group in self._hgroups.items():
             if group.dirty:
                 rec.hessians[key] = group.current.result()
@@ -673,6 +717,9 @@ class LinearInputObserver:
             if lr["samples"] is not None:
                 tot.samples.append(lr["samples"])
             tot.sample_steps += lr["sample_steps"]
+            if lr.get("rows") is not None:
+                tot.rows.append(lr["rows"])
+            tot.row_steps += lr.get("row_steps", [])
         for key, value in rec.hessians.items():
             total = self._htotals.get(key)
             if total is None:
@@ -694,6 +741,7 @@ class LinearInputObserver:
                             "step_amax": None if t.step_amax is None else t.step_amax.cpu(),
                             "samples": torch.cat(t.samples) if t.samples else None,
                             "sample_steps": list(t.sample_steps), "sample_block": t.sample_block,
+                            "rows": torch.cat(t.rows) if t.rows else None, "row_steps": list(t.row_steps),
                             "calls": t.calls, "tokens": t.tokens}
         hessians = {k: {"members": self._hmembers[k], "sum": h.result()} for k, h in self._htotals.items()}
         return {"layers": layers, "hessians": hessians, "folded": list(self.folded)}

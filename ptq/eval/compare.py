@@ -1,6 +1,7 @@
 """``python -m ptq compare DIR``: leaderboard of every run (``report.json``) under a (multirun) directory.
 
-Writes ``leaderboard.md``, ``leaderboard.csv`` and ``size_vs_error.png`` into DIR (or ``--out``).
+Writes ``leaderboard.md``, ``leaderboard.csv`` and ``size_vs_error.png`` into DIR (or ``--out``). Runs evaluated
+per ComfyUI runtime (``eval.runtimes``) add one column per runtime: ``rel_l2@<runtime>``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def collect_runs(root: Path) -> list[dict[str, Any]]:
             "frame_psnr_db": (r.get("frames_mean") or {}).get("psnr"),
             "time_s": round(sum(r.get("timings_s", {}).values()), 2),
             "path": str(rep.parent),
+            **runtime_errors(r),
         })
     # label each run by the overrides that differ between runs (the swept values)
     overrides = [_overrides(Path(r["path"])) for r in rows]
@@ -56,6 +58,23 @@ def collect_runs(root: Path) -> list[dict[str, Any]]:
         r["run"] = " ".join(swept) or Path(r["path"]).name
     rows.sort(key=lambda x: (x["rel_l2"] is None, x["rel_l2"] if x["rel_l2"] is not None else 0.0))
     return rows
+
+
+RUNTIME_PREFIX = "rel_l2@"
+
+
+def runtime_errors(report: dict[str, Any]) -> dict[str, float | None]:
+    """``rel_l2@<runtime>``: the final-latent rel. L2 of each ComfyUI runtime the run was evaluated on."""
+    return {f"{RUNTIME_PREFIX}{name}": (r.get("mean_final") or {}).get("rel_l2")
+            for name, r in (report.get("runtimes") or {}).items()}
+
+
+def columns(rows: list[dict[str, Any]]) -> list[str]:
+    """COLUMNS plus the runtime columns any row has (in order of first appearance)."""
+    extra: list[str] = []
+    for r in rows:
+        extra += [k for k in r if k.startswith(RUNTIME_PREFIX) and k not in extra]
+    return [*COLUMNS, *extra]
 
 
 def _fmt(v: Any) -> str:
@@ -69,15 +88,17 @@ def _fmt(v: Any) -> str:
 def write_leaderboard(rows: list[dict[str, Any]], out: Path) -> None:
     """leaderboard.md / .csv and the size-vs-error scatter plot."""
     out.mkdir(parents=True, exist_ok=True)
+    cols = columns(rows)
     with (out / "leaderboard.csv").open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=[*COLUMNS, "path"])
+        w = csv.DictWriter(fh, fieldnames=[*cols, "path"], restval="")
         w.writeheader()
         w.writerows(rows)
     lines = ["# ptq leaderboard", "", "Sorted by final-latent relative L2 error vs the bf16 baseline (lower is "
-             "better). Size is the ComfyUI export.", "", "| rank | " + " | ".join(COLUMNS) + " |",
-             "|" + "---|" * (len(COLUMNS) + 1)]
+             "better). Size is the ComfyUI export." + (" `rel_l2@<runtime>`: the same error as stock ComfyUI "
+             "computes it on that GPU (`eval.runtimes`)." if len(cols) > len(COLUMNS) else ""), "",
+             "| rank | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
     for i, r in enumerate(rows, 1):
-        lines.append(f"| {i} | " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |")
+        lines.append(f"| {i} | " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
     lines += ["", "![size vs error](size_vs_error.png)", ""]
     (out / "leaderboard.md").write_text("\n".join(lines))
     import matplotlib

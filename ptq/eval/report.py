@@ -15,6 +15,7 @@ from ptq.algorithms.recipe import KEEP
 from ptq.eval.anchors import meaning_markdown
 from ptq.eval.experts import experts_markdown
 from ptq.eval.metrics import latent_metrics, psnr, ssim
+from ptq.eval.runtimes import runtime_markdown
 
 #: How a kept layer's dtype is shown.
 _DTYPE_NAMES = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
@@ -117,11 +118,13 @@ def write_report(out_dir: Path, *, run_info: dict[str, Any], records: list[Any],
                  exports: list[Any], timings: dict[str, float],
                  decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  eval_prompts: list[str] | None = None, sensitivity: dict[str, Any] | None = None,
-                 experts: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+                 experts: dict[str, dict[str, Any]] | None = None,
+                 runtimes: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write report.json / report.md / PNGs; returns the JSON dict. ``decode``: latents -> frames ``[F, H, W, 3]``
     in [0, 1] (the model adapter's decoder) for the frame metrics and images; ``sensitivity``: the dict of
     ``ptq.algorithms.mixed_precision.analyse_and_plan`` (per-layer / per-block output errors, mixed-precision plan);
-    ``experts``: per-expert sections of a model with several experts (:func:`ptq.eval.experts.expert_sections`)."""
+    ``experts``: per-expert sections of a model with several experts (:func:`ptq.eval.experts.expert_sections`);
+    ``runtimes``: per ComfyUI runtime, the evaluation of ``ptq.pipeline.runtime_eval.evaluate_runtimes``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"run": run_info, "timings_s": timings, "bits_per_weight": bits_per_weight(records),
                               "layers": [r.to_dict() for r in records], "exports": [asdict(e) for e in exports]}
@@ -156,6 +159,8 @@ def write_report(out_dir: Path, *, run_info: dict[str, Any], records: list[Any],
         report["sensitivity"] = _json_safe(sensitivity)
     if experts is not None:
         report["experts"] = _json_safe(experts)
+    if runtimes is not None:
+        report["runtimes"] = _json_safe(runtimes)
     report["images"] = images
     report["eval_prompts"] = eval_prompts or []
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
@@ -201,6 +206,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [f"![prompt {i}](frames_prompt{i}.png)" for i in range(len(report["frames"]))]
     if acc:
         lines += meaning_markdown(run.get("source_model") or "", name, acc["mean_final"]["rel_l2"])
+    if report.get("runtimes"):
+        lines += runtime_markdown(report["runtimes"])
     if report.get("sensitivity"):
         lines += sensitivity_markdown(report["sensitivity"], report["layers"])
     lines += experts_markdown(report, sensitivity_markdown)

@@ -31,10 +31,15 @@ EXPORTERS: dict[str, Exporter] = {
 }
 
 
-def _default_key_map(model: nn.Module, target: str) -> KeyMap:
+def _adapter_of(model: nn.Module) -> Any:
+    """The model adapter class that knows ``model``'s class (None for a bare module)."""
     from ptq.models import adapter_for_module
 
-    adapter = adapter_for_module(model)
+    return adapter_for_module(model)
+
+
+def _default_key_map(model: nn.Module, target: str) -> KeyMap:
+    adapter = _adapter_of(model)
     if adapter is None:
         raise ValueError(f"no model adapter knows {type(model).__name__} (ptq.models.ADAPTERS); pass key_map= to "
                          "export_model")
@@ -51,6 +56,8 @@ def export_model(model: nn.Module, cfg: Any, out_dir: Path, *, progress: bool = 
 
     A target that cannot represent the recipe (e.g. weight-only NVFP4 for diffusers) is skipped with the reason.
     Every file is written first, then all are verified in one pass (each layer's simulated weight computed once).
+    The model's adapter may add header entries per target (``ModelAdapter.target_header``: ComfyUI's ``config``
+    override for models its shape detection would build wrong).
     """
     from tqdm.auto import tqdm
 
@@ -64,15 +71,18 @@ def export_model(model: nn.Module, cfg: Any, out_dir: Path, *, progress: bool = 
         log.warning("removed %s, a temp file left by an interrupted export", stale)
     plain, quant = split_model_state(model)
     meta = {"ptq_version": "0.1.0", **(metadata or {})}
+    module_config = dict(getattr(model, "config", {}))
+    adapter = _adapter_of(model)
     dtype = UNQUANTIZED_DTYPES[cfg.unquantized_dtype]
     results = []
     written: list[tuple[ExportResult, Exporter, KeyMap]] = []
     for target in tqdm(list(cfg.targets), desc="export", disable=not progress, leave=False):
         exporter = EXPORTERS[target]
         key_map = (key_maps or {}).get(target) or _default_key_map(model, target)
+        target_meta = {**meta, **(adapter.target_header(target, module_config) if adapter else {})}
         try:
             res = exporter.write(plain, quant, out_dir, stem or cfg.filename, dtype=dtype, key_map=key_map,
-                                 metadata=meta, module_config=dict(getattr(model, "config", {})), component=component)
+                                 metadata=target_meta, module_config=module_config, component=component)
         except UnsupportedExport as exc:
             log.warning("export %s skipped: %s", target, exc)
             results.append(ExportResult(target, "", skipped=str(exc)))

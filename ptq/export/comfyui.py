@@ -8,6 +8,10 @@ What ComfyUI reads (comfy/ops.py mixed-precision ops, comfy/utils.py convert_old
 - NVFP4: ``weight`` uint8 ``[out, in/2]`` first element in the HIGH nibble; ``weight_scale`` float8_e4m3fn in the
   cuBLAS tiled layout ``[roundup(out,128), roundup(in/16,4)]``; ``weight_scale_2`` float32 ``[]``; ``input_scale``
   float32 ``[]``;
+- NVFP4 smoothing (ComfyUI >= 0.30.0, ``comfy/ops.py`` mixed-precision ``Linear.forward``: ``input = input *
+  pre_quant_scale.to(input.dtype)`` before quantizing or dequantizing; read for ``nvfp4`` layers only, the
+  ``QUANT_ALGOS["nvfp4"]["parameters"]``): ``pre_quant_scale`` bfloat16 ``[in]``, the stored weight being
+  ``W / pre_quant_scale`` per input column;
 - FP8: ``weight`` float8_e4m3fn ``[out, in]``; ``weight_scale`` float32 ``[]`` (per tensor only: ComfyUI's FP8 layout
   is tensor-wise); ``input_scale`` float32 ``[]`` (without it ComfyUI quantizes activations with scale 1.0);
 - int8 (``int8_tensorwise``): ``weight`` int8 ``[out, in]``; ``weight_scale`` float32 ``[]`` or ``[out, 1]``; no
@@ -17,7 +21,9 @@ What ComfyUI reads (comfy/ops.py mixed-precision ops, comfy/utils.py convert_old
 - MXFP8 (``mxfp8``): ``weight`` float8_e4m3fn ``[out, in]``; ``weight_scale`` float8_e8m0fnu block scales (one per
   32 inputs) in the cuBLAS tiled layout ``[roundup(out,128), roundup(in/32,4)]``; no ``input_scale`` (ComfyUI
   quantizes MXFP8 activations with their own block scales);
-- unquantized tensors bf16 or float32.
+- unquantized tensors bf16 or float32;
+- header ``config``: ``{"transformer": {...}}`` model-config override where ComfyUI's shape detection would build
+  the model wrong (written by the model adapter, ``ModelAdapter.target_header``).
 """
 
 from __future__ import annotations
@@ -75,8 +81,20 @@ def encode_comfy_quant(conf: dict[str, Any]) -> torch.Tensor:
     return torch.tensor(list(json.dumps(conf).encode("utf-8")), dtype=torch.uint8)
 
 
+#: dtype of ``pre_quant_scale`` in the file (its values are exact in bf16 and fp16; ComfyUI casts it to the input
+#: dtype at run time).
+PRE_QUANT_SCALE_DTYPE = torch.bfloat16
+#: ptq format names whose ComfyUI layers read ``pre_quant_scale``.
+PRE_QUANT_SCALE_FORMATS = ("nvfp4",)
+
+
 def _common(layer: str, state: QuantizedLinearState, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
+    if state.pre_quant_scale is not None:
+        if state.format not in PRE_QUANT_SCALE_FORMATS:
+            raise UnsupportedExport(f"{layer}: ComfyUI reads pre_quant_scale only for "
+                                    f"{', '.join(PRE_QUANT_SCALE_FORMATS)} layers, not {state.format}")
+        out[f"{layer}.pre_quant_scale"] = state.pre_quant_scale.to(PRE_QUANT_SCALE_DTYPE).reshape(-1)
     if state.input_scale is not None:
         out[f"{layer}.input_scale"] = state.input_scale.float().reshape(())
     if state.bias is not None:
@@ -189,4 +207,19 @@ class ComfyUIExporter(Exporter):
         want = {key_map(n) for n in quant}
         if set(layers) != want:
             problems.append(f"_quantization_metadata layers differ: {len(layers)} listed, {len(want)} quantized")
+        problems += _config_problems(metadata)
         return used, problems
+
+
+def _config_problems(metadata: Mapping[str, str]) -> list[str]:
+    """Problems of the header ``config`` override ComfyUI reads (must be a JSON object with a "transformer"
+    object), if the file has one."""
+    if "config" not in metadata:
+        return []
+    try:
+        conf = json.loads(metadata["config"])
+    except ValueError as exc:
+        return [f"header config is not JSON ({exc})"]
+    if not isinstance(conf, dict) or not isinstance(conf.get("transformer"), dict):
+        return [f"header config {metadata['config'][:80]!r}: expected {{\"transformer\": {{...}}}}"]
+    return []

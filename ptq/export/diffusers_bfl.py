@@ -40,7 +40,14 @@ def _bias(layer: str, state: QuantizedLinearState, dtype: torch.dtype) -> dict[s
     return {} if state.bias is None else {f"{layer}.bias": cast_unquantized(state.bias, dtype)}
 
 
+def _check_unsmoothed(layer: str, state: QuantizedLinearState) -> None:
+    if state.pre_quant_scale is not None:
+        raise UnsupportedExport(f"{layer}: diffusers' BFL loader does not read pre_quant_scale (smoothing); "
+                                "export smoothed recipes with export.targets=[comfyui]")
+
+
 def write_nvfp4(layer: str, state: QuantizedLinearState, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    _check_unsmoothed(layer, state)
     if state.input_scale is None:
         raise UnsupportedExport(f"{layer}: diffusers' BFL loader requires input_scale for nvfp4 (weight-only NVFP4 "
                                 "cannot be exported to this target)")
@@ -52,6 +59,7 @@ def write_nvfp4(layer: str, state: QuantizedLinearState, dtype: torch.dtype) -> 
 
 
 def write_fp8(layer: str, state: QuantizedLinearState, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    _check_unsmoothed(layer, state)
     out = {f"{layer}.weight": state.weight,
            f"{layer}.weight_scale": state.weight_scale.float().reshape(-1).expand(state.out_features).clone()}
     if state.input_scale is not None:

@@ -126,6 +126,11 @@ def _check_layer(fc: _FileCheck, name: str, st: QuantizedLinearState, ref: torch
         fc.expected.add(key)
         if key not in fc.keys or not torch.equal(get(key).float().reshape(()), st.input_scale.float()):
             fc.problems.append(f"{key}: missing or different")
+    if st.pre_quant_scale is not None:
+        key = f"{layer}.pre_quant_scale"
+        fc.expected.add(key)
+        if key not in fc.keys or not torch.equal(get(key).float().reshape(-1), st.pre_quant_scale.float().reshape(-1)):
+            fc.problems.append(f"{key}: missing or different")
     if st.bias is not None:
         fc.expected.add(f"{layer}.bias")
         b = get(f"{layer}.bias")

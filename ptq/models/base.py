@@ -175,6 +175,12 @@ class ModelAdapter(ABC):
     def module_key(cls, key: str, target: str) -> str | None:
         """Inverse of :meth:`target_key` (None for a key of another family)."""
 
+    @classmethod
+    def target_header(cls, target: str, module_config: Mapping[str, Any]) -> dict[str, str]:
+        """Extra header entries export ``target`` should write for a module with this config (e.g. ComfyUI's
+        ``config`` override where its shape detection would build the model wrong); default none."""
+        return {}
+
     def export_stem(self, target_name: str) -> str:
         """File name stem of the exports of ``target_name`` (``model`` for a single transformer)."""
         return "model"

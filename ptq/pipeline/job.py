@@ -19,7 +19,7 @@ from ptq.eval.summary import run_summary
 from ptq.models import get_adapter
 from ptq.models.base import ModelAdapter
 from ptq.models.cpu_matmul import Float32LinearOnCPU
-from ptq.pipeline import experts, parallel, stages
+from ptq.pipeline import experts, parallel, runtime_eval, stages
 from ptq.pipeline.distributed import DistContext, broadcast_object, init_from_env, shutdown
 from ptq.pipeline.prompts import load_images, load_prompts
 from ptq.pipeline.sampling import PromptSet
@@ -171,6 +171,9 @@ def _run_ranked(cfg: RunConfig, out_dir: Path, ctx: DistContext, recipe_name: st
     evals = make_prompt_set(adapter, eval_prompts, eval_emb, neg_eval, cfg.eval) if eval_prompts else None
 
     baseline = cache_file = None
+    # rank 0 evaluates the ComfyUI runtimes (every prompt) after the shared evaluation
+    runtimes = runtime_eval.runtime_list(list(cfg.eval.runtimes)) if evals is not None and ctx.is_main else []
+    references: dict[str, Any] = {}
     if evals is not None:
         payload = stages.baseline_payload(adapter, evals, dtype=cfg.model.dtype, device=device.type,
                                           negative=negative_prompt(adapter, cfg.eval), images=list(cfg.eval.images),
@@ -182,6 +185,11 @@ def _run_ranked(cfg: RunConfig, out_dir: Path, ctx: DistContext, recipe_name: st
         if cached:
             del timer.seconds["baseline_eval"]
             timer.peak_gib.pop("baseline_eval", None)
+        if runtimes:
+            with timer("runtime_reference"):
+                references = runtime_eval.unquantized_references(
+                    adapter, evals, runtimes, model_dtype=cfg.model.dtype, payload=payload,
+                    cache_dir=cfg.eval.cache_dir, progress=cfg.progress, cuda_graphs=cfg.model.cuda_graphs)
 
     recipe = cfg.quant
     recipes: dict[str, Any] = {}
@@ -226,6 +234,11 @@ def _run_ranked(cfg: RunConfig, out_dir: Path, ctx: DistContext, recipe_name: st
                                             cuda_graphs=cfg.model.cuda_graphs, dist=ctx)
     if not ctx.is_main:
         return {}
+    runtime_report = None
+    if runtimes:
+        with timer("runtime_eval"):
+            runtime_report = runtime_eval.evaluate_runtimes(adapter, evals, runtimes, baseline, references,
+                                                            model_dtype=cfg.model.dtype, progress=cfg.progress)
     with timer("export"):
         source = {"ptq_source_model": adapter.display_name, "ptq_source_sha256": source_hash.result(),
                   **adapter.export_info()}
@@ -253,7 +266,7 @@ def _run_ranked(cfg: RunConfig, out_dir: Path, ctx: DistContext, recipe_name: st
                               decode=adapter.decode if cfg.eval.decode and adapter.can_decode else None,
                               eval_prompts=eval_prompts, sensitivity=None if multi else analyses.get(target),
                               experts=expert_sections(run_info, records, analyses, baseline, quant_results)
-                              if multi else None)
+                              if multi else None, runtimes=runtime_report)
     log.info("wrote %s", out_dir / "report.md")
     for session in sessions:
         if session.checkpoint is not None and session.checkpoint.is_file() and not cfg.calib.keep_checkpoint:

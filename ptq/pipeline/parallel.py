@@ -68,7 +68,7 @@ def calibration_session(ctx: DistContext, adapter: ModelAdapter, recipe: QuantRe
                               every=every, hessian_storage=calib.hessian_storage)
 
 
-_STATE_TENSORS = ("weight", "weight_scale", "weight_scale_2", "input_scale", "bias")
+_STATE_TENSORS = ("weight", "weight_scale", "weight_scale_2", "input_scale", "bias", "pre_quant_scale")
 
 
 def share_quantized(ctx: DistContext, adapter: ModelAdapter) -> None:
@@ -82,19 +82,20 @@ def share_quantized(ctx: DistContext, adapter: ModelAdapter) -> None:
         meta = tensors = None
         if ctx.is_main:
             states = {n: m.state() for n, m in module.named_modules() if isinstance(m, QuantLinear)}
-            meta = {n: (st.format, st.in_features, st.out_features) for n, st in states.items()}
+            meta = {n: (st.format, st.in_features, st.out_features, st.dynamic_activations) for n, st in states.items()}
             tensors = {f"{n}|{f}": getattr(st, f) for n, st in states.items() for f in _STATE_TENSORS
                        if getattr(st, f) is not None}
         meta = broadcast_object(ctx, meta)
         received = broadcast_tensors(ctx, tensors, device)
         if ctx.is_main:
             continue
-        for layer, (fmt, fin, fout) in meta.items():
+        for layer, (fmt, fin, fout, dynamic) in meta.items():
             parts = {f: received.get(f"{layer}|{f}") for f in _STATE_TENSORS}
             old = module.get_submodule(layer)
             dtype = old.weight.dtype if isinstance(old, torch.nn.Linear) else torch.bfloat16
             state = QuantizedLinearState(fmt, parts["weight"], parts["weight_scale"], parts["weight_scale_2"],
-                                         parts["input_scale"], parts["bias"], fin, fout)
+                                         parts["input_scale"], parts["bias"], fin, fout, dynamic,
+                                         parts["pre_quant_scale"])
             set_module(module, layer, QuantLinear(state, compute_dtype=dtype))
         log.info("%s: %d quantized layers received from rank 0", name, len(meta))
 

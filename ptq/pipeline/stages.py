@@ -14,7 +14,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import torch
 
 from ptq.algorithms.layers import LayerPlanner
 from ptq.algorithms.mixed_precision import analyse_and_plan
-from ptq.algorithms.quantize import LayerRecord, gptq_sequential_, quantize_
+from ptq.algorithms.quantize import LayerRecord, gptq_act_aware_, gptq_sequential_, quantize_
 from ptq.algorithms.recipe import GPTQWeight, QuantRecipe
 from ptq.calibration.needs import CalibrationNeeds
 from ptq.calibration.observers import LinearInputObserver, LinearInputStats
@@ -55,10 +55,11 @@ def encode(adapter: ModelAdapter, prompts: list[str], negative: str) -> tuple[to
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def baseline_cache_file(cache_dir: str | os.PathLike[str], payload: dict[str, Any]) -> Path:
-    """The cache file of the bf16 reference outputs identified by ``payload`` (model, settings, prompts, ...)."""
+def baseline_cache_file(cache_dir: str | os.PathLike[str], payload: dict[str, Any], prefix: str = "baseline") -> Path:
+    """The cache file of the bf16 reference outputs identified by ``payload`` (model, settings, prompts, ...);
+    ``prefix`` names other cached references (e.g. the unquantized model in another compute dtype)."""
     key = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    return Path(cache_dir).expanduser() / f"baseline_{key}.pt"
+    return Path(cache_dir).expanduser() / f"{prefix}_{key}.pt"
 
 
 def baseline_payload(adapter: ModelAdapter, ps: PromptSet, **settings: Any) -> dict[str, Any]:
@@ -126,8 +127,17 @@ def calibration_needs(recipe: QuantRecipe) -> CalibrationNeeds:
     """The recipe's needs, with the Hessians left to the later passes of sequential GPTQ."""
     needs = recipe.needs()
     if isinstance(recipe.weight, GPTQWeight) and recipe.weight.blocks_per_pass > 0:
-        needs = CalibrationNeeds(amax=needs.amax, samples=needs.samples, hessians=False, inputs=needs.inputs)
+        needs = replace(needs, hessians=False)
     return needs
+
+
+def rows_per_call(rows: int, ps: PromptSet) -> int:
+    """Input rows to keep per Linear call so that about ``rows`` are kept over the calibration forwards of ``ps``
+    (one per step and prompt, two with classifier-free guidance); 0 for 0."""
+    if rows <= 0:
+        return 0
+    calls = sum(s.num_steps * (2 if s.guidance_scale > 1.0 else 1) for s in ps.specs)
+    return max(1, -(-rows // max(calls, 1)))
 
 
 def calibrate(adapter: ModelAdapter, recipe: QuantRecipe, ps: PromptSet, *, samples_per_call: int, seed: int,
@@ -161,7 +171,8 @@ def calibrate(adapter: ModelAdapter, recipe: QuantRecipe, ps: PromptSet, *, samp
         observers[name] = LinearInputObserver(target.module, layers, num_steps=ps.specs[0].num_steps,
                                               samples_per_call=samples_per_call if needs.samples else 0, seed=seed,
                                               sample_block=SAMPLE_BLOCK, hessian=needs.hessians,
-                                              hessian_storage=session.hessian_storage if session else "device")
+                                              hessian_storage=session.hessian_storage if session else "device",
+                                              rows_per_call=rows_per_call(needs.rows, ps))
         if needs.inputs:
             recorders[name] = ForwardInputRecorder(target.module, needs.inputs, seed=seed)
     with contextlib.ExitStack() as stack:
@@ -209,7 +220,11 @@ def quantize(adapter: ModelAdapter, recipes: dict[str, QuantRecipe], cal: Calibr
         recipe = recipes[name]
         stats = cal.stats.get(name, {})
         hessians = cal.hessians.get(name) if recipe.needs().hessians else None
-        if isinstance(recipe.weight, GPTQWeight) and recipe.weight.blocks_per_pass > 0:
+        if isinstance(recipe.weight, GPTQWeight) and recipe.weight.act_aware:
+            assert cal.rerun is not None
+            records[name] = gptq_act_aware_(target.module, recipe, stats, lambda obs, _n=name: cal.rerun(_n, obs),
+                                            rules=adapter.layer_rules, progress=progress)
+        elif isinstance(recipe.weight, GPTQWeight) and recipe.weight.blocks_per_pass > 0:
             assert cal.rerun is not None
             records[name] = gptq_sequential_(target.module, recipe, stats,
                                               lambda obs, _n=name: cal.rerun(_n, obs),

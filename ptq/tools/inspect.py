@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ptq.tools import comfy_compat
 from ptq.tools.conventions import (
     COMFY_FORMATS,
     PER_TENSOR_SCALE_SUFFIXES,
@@ -101,6 +102,9 @@ PROBLEM_CODES: dict[str, str] = {
     "convrot_group": "ConvRot group size not a power of 4 dividing in_features",
     "mxfp8_scale_layout": "MXFP8 block scales not E8M0 in the cuBLAS tiled shape ComfyUI reads",
     "int8_weight_only_ignored": "int8_tensorwise layers marked full_precision_matrix_mult, which ComfyUI ignores",
+    "comfyui_wan_misbuilt": "ComfyUI's WAN detection would build another model than the file holds (heads, text_dim)",
+    "invalid_config_override": "the header config override is not the JSON ComfyUI reads",
+    "unread_pre_quant_scale": "pre_quant_scale tensors ComfyUI does not apply (format, shape) or invalid values",
 }
 """Every problem code :func:`inspect_file` can emit, with a one-line meaning."""
 
@@ -206,6 +210,8 @@ class InspectReport:
     values_checked: int = 0
     value_bytes_read: int = 0
     target: str = "comfyui"
+    comfyui_min_version: str | None = None  # first ComfyUI release with every feature the file uses
+    comfyui_features: list[dict[str, str]] = field(default_factory=list)  # per feature: what, min_version, ...
 
     @property
     def errors(self) -> list[Problem]:
@@ -310,6 +316,7 @@ class _Inspector:
         self._check_dynamic_formats(groups, layers, confs)
         self._check_base_tensors(groups, layers, naming, arch)
         self._check_sensitive(layers, arch)
+        comfy_version, comfy_features = self._check_comfyui(groups, confs, layer_formats, arch)
         if self.read_bytes is not None:
             self._check_values(groups, layers)
         self._add_notes(layers, arch, convention)
@@ -343,8 +350,24 @@ class _Inspector:
             values_checked=self.values_checked,
             value_bytes_read=self.value_bytes,
             target=self.target,
+            comfyui_min_version=comfy_version,
+            comfyui_features=comfy_features,
         )
         return report, confs
+
+    def _check_comfyui(self, groups: dict[str, dict[str, TensorInfo]], confs: dict[str, dict[str, Any]],
+                       layer_formats: dict[str, str], arch: Architecture) -> tuple[str | None, list[dict[str, str]]]:
+        """ComfyUI-only checks (``ptq.tools.comfy_compat``): WAN build from shapes + header config,
+        pre_quant_scale, minimum ComfyUI release per feature."""
+        if self.target != "comfyui":
+            return None, []
+        comfy_compat.check_wan_build(arch, self.metadata, self.problem)
+        load = self.load if self.read_bytes is not None else (lambda name: None)
+        comfy_compat.check_pre_quant_scales(groups, layer_formats, load, self.problem)
+        used = comfy_compat.features_used(self.metadata, groups, confs, layer_formats)
+        version, rows, notes = comfy_compat.version_notes(used)
+        self.notes += notes
+        return version, rows
 
     # ---- ComfyUI's view of per-layer configs
     def _resolve_confs(

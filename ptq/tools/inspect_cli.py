@@ -116,6 +116,10 @@ def format_report(report: InspectReport, max_layers: int = 20) -> str:
         if len(report.layers) > len(shown):
             lines.append(f"  ... {len(report.layers) - len(shown)} more (--max-layers N, -1 for all)")
 
+    if report.comfyui_min_version:
+        lines += ["", f"ComfyUI >= {report.comfyui_min_version} needed (first release with each feature used):"]
+        lines += _table([["feature", "ComfyUI", "since"]] + [[f["what"], f["min_version"], f["date"]]
+                                                              for f in report.comfyui_features])
     errors, warnings = report.errors, report.warnings
     lines += ["", f"problems: {len(errors)} error(s), {len(warnings)} warning(s)"]
     for p in report.problems:

@@ -188,6 +188,7 @@ def _canonical_state(
     packing: str,
     out: int,
     inp: int,
+    pre_quant_scale: torch.Tensor | None = None,
 ) -> QuantizedLinearState:
     """The file's tensors converted to ptq's in-memory layout (for the simulated kernel)."""
     if fmt == "nvfp4":
@@ -205,6 +206,7 @@ def _canonical_state(
             bias,
             inp,
             out,
+            pre_quant_scale=pre_quant_scale,
         )
     scale = scales.float()
     scale = scale.reshape(()) if scale.numel() == 1 else scale.reshape(-1, 1)
@@ -416,6 +418,13 @@ def verify_file(
                 -1, 1 if g[scale_key].numel() > 1 else 1
             )
             chk.packing = "per-tensor" if g[scale_key].numel() == 1 else "per-channel"
+        pqs = g.get("pre_quant_scale")
+        if pqs is not None and fmt != "nvfp4":
+            chk.problems.append("pre_quant_scale on a non-nvfp4 layer: ComfyUI does not apply it")
+            pqs = None
+        if pqs is not None:  # the stored weight is W / pre_quant_scale (ComfyUI multiplies the input by it)
+            pqs = pqs.to(device)
+            w_file = w_file * pqs.float().reshape(1, -1)
         chk.weight_err_file = rel_l2(w_ref, w_file)
         qw = quantize_weight(
             w_ref,
@@ -446,6 +455,7 @@ def verify_file(
                 chk.packing if fmt == "nvfp4" else "",
                 out,
                 inp,
+                pqs,
             )
             y_ref = torch.nn.functional.linear(
                 x, ref_state[f"{dname}.weight"], ref_state.get(f"{dname}.bias")

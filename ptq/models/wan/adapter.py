@@ -16,6 +16,7 @@ import torch
 from ptq.algorithms.layers import LayerRules
 from ptq.models.base import Forward, LoraSpec, ModelAdapter, QuantTarget, SampleSpec, StepCallback
 from ptq.models.wan import family, loading, sampling
+from ptq.models.wan.comfyui import comfyui_header_metadata
 from ptq.models.wan.names import diffusers_to_original, try_original_to_diffusers
 
 #: Block numbering of ``WanTransformer3DModel`` and the layers kept in high precision by default (patch and
@@ -267,3 +268,11 @@ class WanAdapter(ModelAdapter):
     @classmethod
     def module_key(cls, key: str, target: str) -> str | None:
         return try_original_to_diffusers(key)
+
+    @classmethod
+    def target_header(cls, target: str, module_config: Mapping[str, Any]) -> dict[str, str]:
+        """ComfyUI: the header ``config`` override when its shape detection would build the model wrong (head
+        width other than 128, text_dim other than 4096, ...; :mod:`ptq.models.wan.comfyui`)."""
+        if target != "comfyui" or "num_attention_heads" not in module_config:
+            return {}
+        return comfyui_header_metadata(module_config)

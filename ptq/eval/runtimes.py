@@ -1,0 +1,234 @@
+"""What stock ComfyUI computes with a ptq file on each kind of GPU (and on the CPU), simulated on the quantized model.
+
+Read from ComfyUI 0.30.0's code (``comfy/ops.py`` ``pick_operations`` / mixed-precision ``Linear``,
+``comfy/model_management.py`` ``supports_fp8_compute`` / ``supports_nvfp4_compute`` / ``unet_dtype`` /
+``unet_manual_cast``, ``comfy/supported_models.py`` WAN ``supported_inference_dtypes``):
+
+* a quantized layer runs its format's low-precision kernel ("native": the activation is quantized with the file's
+  ``input_scale``) only where ComfyUI enables the format: NVFP4 (and MXFP8) on compute capability >= 10, FP8 on
+  >= 8.9; everywhere else ComfyUI dequantizes the weight and runs a matmul in the compute dtype (W4A16 / W8A16
+  numerics, ``input_scale`` unused). Weight-only files (``full_precision_matrix_mult``) always dequantize.
+  ``pre_quant_scale`` multiplies the input in both cases. :data:`NATIVE_MIN_CAPABILITY` is that table, by ptq
+  format name (one entry per format).
+* the compute dtype of a quantized WAN file is float16 on every NVIDIA GPU of compute capability >= 8 (WAN's
+  ``supported_inference_dtypes`` list float16 first and ``should_use_fp16`` is true there) and float32 on the CPU
+  (``--cpu``: neither fp16 nor bf16 is used); every parameter of the model is cast to it.
+* comfy-kitchen's CUDA backend (torch built for CUDA >= 13) quantizes FP8 activations as
+  ``fp8(x.float() * (1/scale))`` and dequantizes weights in float32, rounding once; its eager fallback (older torch
+  builds; variant ``+eager``, e.g. ``ada+eager``) computes ``x * (1/scale)`` and the dequantization in the compute
+  dtype (ptq's ``QuantLinear.fp8_act_mode="ck_eager"``).
+
+The simulation runs ptq's diffusers model, not ComfyUI's graph: the Linear numerics above are exact, the rest of the
+model runs in the compute dtype with diffusers' own float32 upcasts (norms, modulation), where ComfyUI's WAN computes
+in the compute dtype throughout. :class:`ActivationRange` records whether float16 overflows anywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from ptq.algorithms.qlinear import QuantLinear
+
+#: ptq format name -> the lowest compute capability on which ComfyUI runs the format's own kernel (below it, and on
+#: the CPU, it dequantizes). One entry per format.
+NATIVE_MIN_CAPABILITY: dict[str, tuple[int, int]] = {
+    "nvfp4": (10, 0),
+    "fp8": (8, 9),
+}
+FP16_MAX = 65504.0
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """One target of ComfyUI: ``name`` (the ``eval.runtimes`` value), the GPUs it stands for, their compute
+    capability (None = CPU), ComfyUI's compute dtype for WAN there, and comfy-kitchen's arithmetic: ``fp8_act_mode``
+    (FP8 activation rounding, ``ptq.formats.fp8`` modes) and ``dequant_float32`` (weights dequantized in float32,
+    rounded once, vs in the compute dtype)."""
+
+    name: str
+    gpus: str
+    capability: tuple[int, int] | None
+    compute_dtype: torch.dtype
+    fp8_act_mode: str = "float32"
+    dequant_float32: bool = True
+
+    def native(self, fmt: str) -> bool:
+        """Whether ComfyUI runs ``fmt``'s own kernel here (activations quantized)."""
+        need = NATIVE_MIN_CAPABILITY.get(fmt)
+        return self.capability is not None and need is not None and self.capability >= need
+
+    def describe(self, fmt: str) -> str:
+        """How a W+A layer of ``fmt`` runs here: "native" or "dequantized"."""
+        return "native" if self.native(fmt) else "dequantized"
+
+
+#: The runtimes by name (``eval.runtimes``); a ``+eager`` suffix selects comfy-kitchen's eager arithmetic.
+RUNTIMES: dict[str, Runtime] = {r.name: r for r in (
+    Runtime("blackwell", "B200, B300, GB200, RTX 50xx, RTX PRO 6000 (SM 10.x / 12.x)", (10, 0), torch.float16),
+    Runtime("hopper", "H100, H200, GH200 (SM 9.0)", (9, 0), torch.float16),
+    Runtime("ada", "RTX 40xx, L40S, L4, RTX 6000 Ada (SM 8.9)", (8, 9), torch.float16),
+    Runtime("ampere", "A100, A10, A40, RTX 30xx, RTX A6000 (SM 8.0 / 8.6)", (8, 0), torch.float16),
+    Runtime("cpu", "CPU (ComfyUI --cpu)", None, torch.float32, fp8_act_mode="ck_eager", dequant_float32=False),
+)}
+EAGER_SUFFIX = "+eager"
+
+
+def get_runtime(name: str) -> Runtime:
+    """The runtime ``name`` (``NAME`` or ``NAME+eager``); ValueError listing the known names otherwise."""
+    base, eager = (name[: -len(EAGER_SUFFIX)], True) if name.endswith(EAGER_SUFFIX) else (name, False)
+    if base not in RUNTIMES:
+        raise ValueError(f"eval.runtimes: unknown runtime {name!r}; expected one of {', '.join(RUNTIMES)} "
+                         f"(optionally with {EAGER_SUFFIX!r})")
+    rt = RUNTIMES[base]
+    return replace(rt, name=name, fp8_act_mode="ck_eager", dequant_float32=False) if eager else rt
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def layer_formats(model: nn.Module) -> dict[str, tuple[str, bool]]:
+    """Name -> (format, weight-only) of every QuantLinear of ``model``."""
+    return {n: (m.format, m.weight_only) for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def numerics_key(rt: Runtime, model: nn.Module) -> tuple:
+    """What decides the simulated numerics of ``model`` on ``rt``: runtimes with equal keys compute the same."""
+    formats = sorted(set(layer_formats(model).values()))
+    runs = tuple((f, wo or not rt.native(f)) for f, wo in formats)
+    dequantized = any(d for _, d in runs)
+    fp8_native = any(f == "fp8" and not d for f, d in runs)
+    return (rt.compute_dtype, runs, rt.fp8_act_mode if fp8_native else None,
+            rt.dequant_float32 if dequantized else None)
+
+
+def how_layers_run(rt: Runtime, model: nn.Module) -> dict[str, str]:
+    """Per format of ``model`` (``"<fmt> weight-only"`` for weight-only layers): "native" or "dequantized" on
+    ``rt``."""
+    out: dict[str, str] = {}
+    for fmt, weight_only in sorted(set(layer_formats(model).values())):
+        key = f"{fmt} weight-only" if weight_only else fmt
+        out[key] = "dequantized" if weight_only or not rt.native(fmt) else "native"
+    return out
+
+
+@contextlib.contextmanager
+def simulate(model: nn.Module, rt: Runtime) -> Iterator[nn.Module]:
+    """``model`` as ComfyUI computes it on ``rt`` (see the module docstring), restored on exit: every floating
+    parameter cast to the compute dtype, every QuantLinear set to run natively or dequantized with the runtime's
+    arithmetic. Quantization buffers (codes, scales) are untouched."""
+    saved: list[tuple[nn.Parameter, torch.Tensor]] = []
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    try:
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != rt.compute_dtype and p.element_size() >= 2:
+                saved.append((p, p.data))
+                p.data = p.data.to(rt.compute_dtype)
+        for m in layers:
+            m.run_dequantized = not m.weight_only and not rt.native(m.format)
+            m.fp8_act_mode = rt.fp8_act_mode
+            m.dequant_float32 = rt.dequant_float32
+            m.refresh_cache()
+        yield model
+    finally:
+        for p, data in saved:
+            p.data = data
+        for m in layers:
+            for attr in ("run_dequantized", "fp8_act_mode", "dequant_float32"):
+                m.__dict__.pop(attr, None)
+            m.refresh_cache()
+
+
+class ActivationRange:
+    """Forward hooks on every module of ``model`` recording the largest |output| (inf once it overflowed) and the
+    number of calls with non-finite outputs; device-side accumulators, no host sync per call."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._amax: dict[str, torch.Tensor] = {}
+        self._bad: dict[str, torch.Tensor] = {}
+        self._order: list[str] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def _hook(self, name: str):
+        def hook(_m: nn.Module, _args: tuple, out: Any) -> None:
+            t = out[0] if isinstance(out, (tuple, list)) and out else out
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.numel() == 0:
+                return
+            a = t.detach().abs().amax().float()
+            if name not in self._amax:
+                self._order.append(name)
+                self._amax[name] = torch.zeros((), dtype=torch.float32, device=t.device)
+                self._bad[name] = torch.zeros((), dtype=torch.int64, device=t.device)
+            a = torch.nan_to_num(a, nan=math.inf, posinf=math.inf)
+            torch.maximum(self._amax[name], a, out=self._amax[name])
+            self._bad[name] += (~torch.isfinite(a)).long()
+
+        return hook
+
+    def __enter__(self) -> ActivationRange:
+        for name, module in self.model.named_modules():
+            if name:
+                self._handles.append(module.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def summary(self) -> dict[str, Any]:
+        """max_abs (largest finite |output|), max_module, headroom (FP16_MAX / max_abs), nonfinite_calls and
+        first_nonfinite (the first module in call order whose output overflowed, None if none)."""
+        amax = {n: float(self._amax[n]) for n in self._order}
+        bad = {n: int(self._bad[n]) for n in self._order}
+        finite = {n: v for n, v in amax.items() if math.isfinite(v)}
+        top = max(finite, key=finite.get) if finite else None
+        first_bad = next((n for n in self._order if bad[n]), None)
+        max_abs = finite[top] if top else None
+        return {"max_abs": max_abs, "max_module": top, "headroom": FP16_MAX / max_abs if max_abs else None,
+                "nonfinite_calls": sum(bad.values()), "first_nonfinite": first_bad,
+                "overflow": first_bad is not None or (max_abs is not None and max_abs > FP16_MAX)}
+
+
+def _num(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def runtime_markdown(runtimes: dict[str, Any]) -> list[str]:
+    """Markdown lines of the report section "ComfyUI per target GPU"."""
+    lines = ["", "## ComfyUI per target GPU", "",
+             "What stock ComfyUI computes with this file on each GPU (`eval.runtimes`; `ptq.eval.runtimes`): native "
+             "kernels or dequantized weights, ComfyUI's compute dtype, comfy-kitchen's rounding. Errors vs the bf16 "
+             "model on its own trajectory (mean over prompts); \"unquantized\" is the unquantized model in the same "
+             "compute dtype (the floor of that runtime).", "",
+             "| runtime | GPUs | compute | layers run | final rel. L2 | cosine | PSNR dB | unquantized rel. L2 | "
+             "max \\|activation\\| (fp16 headroom) |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in runtimes.items():
+        m = r.get("mean_final") or {}
+        u = (r.get("unquantized") or {}).get("mean_final") or {}
+        rng = r.get("activation_range") or {}
+        if rng.get("overflow"):
+            range_s = f"**overflow** (first at `{rng.get('first_nonfinite')}`)"
+        elif rng.get("max_abs") is not None:
+            range_s = f"{rng['max_abs']:.4g} at `{rng['max_module']}` ({rng['headroom']:.0f}x)"
+        else:
+            range_s = "-"
+        runs = ", ".join(f"{f}: {how}" for f, how in r["layers"].items())
+        same = f" (= {r['same_as']})" if r.get("same_as") else ""
+        lines.append(f"| {name}{same} | {r['gpus']} | {r['compute_dtype']} | {runs} | {_num(m.get('rel_l2'), '.4f')} "
+                     f"| {_num(m.get('cosine'), '.5f')} | {_num(m.get('psnr'), '.2f')} | "
+                     f"{_num(u.get('rel_l2'), '.4f')} | {range_s} |")
+    return lines
+
+
+__all__ = ["EAGER_SUFFIX", "FP16_MAX", "NATIVE_MIN_CAPABILITY", "RUNTIMES", "ActivationRange", "Runtime",
+           "dtype_name", "get_runtime", "how_layers_run", "layer_formats", "numerics_key", "runtime_markdown",
+           "simulate"]
