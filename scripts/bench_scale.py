@@ -149,7 +149,8 @@ def part_gptq_batched(device: str, *, old_blocks: int = 1, batch_gib: float = 0.
 def _ptq_run(args: list[str], out: Path, *, launcher: list[str] | None = None, env: dict[str, str] | None = None,
              timeout: int = 3000) -> tuple[subprocess.CompletedProcess, float, float]:
     """(process, wall seconds, peak RSS GiB of the largest child so far) of one ``python -m ptq run``."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", **(env or {})}
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    full_env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", **(env or {})}
     cmd = [*(launcher or [sys.executable]), "-m", "ptq", "run", *args, f"hydra.run.dir={out}", "progress=false"]
     _log(" ".join(cmd))
     t0 = time.perf_counter()

@@ -61,6 +61,12 @@ from ptq.models.tiny_wan import (  # noqa: E402
 from ptq.models.tiny_wan.model import _encode  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _repo_relative(path: str | Path) -> str:
+    """``path`` relative to the repository when inside it (no local absolute paths in shipped files)."""
+    p = Path(path).resolve()
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else p.name
 CALIB_PATH = REPO / "ptq" / "data" / "tiny_calib.txt"
 EVAL_PATH = REPO / "ptq" / "data" / "tiny_eval.txt"
 
@@ -241,7 +247,7 @@ def train(args: argparse.Namespace) -> None:
         "lr": args.lr,
         "ema": args.ema,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "init": args.init,
+        "init": _repo_relative(args.init) if args.init else args.init,
         "initial_eval_loss": untrained,
         "final_eval_loss": final["eval_loss"],
         "final_eval_loss_ema": final["eval_loss_ema"],
@@ -352,7 +358,7 @@ def train_moe(args: argparse.Namespace) -> None:
             log_f.write(json.dumps(rec) + "\n")
             log_f.flush()
     final = {"steps": step, "train_seconds": round(time.time() - t0, 1), "batch": args.batch, "lr": args.lr,
-             "boundary_ratio": boundary, "init": str(args.init), "initial_eval_loss": start,
+             "boundary_ratio": boundary, "init": _repo_relative(args.init), "initial_eval_loss": start,
              "final_eval_loss_ema": {n: eval_loss(emas[n], n) for n in experts},
              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
     log_f.write(json.dumps({"step": step, "final": final}) + "\n")
