@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .checks import check_finite, check_float, check_rank
+from .checks import FormatError, UnsupportedShapeError, check_finite, check_float, check_rank
 
 
 @dataclass
@@ -73,6 +73,9 @@ class NumberFormat(ABC):
         check_float(w, name)
         check_rank(w, 2, name)
         check_finite(w, name)
+        why = self.unsupported(w.shape[1], w.shape[0])
+        if why:
+            raise UnsupportedShapeError(f"{name}: {why}")
 
     # -- weights --------------------------------------------------------------------------------------------
     @abstractmethod
@@ -150,6 +153,28 @@ class NumberFormat(ABC):
         that round the codes themselves (GPTQ): unchanged for most formats; rotated for formats that rotate the
         weight offline."""
         return w.float(), hessian
+
+
+class DynamicActivationFormat(NumberFormat):
+    """A format whose activation scales are computed from each input at run time (:attr:`dynamic_activations`):
+    the static-scale methods raise a :class:`~ptq.formats.checks.FormatError` saying so; subclasses implement
+    :meth:`dynamic_linear`. ``activation_scaling``: how the runtime scales activations (for that message)."""
+
+    dynamic_activations = True
+    activation_scaling: ClassVar[str] = "computes its activation scales"
+
+    def _no_static(self) -> FormatError:
+        return FormatError(f"format {self.name!r} {self.activation_scaling} at run time: it has no static "
+                           "input_scale (use quant.activation=dynamic, or none for weight-only)")
+
+    def input_scale_from_amax(self, amax: torch.Tensor) -> torch.Tensor:
+        raise self._no_static()
+
+    def activation_values(self, x: torch.Tensor, input_scale: torch.Tensor, *, mode: str) -> torch.Tensor:
+        raise self._no_static()
+
+    def fake_quantize_activation(self, x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
+        raise self._no_static()
 
 
 #: The registered formats, by name (``quant.format``). Filled by :mod:`ptq.formats`.

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import NumberFormat, QuantizedWeight
+from .base import DynamicActivationFormat, QuantizedWeight
 from .checks import FormatError, check_finite, check_float, check_rank
 from .fp8 import divide_exact, map_row_chunks
 
@@ -159,7 +159,7 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, weight_scale: torch.Tensor, bi
     return y.reshape(*x.shape[:-1], q.shape[0])
 
 
-class INT8Format(NumberFormat):
+class INT8Format(DynamicActivationFormat):
     """int8 codes, float32 weight scale per tensor (or per output row), dynamic per-row activation scales."""
 
     name = "int8"
@@ -167,7 +167,7 @@ class INT8Format(NumberFormat):
     storage_dtype = torch.int8
     weight_bits = 8.0
     activation_block = 1
-    dynamic_activations = True
+    activation_scaling = "quantizes activations per row"
     # comfy-kitchen's INT8 tensor-core GEMM needs SM >= 7.5; ComfyUI never disables int8_tensorwise: elsewhere
     # (CPU) the eager int8_linear runs the same W8A8 arithmetic
     native_min_capability = (7, 5)
@@ -195,19 +195,6 @@ class INT8Format(NumberFormat):
 
     def gemm_alpha(self, q: QuantizedWeight) -> torch.Tensor:
         return q.scale.reshape(-1) if q.scale.dim() else q.scale
-
-    def _no_static(self) -> FormatError:
-        return FormatError(f"format {self.name!r} quantizes activations per row at run time: it has no static "
-                           "input_scale (use quant.activation=dynamic, or none for weight-only)")
-
-    def input_scale_from_amax(self, amax: torch.Tensor) -> torch.Tensor:
-        raise self._no_static()
-
-    def activation_values(self, x: torch.Tensor, input_scale: torch.Tensor, *, mode: str) -> torch.Tensor:
-        raise self._no_static()
-
-    def fake_quantize_activation(self, x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
-        raise self._no_static()
 
     def dynamic_linear(self, x: torch.Tensor, q: QuantizedWeight, bias: torch.Tensor | None, *,
                        mode: str) -> torch.Tensor:

@@ -27,7 +27,6 @@ import math
 import torch
 
 from .base import QuantizedWeight
-from .checks import UnsupportedShapeError, check_finite, check_float, check_rank
 from .int8 import INT8Format, dequantize_int8, int8_linear, int8_scale_from_amax, quantize_int8
 
 __all__ = ["CONVROT_GROUP", "INT8_CONVROT", "INT8ConvRotFormat", "hadamard", "rotate_activation", "rotate_hessian",
@@ -92,14 +91,6 @@ class INT8ConvRotFormat(INT8Format):
     def storage_bits(self, out_features: int, in_features: int, *, per_channel: bool = False) -> float:
         """``n*8`` code bits + one float32 scale per row (ConvRot weights are always scaled per row)."""
         return out_features * in_features * 8.0 + 32.0 * out_features
-
-    def check_weight(self, w: torch.Tensor, name: str) -> None:
-        check_float(w, name)
-        check_rank(w, 2, name)
-        check_finite(w, name)
-        why = self.unsupported(w.shape[1], w.shape[0])
-        if why:
-            raise UnsupportedShapeError(f"{name}: {why}")
 
     def quantize_weight(self, w: torch.Tensor, name: str = "weight", *, per_channel: bool = False) -> QuantizedWeight:
         """Per-row int8 of the rotated float32 weight (comfy-kitchen's ``quantize_int8_convrot_weight``)."""

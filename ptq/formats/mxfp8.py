@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import NumberFormat, QuantizedWeight
-from .checks import FormatError, UnsupportedShapeError, check_finite, check_float, check_rank
+from .base import DynamicActivationFormat, QuantizedWeight
+from .checks import FormatError, UnsupportedShapeError, check_rank
 from .fp8 import FP8_DTYPE, FP8_E4M3_MAX, divide_exact, map_row_chunks
 
 __all__ = [
@@ -137,7 +137,7 @@ def mxfp8_linear(x: torch.Tensor, q: torch.Tensor, codes: torch.Tensor, bias: to
     return y.to(x.dtype).reshape(*x.shape[:-1], q.shape[0])
 
 
-class MXFP8Format(NumberFormat):
+class MXFP8Format(DynamicActivationFormat):
     """float8_e4m3fn codes with one E8M0 scale per 32 inputs, weights and (at run time) activations."""
 
     name = "mxfp8"
@@ -145,7 +145,7 @@ class MXFP8Format(NumberFormat):
     storage_dtype = FP8_DTYPE
     weight_bits = 8.0 + 8.0 / MXFP8_BLOCK
     activation_block = MXFP8_BLOCK
-    dynamic_activations = True
+    activation_scaling = "computes its activation block scales"
     # ComfyUI runs mxfp8 natively on compute capability >= 10 (Blackwell) with torch >= 2.10; elsewhere it
     # dequantizes the weight
     native_min_capability = (10, 0)
@@ -161,14 +161,6 @@ class MXFP8Format(NumberFormat):
         """``n*8`` code bits + one 8-bit E8M0 scale per 32 weights."""
         n = out_features * in_features
         return n * 8.0 + (n // MXFP8_BLOCK) * 8.0
-
-    def check_weight(self, w: torch.Tensor, name: str) -> None:
-        check_float(w, name)
-        check_rank(w, 2, name)
-        check_finite(w, name)
-        why = self.unsupported(w.shape[1], w.shape[0])
-        if why:
-            raise UnsupportedShapeError(f"{name}: {why}")
 
     def quantize_weight(self, w: torch.Tensor, name: str = "weight", *, per_channel: bool = False) -> QuantizedWeight:
         self.check_weight(w, name)
@@ -188,19 +180,6 @@ class MXFP8Format(NumberFormat):
 
     def gemm_alpha(self, q: QuantizedWeight) -> torch.Tensor:
         return torch.ones((), dtype=torch.float32, device=q.weight.device)
-
-    def _no_static(self) -> FormatError:
-        return FormatError(f"format {self.name!r} computes its activation block scales at run time: it has no "
-                           "static input_scale (use quant.activation=dynamic, or none for weight-only)")
-
-    def input_scale_from_amax(self, amax: torch.Tensor) -> torch.Tensor:
-        raise self._no_static()
-
-    def activation_values(self, x: torch.Tensor, input_scale: torch.Tensor, *, mode: str) -> torch.Tensor:
-        raise self._no_static()
-
-    def fake_quantize_activation(self, x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
-        raise self._no_static()
 
     def dynamic_linear(self, x: torch.Tensor, q: QuantizedWeight, bias: torch.Tensor | None, *,
                        mode: str) -> torch.Tensor:
