@@ -37,8 +37,24 @@ def _check_format(key: str, name: str, *, keep_ok: bool) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class WeightMethod:
+class _NamedPart:
+    """A recipe part that compares equal to another with the same fields, or to its name
+    (``recipe.weight == "gptq"``, ``recipe.activation == "mse"``)."""
+
+    @property
+    def label(self) -> str:
+        raise NotImplementedError
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, str):
+            return self.label == other
+        return type(self) is type(other) and vars(self) == vars(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+@dataclass(eq=False)
+class WeightMethod(_NamedPart):
     """Round-to-nearest (``method="rtn"``), the base of every weight method.
 
     scales: how the weight scales are chosen: "max" (absolute maximum), "mse" (NVFP4: per-block float8 scale and
@@ -56,14 +72,6 @@ class WeightMethod:
     def label(self) -> str:
         """Short name: the scale method ("max", "mse", "four_over_six")."""
         return self.scales
-
-    def __eq__(self, other: object) -> bool:
-        """Equal to another method with the same fields, or to its name (``recipe.weight == "gptq"``)."""
-        if isinstance(other, str):
-            return self.label == other
-        return type(self) is type(other) and vars(self) == vars(other)
-
-    __hash__ = None  # type: ignore[assignment]
 
     def needs(self) -> CalibrationNeeds:
         return CalibrationNeeds()
@@ -148,8 +156,8 @@ WEIGHT_METHODS: dict[str, WeightMethod] = {
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class ActivationMethod:
+@dataclass(eq=False)
+class ActivationMethod(_NamedPart):
     """How the static ``input_scale`` is chosen: ``method="max"`` (observed max |x|) or ``"none"`` (weight-only:
     activations stay in high precision, no ``input_scale``); ``"dynamic"``: no static scale, for formats that scale
     activations at run time (int8, mxfp8; no calibration). Layers of such formats quantize their activations at run
@@ -161,14 +169,6 @@ class ActivationMethod:
     @property
     def label(self) -> str:
         return self.method
-
-    def __eq__(self, other: object) -> bool:
-        """Equal to another method with the same fields, or to its name (``recipe.activation == "mse"``)."""
-        if isinstance(other, str):
-            return self.label == other
-        return type(self) is type(other) and vars(self) == vars(other)
-
-    __hash__ = None  # type: ignore[assignment]
 
     def needs(self) -> CalibrationNeeds:
         return CalibrationNeeds() if self.method in ("none", "dynamic") else CalibrationNeeds(amax=True)
