@@ -26,16 +26,19 @@ def _model(fmt: str, weight_only: bool = False) -> tuple[nn.Module, torch.Tensor
     x = (torch.randn(40, 64) * 3).to(torch.bfloat16)
     with LinearInputObserver(model) as obs, torch.no_grad():
         model(x)
-    recipe = QuantRecipe(format=fmt, activation="none" if weight_only else "max")
+    recipe = QuantRecipe(format=fmt, activation="none" if weight_only else
+                         "dynamic" if fmt in ("int8", "mxfp8") else "max")
     recipe.layers.exclude = []
     quantize_(model, recipe, obs.stats(), progress=False)
     return model, x
 
 
 def test_native_table_follows_comfyui_capabilities() -> None:
-    native = {name: {f for f in ("nvfp4", "fp8") if r.native(f)} for name, r in rt.RUNTIMES.items()}
-    assert native == {"blackwell": {"nvfp4", "fp8"}, "hopper": {"fp8"}, "ada": {"fp8"}, "ampere": set(),
-                      "cpu": set()}
+    formats = ("nvfp4", "fp8", "int8", "int8_convrot", "mxfp8")
+    native = {name: {f for f in formats if r.native(f)} for name, r in rt.RUNTIMES.items()}
+    int8 = {"int8", "int8_convrot"}  # W8A8 with run-time scales from SM 7.5, and comfy-kitchen's eager CPU kernel
+    assert native == {"blackwell": {"nvfp4", "fp8", "mxfp8", *int8}, "hopper": {"fp8", *int8},
+                      "ada": {"fp8", *int8}, "ampere": int8, "cpu": int8}
     assert {r.compute_dtype for n, r in rt.RUNTIMES.items() if n != "cpu"} == {torch.float16}
     assert rt.RUNTIMES["cpu"].compute_dtype == torch.float32
     eager = rt.get_runtime("ada+eager")
@@ -150,3 +153,20 @@ def test_simulation_on_cuda_matches_cpu() -> None:
                 y_gpu = model(x.cuda().to(torch.float16)).float().cpu()
             model.cpu()
             assert float((y_gpu - y_cpu).norm() / y_cpu.norm()) < 2e-3, (fmt, name)
+
+
+@pytest.mark.parametrize("fmt,native_on", [("int8", {"blackwell", "hopper", "ada", "ampere", "cpu"}),
+                                           ("mxfp8", {"blackwell"})])
+def test_run_time_scaled_formats_run_natively_where_comfyui_has_their_kernel(fmt: str, native_on: set[str]) -> None:
+    """int8 (W8A8, per-row activation scales) runs its kernel from SM 7.5 and on the CPU, MXFP8 on Blackwell only;
+    elsewhere the simulated layer computes with the dequantized weight in the runtime's dtype."""
+    model, x = _model(fmt)
+    layer = next(m for m in model if isinstance(m, QuantLinear))
+    assert layer.dynamic_activations
+    for name, runtime in rt.RUNTIMES.items():
+        with rt.simulate(model, runtime):
+            xr = x.to(runtime.compute_dtype)
+            w = layer.dequantized_weight(torch.float32).to(runtime.compute_dtype)
+            dequantized = nn.functional.linear(xr, w, layer.bias.to(runtime.compute_dtype))
+            assert layer.run_dequantized == (name not in native_on), name
+            assert torch.equal(layer(xr), dequantized) == (name not in native_on), name

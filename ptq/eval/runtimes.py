@@ -4,12 +4,13 @@ Read from ComfyUI 0.30.0's code (``comfy/ops.py`` ``pick_operations`` / mixed-pr
 ``comfy/model_management.py`` ``supports_fp8_compute`` / ``supports_nvfp4_compute`` / ``unet_dtype`` /
 ``unet_manual_cast``, ``comfy/supported_models.py`` WAN ``supported_inference_dtypes``):
 
-* a quantized layer runs its format's low-precision kernel ("native": the activation is quantized with the file's
-  ``input_scale``) only where ComfyUI enables the format: NVFP4 (and MXFP8) on compute capability >= 10, FP8 on
-  >= 8.9; everywhere else ComfyUI dequantizes the weight and runs a matmul in the compute dtype (W4A16 / W8A16
-  numerics, ``input_scale`` unused). Weight-only files (``full_precision_matrix_mult``) always dequantize.
-  ``pre_quant_scale`` multiplies the input in both cases. :data:`NATIVE_MIN_CAPABILITY` is that table, by ptq
-  format name (one entry per format).
+* a quantized layer runs its format's low-precision kernel ("native": the activation quantized with the file's
+  ``input_scale``, or with run-time scales for int8 / MXFP8) only where ComfyUI enables the format: NVFP4 and MXFP8
+  on compute capability >= 10, FP8 on >= 8.9, int8 on >= 7.5 and on the CPU (comfy-kitchen's eager int8 kernel);
+  everywhere else ComfyUI dequantizes the weight and runs a matmul in the compute dtype (W4A16 / W8A16 numerics,
+  ``input_scale`` unused). Weight-only files (``full_precision_matrix_mult``) always dequantize.
+  ``pre_quant_scale`` multiplies the input in both cases. These are facts of each number format
+  (``NumberFormat.native_min_capability``, ``NumberFormat.portable_kernel``).
 * the compute dtype of a quantized WAN file is float16 on every NVIDIA GPU of compute capability >= 8 (WAN's
   ``supported_inference_dtypes`` list float16 first and ``should_use_fp16`` is true there) and float32 on the CPU
   (``--cpu``: neither fp16 nor bf16 is used); every parameter of the model is cast to it.
@@ -35,13 +36,8 @@ import torch
 from torch import nn
 
 from ptq.algorithms.qlinear import QuantLinear
+from ptq.formats import get_format
 
-#: ptq format name -> the lowest compute capability on which ComfyUI runs the format's own kernel (below it, and on
-#: the CPU, it dequantizes). One entry per format.
-NATIVE_MIN_CAPABILITY: dict[str, tuple[int, int]] = {
-    "nvfp4": (10, 0),
-    "fp8": (8, 9),
-}
 FP16_MAX = 65504.0
 
 
@@ -61,8 +57,11 @@ class Runtime:
 
     def native(self, fmt: str) -> bool:
         """Whether ComfyUI runs ``fmt``'s own kernel here (activations quantized)."""
-        need = NATIVE_MIN_CAPABILITY.get(fmt)
-        return self.capability is not None and need is not None and self.capability >= need
+        number_format = get_format(fmt)
+        if self.capability is None:
+            return number_format.portable_kernel
+        need = number_format.native_min_capability
+        return need is not None and self.capability >= need
 
     def describe(self, fmt: str) -> str:
         """How a W+A layer of ``fmt`` runs here: "native" or "dequantized"."""
@@ -229,6 +228,6 @@ def runtime_markdown(runtimes: dict[str, Any]) -> list[str]:
     return lines
 
 
-__all__ = ["EAGER_SUFFIX", "FP16_MAX", "NATIVE_MIN_CAPABILITY", "RUNTIMES", "ActivationRange", "Runtime",
+__all__ = ["EAGER_SUFFIX", "FP16_MAX", "RUNTIMES", "ActivationRange", "Runtime",
            "dtype_name", "get_runtime", "how_layers_run", "layer_formats", "numerics_key", "runtime_markdown",
            "simulate"]
