@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from ptq.pipeline.calib_run import CHECKPOINT_NAME
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -39,6 +41,8 @@ def test_run_writes_checkpoint_and_report(run_dir: Path) -> None:
     assert exports["comfyui"]["verified"] is True and Path(exports["comfyui"]["path"]).is_file()
     assert exports["diffusers"]["verified"] is True
     assert report["num_quantized_layers"] == 50
+    # calibration was checkpointed after every prompt; a finished run deletes the checkpoint (nothing to resume)
+    assert not (run_dir / CHECKPOINT_NAME).exists() and not list(run_dir.glob("calibration_checkpoint*"))
     acc = report["accuracy"]["mean_final"]
     assert 0.0 < acc["rel_l2"] < 0.5 and acc["cosine"] > 0.85
     assert len(report["accuracy"]["prompts"][0]["steps_rel_l2"]) == 4

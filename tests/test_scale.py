@@ -104,11 +104,3 @@ def test_killed_single_process_run_resumes_to_the_two_process_result(two_process
     assert [r["input_scale"] for r in one["layers"]] == [r["input_scale"] for r in two["layers"]]
     _assert_equal_nested(_states(out / CHECKPOINT_NAME), _states(two_processes / CHECKPOINT_NAME))
 
-
-def test_finished_run_leaves_no_checkpoint(random_tiny_dir: Path, tmp_path: Path) -> None:
-    """Without keep_checkpoint a successful run deletes its checkpoint (nothing left to resume)."""
-    out = tmp_path / "plain"
-    proc = _run([f"model.path={random_tiny_dir}", "eval.enabled=false", "calib.num_prompts=1",
-                 "export.targets=[comfyui]"], out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (out / EXPORTS[0]).is_file() and not (out / CHECKPOINT_NAME).exists()
