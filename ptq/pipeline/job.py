@@ -139,6 +139,50 @@ def _run(cfg: RunConfig, out_dir: Path, recipe_name: str | None) -> dict[str, An
     return report
 
 
+def calibrate_and_quantize(cfg: RunConfig, ctx: DistContext, adapter: ModelAdapter, recipe: Any, calib: PromptSet,
+                           out_dir: Path, timer: PhaseTimer, device_type: str
+                           ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], list[Any]]:
+    """Calibrate, analyse (mixed precision) and quantize every target in place, one pass per expert in schedule
+    order (:func:`ptq.pipeline.experts.calibration_passes`), each pass with its own resumable calibration session;
+    rank 0 quantizes and shares the result with the other ranks. Returns (recipe per target, sensitivity analyses,
+    layer records per target, the calibration sessions)."""
+    recipes: dict[str, Any] = {}
+    analyses: dict[str, Any] = {}
+    records: dict[str, Any] = {}
+    calibrated = False
+    passes = experts.calibration_passes(adapter, cfg.calib.expert_trajectory)
+    sessions = []
+    for part in passes:
+        session = parallel.calibration_session(
+            ctx, part, recipe, calib, cfg.calib, out_dir, resume=cfg.resume,
+            settings={"dtype": cfg.model.dtype, "device": device_type,
+                      "cpu_float32_linear": cfg.model.cpu_float32_linear},
+            part="_".join(part.targets()) if len(passes) > 1 else None)
+        sessions.append(session)
+        with timer("calibrate"):
+            cal = stages.calibrate(part, recipe, calib, samples_per_call=cfg.calib.samples_per_call,
+                                   seed=cfg.calib.seed, progress=cfg.progress, cuda_graphs=cfg.model.cuda_graphs,
+                                   session=session)
+        calibrated |= cal.needs.any
+        part_recipes = {name: recipe for name in part.targets()}
+        if recipe.mixed.analyse and ctx.is_main:
+            with timer("sensitivity"):
+                part_recipes, part_analyses = stages.analyse(part, recipe, cal, progress=cfg.progress)
+            analyses.update(part_analyses)
+        with timer("quantize"):
+            if ctx.is_main:
+                records.update(stages.quantize(part, part_recipes, cal, progress=cfg.progress))
+            parallel.share_quantized(ctx, part)
+            for name in part.targets():
+                adapter.after_quantize(name)
+        recipes.update(part_recipes)
+        cal.hessians.clear()  # up to several GB on the GPU
+    if not calibrated:
+        del timer.seconds["calibrate"]
+        timer.peak_gib.pop("calibrate", None)
+    return recipes, analyses, records, sessions
+
+
 def _run_ranked(cfg: RunConfig, out_dir: Path, ctx: DistContext, recipe_name: str | None) -> dict[str, Any]:
     """The job on one rank (every rank calibrates and evaluates its share of the prompts; rank 0 quantizes,
     exports and reports, the others return ``{}``)."""
@@ -192,40 +236,8 @@ def _run_ranked(cfg: RunConfig, out_dir: Path, ctx: DistContext, recipe_name: st
                     cache_dir=cfg.eval.cache_dir, progress=cfg.progress, cuda_graphs=cfg.model.cuda_graphs)
 
     recipe = cfg.quant
-    recipes: dict[str, Any] = {}
-    analyses: dict[str, Any] = {}
-    records: dict[str, Any] = {}
-    calibrated = False
-    passes = experts.calibration_passes(adapter, cfg.calib.expert_trajectory)
-    sessions = []
-    for part in passes:
-        session = parallel.calibration_session(
-            ctx, part, recipe, calib, cfg.calib, out_dir, resume=cfg.resume,
-            settings={"dtype": cfg.model.dtype, "device": device.type,
-                      "cpu_float32_linear": cfg.model.cpu_float32_linear},
-            part="_".join(part.targets()) if len(passes) > 1 else None)
-        sessions.append(session)
-        with timer("calibrate"):
-            cal = stages.calibrate(part, recipe, calib, samples_per_call=cfg.calib.samples_per_call,
-                                   seed=cfg.calib.seed, progress=cfg.progress, cuda_graphs=cfg.model.cuda_graphs,
-                                   session=session)
-        calibrated |= cal.needs.any
-        part_recipes = {name: recipe for name in part.targets()}
-        if recipe.mixed.analyse and ctx.is_main:
-            with timer("sensitivity"):
-                part_recipes, part_analyses = stages.analyse(part, recipe, cal, progress=cfg.progress)
-            analyses.update(part_analyses)
-        with timer("quantize"):
-            if ctx.is_main:
-                records.update(stages.quantize(part, part_recipes, cal, progress=cfg.progress))
-            parallel.share_quantized(ctx, part)
-            for name in part.targets():
-                adapter.after_quantize(name)
-        recipes.update(part_recipes)
-        cal.hessians.clear()  # up to several GB on the GPU
-    if not calibrated:
-        del timer.seconds["calibrate"]
-        timer.peak_gib.pop("calibrate", None)
+    recipes, analyses, records, sessions = calibrate_and_quantize(cfg, ctx, adapter, recipe, calib, out_dir,
+                                                                   timer, device.type)
 
     quant_results = None
     if evals is not None:
