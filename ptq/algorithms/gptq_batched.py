@@ -256,24 +256,9 @@ def _nvfp4_round(col: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, 
 
 def _search_offsets(xb: torch.Tensor, g: torch.Tensor, base: torch.Tensor, cw: torch.Tensor | None,
                     max_code: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``weight_search._search_chunk`` with the default offsets: (best float8 scales, their block errors)."""
-    base_code = base.view(torch.uint8).to(torch.int32)
-    best_s = best_e = None
-    for k in ws.DEFAULT_SCALE_OFFSETS:
-        code = torch.clamp(base_code + k, 0, max_code)
-        if k != 0:
-            code = torch.where(base_code == 0, base_code, code)
-        s = code.to(torch.uint8).view(FP8_DTYPE)
-        e = (_block_values(xb, g * s.float()) - xb).pow(2)
-        e = (e if cw is None else e * cw).sum(-1)
-        if best_e is None:
-            best_s, best_e = s, e
-        else:
-            better = e < best_e
-            best_s = torch.where(better, s.view(torch.uint8), best_s.view(torch.uint8)).view(FP8_DTYPE)
-            best_e = torch.where(better, e, best_e)
-    assert best_s is not None and best_e is not None
-    return best_s, best_e
+    """``weight_search.search_scale_offsets`` with the default offsets and :func:`_block_values`: (best float8
+    scales, their block errors)."""
+    return ws.search_scale_offsets(xb, g, base, ws.DEFAULT_SCALE_OFFSETS, cw, max_code, block_values=_block_values)
 
 
 def _max_code() -> int:

@@ -15,7 +15,7 @@ a scale" is the bit pattern plus k.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -124,10 +124,18 @@ def nvfp4_weight_sse(w: torch.Tensor, global_scale: torch.Tensor, block_scales: 
     return float(nvfp4_block_sse(w, global_scale, block_scales, col_weight).double().sum())
 
 
-def _search_chunk(xb: torch.Tensor, g: torch.Tensor, base: torch.Tensor, offsets: Sequence[int],
-                  cw: torch.Tensor | None, max_code: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _block_values(xb: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    return _block_quant(xb, total)[1]
+
+
+def search_scale_offsets(xb: torch.Tensor, g: torch.Tensor, base: torch.Tensor, offsets: Sequence[int],
+                         cw: torch.Tensor | None, max_code: int,
+                         block_values: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _block_values
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Best float8 scale per block of ``xb [r, nb, 16]`` among ``base`` bit pattern + offsets; returns
-    (scales float8 [r, nb], sse float32 [r, nb]). Ties keep the earlier offset (offset 0 = round-to-nearest)."""
+    (scales float8 [r, nb], sse float32 [r, nb]). Ties keep the earlier offset (offset 0 = round-to-nearest).
+    ``block_values(xb, total)``: the dequantized NVFP4 values of the blocks for per-block totals (default the
+    format encoder's; the batched GPTQ passes its faster rounding of the same values)."""
     base_code = base.view(torch.uint8).to(torch.int32)
     best_s = best_e = None
     for k in offsets:
@@ -135,8 +143,7 @@ def _search_chunk(xb: torch.Tensor, g: torch.Tensor, base: torch.Tensor, offsets
         if k != 0:  # an all-zero block keeps scale 0 (codes 0): nothing to gain
             code = torch.where(base_code == 0, base_code, code)
         s = code.to(torch.uint8).view(FP8_DTYPE)
-        _, vals = _block_quant(xb, g * s.float())
-        e = (vals - xb).pow(2)
+        e = (block_values(xb, g * s.float()) - xb).pow(2)
         e = (e if cw is None else e * cw).sum(-1)
         if best_e is None:
             best_s, best_e = s, e
@@ -175,7 +182,7 @@ def nvfp4_mse_scales(
         xb = w[r : r + step].float().reshape(-1, nb, NVFP4_BLOCK)
         amax = xb.abs().amax(-1)
         base = torch.clamp(divide_exact(amax, E2M1_MAX) / g, max=scale_max).to(FP8_DTYPE)
-        s, e = _search_chunk(xb, g, base, offsets, cw, max_code)
+        s, e = search_scale_offsets(xb, g, base, offsets, cw, max_code)
         scales[r : r + step], sse[r : r + step] = s, e
     return scales, sse
 
