@@ -116,15 +116,23 @@ def sample_sigmas(n: int, gen: torch.Generator, shift: float = TINY_FLOW_SHIFT) 
     return torch.where(pick, uni, ln).clamp(1e-3, 0.999)
 
 
-def train(args: argparse.Namespace) -> None:
-    """The ``train`` subcommand."""
+def _prepare_run(args: argparse.Namespace, *, cudnn_tf32: bool) -> tuple[Path, torch.device, bool]:
+    """The output folder (created), the device and whether to train with bf16 autocast (CUDA, with TF32 matmuls;
+    ``cudnn_tf32``: TF32 convolutions too)."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     use_amp = device.type == "cuda"
     if use_amp:
         torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        if cudnn_tf32:
+            torch.backends.cudnn.allow_tf32 = True
+    return out, device, use_amp
+
+
+def train(args: argparse.Namespace) -> None:
+    """The ``train`` subcommand."""
+    out, device, use_amp = _prepare_run(args, cudnn_tf32=True)
     comps = build_random_tiny_wan(seed=args.seed)
     if args.init:  # continue from a saved model (e.g. a previous, shorter run); weights up-cast to float32
         init = load_tiny_wan(args.init, dtype=torch.float32)
@@ -281,12 +289,7 @@ def train_moe(args: argparse.Namespace) -> None:
     """The ``train-moe`` subcommand (see the module docstring)."""
     from ptq.models.tiny_wan.moe import TINY_MOE_BOUNDARY_RATIO, TINY_MOE_PATH, init_from_tiny, save_tiny_moe
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(args.device)
-    use_amp = device.type == "cuda"
-    if use_amp:
-        torch.backends.cuda.matmul.allow_tf32 = True
+    out, device, use_amp = _prepare_run(args, cudnn_tf32=False)
     tiny = load_tiny_wan(args.init, dtype=torch.float32)
     moe = init_from_tiny(tiny)
     boundary = TINY_MOE_BOUNDARY_RATIO
