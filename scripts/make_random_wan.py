@@ -10,12 +10,17 @@ a default CLIP image processor). ``--vae`` adds the VAE to text-to-video models 
     python scripts/make_random_wan.py --model wan22_t2v_a14b --out /tmp/wan22_t2v_a14b_random [--device cuda]
 
 Disk: A14B ~69 GB (2 x 28.6 GB experts + 11.4 GB encoder), WAN 2.1 14B ~40 GB, 1.3B ~14 GB, I2V +0.3-1.3 GB.
+``--experts-share-weights`` hard-links the low-noise expert to the high-noise one (A14B in ~40 GB; both experts
+then hold the same random weights: fine for time and memory, which is what these folders measure), and
+``--link-from DIR`` hard-links every component of DIR whose config equals this model's (WAN 2.1 T2V 14B and an
+A14B expert share the transformer config; every family member shares the UMT5-XXL encoder) instead of writing it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -41,8 +46,34 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-def write_transformers(spec, out: Path, device: str, seed: int) -> None:
+def link_component(src: Path, dst: Path) -> None:
+    """Hard-link every file of the component folder ``src`` into ``dst`` (same bytes, no disk)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in sorted(src.iterdir()):
+        if f.is_file() and not (dst / f.name).exists():
+            os.link(f, dst / f.name)
+    print(f"{dst.name}: hard-linked from {src}", flush=True)
+
+
+def linkable_transformer(link_from: Path | None, spec) -> Path | None:
+    """A transformer folder of ``link_from`` whose config has this spec's transformer settings, if any."""
+    if link_from is None:
+        return None
+    want = json.loads(json.dumps(spec.transformer_kwargs()))
+    for sub in ("transformer", "transformer_2"):
+        cfg = link_from / sub / "config.json"
+        if cfg.is_file() and all(json.loads(cfg.read_text()).get(k) == v for k, v in want.items()):
+            return link_from / sub
+    return None
+
+
+def write_transformers(spec, out: Path, device: str, seed: int, *, share: bool = False,
+                       link_from: Path | None = None) -> None:
     for k, sub in enumerate(["transformer", "transformer_2"][: len(spec.experts)]):
+        source = out / "transformer" if share and k else linkable_transformer(link_from, spec)
+        if source is not None:
+            link_component(source, out / sub)
+            continue
         t0 = time.perf_counter()
         model = build_random_transformer(spec.transformer_kwargs(), seed=seed + 10 * k, device=device)
         model.save_pretrained(out / sub, safe_serialization=True, max_shard_size="10GB")
@@ -52,9 +83,13 @@ def write_transformers(spec, out: Path, device: str, seed: int) -> None:
         print(f"{sub}: {n:,} params, {time.perf_counter() - t0:.1f}s", flush=True)
 
 
-def write_text_encoder(out: Path, device: str, seed: int) -> None:
+def write_text_encoder(out: Path, device: str, seed: int, *, link_from: Path | None = None) -> None:
     from transformers import UMT5Config, UMT5EncoderModel
 
+    if link_from is not None and (link_from / "text_encoder" / "config.json").is_file():
+        for sub in ("text_encoder", "tokenizer"):
+            link_component(link_from / sub, out / sub)
+        return
     torch.manual_seed(seed + 1)
     with torch.device(device):
         te = UMT5EncoderModel(UMT5Config(**UMT5_XXL_ENCODER_CONFIG)).to(torch.bfloat16)
@@ -92,13 +127,18 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vae", action="store_true", help="also write a random VAE for a text-to-video model")
+    ap.add_argument("--experts-share-weights", action="store_true",
+                    help="A14B: hard-link the low-noise expert to the high-noise one (same random weights, half the disk)")
+    ap.add_argument("--link-from", type=Path, default=None,
+                    help="hard-link the components of this folder whose configs match instead of writing them")
     args = ap.parse_args()
     spec = get_spec(args.model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    write_transformers(spec, out, args.device, args.seed)
-    write_text_encoder(out, args.device, args.seed)
+    write_transformers(spec, out, args.device, args.seed, share=args.experts_share_weights,
+                       link_from=args.link_from)
+    write_text_encoder(out, args.device, args.seed, link_from=args.link_from)
     if args.vae or spec.conditioning != "none":
         write_image_parts(spec, out, args.seed)
     (out / "scheduler").mkdir(exist_ok=True)

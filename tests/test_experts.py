@@ -177,6 +177,46 @@ def test_offload_gives_the_same_latents_and_survives_quantization(random_tiny_mo
     assert not torch.equal(runs[0][0], runs[0][1])
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_offload_on_cuda_quantizes_on_the_gpu_and_keeps_the_weights_in_cpu_memory(random_tiny_moe_dir: Path,
+                                                                                   tmp_path: Path) -> None:
+    """model.offload on CUDA: weights stay in CPU memory, each layer is quantized on the GPU (the adapter's
+    compute_device) and its QuantLinear goes back to the CPU with the same buffers, bit for bit, as quantizing
+    the model held on the GPU; the offloaded quantized model gives the on-GPU model's latents, and its exports
+    verify with the decoding on the GPU."""
+    from types import SimpleNamespace
+
+    from ptq.algorithms.quantize import quantize_, quantized_layers
+    from ptq.export import export_model
+
+    runs = {}
+    for offload in (False, True):
+        a = TinyWanMoEAdapter(random_tiny_moe_dir, offload=offload, device="cuda")
+        emb, neg = a.encode_prompts(["a red circle moving left"]), a.encode_prompts([""])
+        a.load(decoder=False)
+        spec = a.sample_spec(num_steps=3)
+        assert a.compute_device == (torch.device("cuda") if offload else None)
+        for name, target in a.targets().items():
+            recipe = QuantRecipe(format="nvfp4", activation=ActivationMethod(method="none"))
+            quantize_(target.module, recipe, {}, rules=a.layer_rules, progress=False, device=a.compute_device)
+            a.after_quantize(name)
+        layers = {f"{t}.{n}": q for t, target in a.targets().items()
+                  for n, q in quantized_layers(target.module).items()}
+        assert layers and all(q.weight_q.device.type == ("cpu" if offload else "cuda") for q in layers.values())
+        runs[offload] = (layers, a.denoise(emb, neg, spec))
+        if offload:
+            cfg = SimpleNamespace(targets=["comfyui"], verify=True, filename="high", unquantized_dtype="bfloat16")
+            res = export_model(a.targets()["high_noise"].module, cfg, tmp_path, progress=False,
+                               device=a.compute_device)
+            assert [r.verified for r in res] == [True]
+    for key, q in runs[True][0].items():
+        ref = runs[False][0][key]
+        for buf in ("weight_q", "weight_scale", "weight_scale_2", "weight_values"):
+            assert torch.equal(getattr(q, buf).cpu(), getattr(ref, buf).cpu()), (key, buf)
+    torch.testing.assert_close(runs[True][1], runs[False][1], rtol=0, atol=0)
+
+
 def test_few_step_schedule_is_what_calibration_sees(random_tiny_moe_dir: Path) -> None:
     """4 steps, CFG 1, flow-matching Euler (a distilled LoRA's schedule): one forward per step (no uncond pass),
     each expert on its own steps of that schedule."""

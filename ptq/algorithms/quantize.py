@@ -153,6 +153,26 @@ def quantize_layer(
     return QuantLinear(state, compute_dtype=module.weight.dtype), rec
 
 
+def _quantize_layer_on(device: torch.device | str | None, name: str, module: nn.Linear, fmt: str,
+                       recipe: QuantRecipe, stats: LinearInputStats | None, hessian: torch.Tensor | None, *,
+                       weight: QuantizedWeight | None) -> tuple[QuantLinear, LayerRecord]:
+    """:func:`quantize_layer` on ``device`` (None: where ``module`` is), on a copy of ``module`` moved there; the
+    QuantLinear is returned on ``module``'s device and ``module`` is left as it was."""
+    home = module.weight.device
+    if device is None or torch.device(device) == home:
+        return quantize_layer(name, module, fmt, recipe, stats, hessian, weight=weight)
+    device = torch.device(device)
+    work = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+    work.weight = nn.Parameter(module.weight.detach().to(device), requires_grad=False)
+    if module.bias is not None:
+        work.bias = nn.Parameter(module.bias.detach().to(device), requires_grad=False)
+    on = {k: v.to(device) for k, v in vars(stats).items() if isinstance(v, torch.Tensor)} if stats else {}
+    stats_there = replace(stats, **on) if stats is not None else None
+    qlinear, rec = quantize_layer(name, work, fmt, recipe, stats_there,
+                                  None if hessian is None else hessian.to(device), weight=weight)
+    return qlinear.to(home), rec
+
+
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Replace the submodule called ``name`` (dotted path) of ``model`` by ``new``."""
     parent_name, _, child = name.rpartition(".")
@@ -168,11 +188,14 @@ def quantize_(
     hessians: Mapping[str, torch.Tensor] | None = None,
     rules: LayerRules | None = None,
     progress: bool = True,
+    device: torch.device | str | None = None,
 ) -> list[LayerRecord]:
     """Quantize ``model`` in place following ``recipe``; returns one LayerRecord per ``nn.Linear`` (kept ones too).
 
     ``rules``: the model's layer rules (default: those registered for its class). Layers that cannot take the
-    recipe's format fall back (``recipe.layers.fallback``) with the reason logged and recorded.
+    recipe's format fall back (``recipe.layers.fallback``) with the reason logged and recorded. ``device``: where
+    each layer is quantized when its weight lives elsewhere (offloaded weights in CPU memory: one layer at a time
+    on the GPU); its QuantLinear goes back to the weight's device.
     """
     recipe.validate()
     stats = stats or {}
@@ -194,9 +217,9 @@ def quantize_(
             records.append(kept_record(name, module, reason))
             continue
         try:
-            qlinear, rec = quantize_layer(name, module, fmt, recipe, stats.get(name),
-                                          None if hessians is None else hessians.get(name),
-                                          weight=batched.pop(name, None))
+            qlinear, rec = _quantize_layer_on(device, name, module, fmt, recipe, stats.get(name),
+                                              None if hessians is None else hessians.get(name),
+                                              weight=batched.pop(name, None))
         except FormatError as exc:
             log.warning("%s: %s; kept in high precision", name, exc)
             records.append(kept_record(name, module, str(exc)))

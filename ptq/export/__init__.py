@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ptq.export.base import (
@@ -48,11 +49,13 @@ def _default_key_map(model: nn.Module, target: str) -> KeyMap:
 
 def export_model(model: nn.Module, cfg: Any, out_dir: Path, *, progress: bool = True,
                  metadata: dict | None = None, stem: str | None = None,
-                 key_maps: dict[str, KeyMap] | None = None, component: str = "transformer") -> list[ExportResult]:
+                 key_maps: dict[str, KeyMap] | None = None, component: str = "transformer",
+                 device: torch.device | None = None) -> list[ExportResult]:
     """Run every exporter in ``cfg.targets`` (``cfg``: targets, unquantized_dtype, filename, verify); verify each
     file against the in-memory model when ``cfg.verify``. ``stem``: file name stem (default ``cfg.filename``);
     ``key_maps``: per target, diffusers key -> file key (default: the model's adapter's name map); ``component``:
-    the module's component in folder exports (``transformer_2`` for a second expert).
+    the module's component in folder exports (``transformer_2`` for a second expert); ``device``: where the
+    verification decodes the quantized layers (default: where they are; the GPU for a model offloaded to the CPU).
 
     A target that cannot represent the recipe (e.g. weight-only NVFP4 for diffusers) is skipped with the reason.
     Every file is written first, then all are verified in one pass (each layer's simulated weight computed once).
@@ -90,7 +93,8 @@ def export_model(model: nn.Module, cfg: Any, out_dir: Path, *, progress: bool = 
         written.append((res, exporter, key_map))
         results.append(res)
     if cfg.verify and written:
-        checks = verify_exports([(e, Path(r.path), k) for r, e, k in written], plain, quant)
+        checks = verify_exports([(e, Path(r.path), k) for r, e, k in written], plain, quant,
+                                device=device)
         for (res, _, _), (ok, detail) in zip(written, checks):
             res.verified, res.verify_detail = ok, detail
             if not ok:

@@ -162,24 +162,27 @@ def _check_rest(fc: _FileCheck, plain: Mapping[str, torch.Tensor], quant: Mappin
 
 
 def verify_exports(files: Sequence[tuple[Exporter, Path, KeyMap]], plain: Mapping[str, torch.Tensor],
-                   quant: Mapping[str, QuantizedLinearState]) -> list[tuple[bool, str]]:
+                   quant: Mapping[str, QuantizedLinearState], *, device: torch.device | None = None
+                   ) -> list[tuple[bool, str]]:
     """(ok, detail) per file (exporter, path, key map): every quantized layer decodes (with the exporter's reader
     for its format) bit-exactly to the simulated weight, scales match, every unquantized tensor matches, no key is
     missing or extra, and the exporter's own checks pass (ComfyUI: the metadata lists exactly the quantized
     layers).
 
     One pass: each file's tensors are read once and compared where the model's tensors live (decoding runs on the
-    GPU for a model on the GPU), and each layer's simulated weight is computed once for all files."""
+    GPU for a model on the GPU; ``device``: decode the quantized layers there instead, one at a time, e.g. the GPU
+    for a model offloaded to CPU memory), and each layer's simulated weight is computed once for all files."""
     with contextlib.ExitStack() as stack:
         checks = []
         for exporter, path, key_map in files:
             handle = stack.enter_context(safe_open(str(path), framework="pt"))
             checks.append(_FileCheck(exporter, key_map, handle, set(handle.keys()), handle.metadata() or {}))
         for name, st in quant.items():
+            st = st if device is None else st.to(device)
             ref = st.dequantized_weight()
             for fc in checks:
                 _check_layer(fc, name, st, ref)
-            del ref
+            del ref, st
         for fc in checks:
             _check_rest(fc, plain, quant)
     out = []

@@ -189,6 +189,12 @@ class ModelAdapter(ABC):
         """Called once the target's Linears were replaced in place (e.g. to re-apply weight offloading)."""
         return None
 
+    @property
+    def compute_device(self) -> torch.device | None:
+        """The GPU that per-layer work (quantization, export verification) runs on while the targets' weights live
+        in CPU memory (offloading), one layer at a time; None = where the weights are."""
+        return None
+
     def step_timesteps(self, spec: SampleSpec) -> list[float] | None:
         """The scheduler's timestep of each denoising step of ``spec`` (None when the family has no such scale)."""
         return None

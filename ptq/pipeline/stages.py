@@ -231,7 +231,7 @@ def quantize(adapter: ModelAdapter, recipes: dict[str, QuantRecipe], cal: Calibr
                                               rules=adapter.layer_rules, progress=progress)
         else:
             records[name] = quantize_(target.module, recipe, stats, hessians=hessians,
-                                      rules=adapter.layer_rules, progress=progress)
+                                      rules=adapter.layer_rules, progress=progress, device=adapter.compute_device)
     return records
 
 
@@ -258,7 +258,8 @@ def export(adapter: ModelAdapter, cfg: Any, out_dir: Path, *, metadata: dict[str
         key_maps = {t: (lambda key, _t=t: adapter.target_key(key, _t)) for t in cfg.targets}
         name, target = next(iter(targets.items()))
         return export_model(target.module, cfg, out_dir, progress=progress, metadata=metadata,
-                            stem=cfg.filename.replace("{expert}", adapter.export_stem(name)), key_maps=key_maps)
+                            stem=cfg.filename.replace("{expert}", adapter.export_stem(name)), key_maps=key_maps,
+                            device=adapter.compute_device)
     results = []
     for name, target in targets.items():
         meta = {**metadata, **adapter.export_metadata(name)}
@@ -269,7 +270,7 @@ def export(adapter: ModelAdapter, cfg: Any, out_dir: Path, *, metadata: dict[str
                                     stem=expert_stem(cfg.filename, adapter.export_stem(name),
                                                      folder=EXPORTERS[t].folder),
                                     key_maps={t: lambda key, _t=t: adapter.target_key(key, _t)},
-                                    component=adapter.export_component(name))
+                                    component=adapter.export_component(name), device=adapter.compute_device)
     return results
 
 

@@ -201,6 +201,10 @@ class WanAdapter(ModelAdapter):
 
             refresh_offload(self.targets()[target_name].module)
 
+    @property
+    def compute_device(self) -> torch.device | None:
+        return self.device if self.offload and self.device.type != "cpu" else None
+
     def step_timesteps(self, spec: SampleSpec) -> list[float]:
         scheduler = self._loaded().scheduler
         scheduler = type(scheduler).from_config(scheduler.config)
