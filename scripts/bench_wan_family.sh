@@ -12,7 +12,7 @@
 #                 CFG), 2 evaluation prompts; both export targets when $WORK's disk or /dev/shm holds them
 #   a14b_offload  the same with model.offload=true (2 calibration prompts, 1 evaluation prompt), ComfyUI files
 #   w14           config=wan21_t2v_14b_nvfp4 at the preset's settings
-#   mixed5b       TI2V-5B, quant=nvfp4_mixed (2 calibration prompts, host Hessians); deletes the 14B folders first
+#   mixed5b       TI2V-5B, quant=nvfp4_mixed (2 calibration prompts, host Hessians)
 # eval.runtimes=[] everywhere (each runtime is another evaluation pass at full size).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -84,9 +84,11 @@ for step in "$@"; do
         run w14 "$WORK/run_w14" config=wan21_t2v_14b_nvfp4 model.path="$WORK/w14" eval.runtimes=[]
         ;;
     mixed5b)
-        rm -rf "$WORK/w14" "$WORK/a14b"
-        [ -d "$WORK/wan5b" ] || python scripts/make_random_wan5b.py --out "$WORK/wan5b"
-        run mixed5b "$WORK/run_mixed5b" config=wan_nvfp4 quant=nvfp4_mixed model.path="$WORK/wan5b" \
+        # ~21 GB of random 5B (the 14B folders may still be on the disk: then in /dev/shm)
+        w5=$WORK/wan5b
+        if [ ! -d "$w5" ] && [ "$(free_gb "$WORK")" -lt 30 ]; then w5=/dev/shm/wan5b; fi
+        [ -d "$w5" ] || python scripts/make_random_wan5b.py --out "$w5"
+        run mixed5b "$WORK/run_mixed5b" config=wan_nvfp4 quant=nvfp4_mixed model.path="$w5" \
             calib.num_prompts=2 eval.num_prompts=2 eval.runtimes=[] calib.hessian_storage=host \
             quant.weight.batch_gib=4 calib.checkpoint_every=0 quant.mixed.sensitivity_inputs=1
         ;;

@@ -197,6 +197,8 @@ def test_offload_on_cuda_quantizes_on_the_gpu_and_keeps_the_weights_in_cpu_memor
         a.load(decoder=False)
         spec = a.sample_spec(num_steps=3)
         assert a.compute_device == (torch.device("cuda") if offload else None)
+        if offload:  # in page-locked chunks, not one pinned copy per tensor beside the original
+            assert all(p.is_pinned() for t in a.targets().values() for p in t.module.parameters())
         for name, target in a.targets().items():
             recipe = QuantRecipe(format="nvfp4", activation=ActivationMethod(method="none"))
             quantize_(target.module, recipe, {}, rules=a.layer_rules, progress=False, device=a.compute_device)
@@ -204,6 +206,7 @@ def test_offload_on_cuda_quantizes_on_the_gpu_and_keeps_the_weights_in_cpu_memor
         layers = {f"{t}.{n}": q for t, target in a.targets().items()
                   for n, q in quantized_layers(target.module).items()}
         assert layers and all(q.weight_q.device.type == ("cpu" if offload else "cuda") for q in layers.values())
+        assert not offload or all(q.weight_values.is_pinned() for q in layers.values())
         runs[offload] = (layers, a.denoise(emb, neg, spec))
         if offload:
             cfg = SimpleNamespace(targets=["comfyui"], verify=True, filename="high", unquantized_dtype="bfloat16")
@@ -234,3 +237,40 @@ def test_few_step_schedule_is_what_calibration_sees(random_tiny_moe_dir: Path) -
     for name, target in a.targets().items():
         served = sum(target.serves(t) for t in ts)
         assert served >= 1 and cal.stats[name]["blocks.0.attn1.to_q"].calls == served
+
+
+def test_pack_into_chunks_moves_every_tensor_into_shared_chunks_keeping_identity_and_values() -> None:
+    """The host-memory layout behind model.offload on CUDA (pinned chunks; plain CPU chunks here): each tensor
+    keeps its object identity, dtype, shape and values and becomes a view into a chunk; tensors are packed in
+    order at aligned offsets, a new chunk starts when one is full, a tensor larger than a chunk gets its own; the
+    module computes the same output bit for bit."""
+    from torch import nn
+
+    from ptq.models.wan.offload import PIN_ALIGN, _unpinned_cpu_tensors, pack_into_chunks
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.LayerNorm(96), nn.Linear(96, 32, dtype=torch.bfloat16))
+    model[1].register_buffer("mask", torch.rand(96) > 0.5)
+    x = torch.randn(5, 64)
+    ref = model[2](model[1](model[0](x)).bfloat16())
+    linear, rest = _unpinned_cpu_tensors(model)
+    assert [tuple(t.shape) for t in linear] == [(96, 64), (96,), (32, 96), (32,)]
+    assert [tuple(t.shape) for t in rest] == [(96,), (96,), (96,)]
+    before = {id(t): t.detach().clone() for t in linear + rest}
+    chunks: list[torch.Tensor] = []
+
+    def new_chunk(nbytes: int) -> torch.Tensor:
+        chunks.append(torch.zeros(nbytes, dtype=torch.uint8))
+        return chunks[-1]
+
+    chunk_bytes = 16384  # the first weight (24,576 bytes) is larger: its own chunk
+    made = pack_into_chunks(linear, new_chunk, chunk_bytes) + pack_into_chunks(rest, new_chunk, chunk_bytes)
+    assert made == len(chunks) == 3 and [c.numel() for c in chunks] == [24576, chunk_bytes, chunk_bytes]
+    for t in linear + rest:
+        assert torch.equal(t, before[id(t)]) and t.dtype == before[id(t)].dtype
+        base = next(c for c in chunks if c.untyped_storage().data_ptr() == t.untyped_storage().data_ptr())
+        assert (t.data_ptr() - base.data_ptr()) % PIN_ALIGN == 0
+    assert model[0].bias.untyped_storage().data_ptr() == model[2].weight.untyped_storage().data_ptr()
+    assert model[1].weight.untyped_storage().data_ptr() != model[2].weight.untyped_storage().data_ptr()
+    assert torch.equal(model[2](model[1](model[0](x)).bfloat16()), ref)
+    assert _unpinned_cpu_tensors(nn.Linear(2, 2, device="meta")) == [[], []]

@@ -158,7 +158,8 @@ class WanAdapter(ModelAdapter):
             vae=loading.load_vae(self.root, device=self.vae_device) if decoder else None,
             text_encoder=None, tokenizer=None, defaults=self._defaults, path=str(self.root),
             transformer_2=modules.get("transformer_2"), boundary_ratio=self.boundary_ratio,
-            expand_timesteps=self.expand_timesteps, image_encoder=image_encoder, image_processor=processor)
+            expand_timesteps=self.expand_timesteps, image_encoder=image_encoder, image_processor=processor,
+            device=self.device)
         if self.loras:
             from ptq.models.wan.lora import merge_loras
 

@@ -40,6 +40,13 @@ class WanComponents:
     #: WAN 2.1 I2V: CLIP vision model and its image processor (image embeddings for the cross-attention)
     image_encoder: torch.nn.Module | None = None
     image_processor: Any = None
+    #: where the denoising loop runs (the GPU of a transformer offloaded to CPU memory); None = the transformer's
+    #: parameters' device
+    device: torch.device | None = None
+
+    def execution_device(self) -> torch.device:
+        """The device the latents live on and the forwards run on."""
+        return self.device if self.device is not None else next(self.transformer.parameters()).device
 
     def experts(self) -> dict[str, torch.nn.Module]:
         """The denoisers by component name (``transformer``, and ``transformer_2`` for two experts)."""

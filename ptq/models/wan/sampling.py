@@ -88,7 +88,7 @@ def denoise(
     on_prediction: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Sample a batch of videos (WAN's one denoising loop, diffusers' ``WanPipeline`` / ``WanImageToVideoPipeline``);
-    returns the final latents ``[B, C, F, H, W]`` float32 on the transformer's device. The initial noise is drawn on
+    returns the final latents ``[B, C, F, H, W]`` float32 on ``components.execution_device()``. The initial noise is drawn on
     the CPU from ``spec.seed``.
 
     prompt_embeds ``[B, L, text_dim]``, negative_embeds ``[B or 1, L, text_dim]`` (CFG runs cond, then uncond, as
@@ -109,7 +109,7 @@ def denoise(
     if forward is not None:
         calls["transformer"] = forward
     transformer = components.transformer
-    device = next(transformer.parameters()).device
+    device = components.execution_device()
     tdtype = transformer.dtype
     scheduler = type(components.scheduler).from_config(components.scheduler.config)
     scheduler.set_timesteps(spec.num_steps, device=device)
