@@ -182,9 +182,9 @@ def test_offload_gives_the_same_latents_and_survives_quantization(random_tiny_mo
 def test_offload_on_cuda_quantizes_on_the_gpu_and_keeps_the_weights_in_cpu_memory(random_tiny_moe_dir: Path,
                                                                                    tmp_path: Path) -> None:
     """model.offload on CUDA: weights stay in CPU memory, each layer is quantized on the GPU (the adapter's
-    compute_device) and its QuantLinear goes back to the CPU with the same buffers, bit for bit, as quantizing
-    the model held on the GPU; the offloaded quantized model gives the on-GPU model's latents, and its exports
-    verify with the decoding on the GPU."""
+    compute_device) and its QuantLinear goes back to the CPU with the same codes and scales, bit for bit, as
+    quantizing the model held on the GPU (its GEMM operand rebuilt on the GPU, equal too); the offloaded
+    quantized model gives the on-GPU model's latents, and its exports verify with the decoding on the GPU."""
     from types import SimpleNamespace
 
     from ptq.algorithms.quantize import quantize_, quantized_layers
@@ -206,7 +206,9 @@ def test_offload_on_cuda_quantizes_on_the_gpu_and_keeps_the_weights_in_cpu_memor
         layers = {f"{t}.{n}": q for t, target in a.targets().items()
                   for n, q in quantized_layers(target.module).items()}
         assert layers and all(q.weight_q.device.type == ("cpu" if offload else "cuda") for q in layers.values())
-        assert not offload or all(q.weight_values.is_pinned() for q in layers.values())
+        # offloaded: codes and scales only in page-locked host memory, the GEMM operand rebuilt on the GPU
+        assert not offload or all(q.weight_q.is_pinned() and "weight_values" not in q._buffers
+                                  for q in layers.values())
         runs[offload] = (layers, a.denoise(emb, neg, spec))
         if offload:
             cfg = SimpleNamespace(targets=["comfyui"], verify=True, filename="high", unquantized_dtype="bfloat16")
@@ -215,8 +217,10 @@ def test_offload_on_cuda_quantizes_on_the_gpu_and_keeps_the_weights_in_cpu_memor
             assert [r.verified for r in res] == [True]
     for key, q in runs[True][0].items():
         ref = runs[False][0][key]
-        for buf in ("weight_q", "weight_scale", "weight_scale_2", "weight_values"):
-            assert torch.equal(getattr(q, buf).cpu(), getattr(ref, buf).cpu()), (key, buf)
+        for buf in ("weight_q", "weight_scale", "weight_scale_2"):
+            got, want = (getattr(m, buf).cpu().reshape(-1).view(torch.uint8) for m in (q, ref))
+            assert torch.equal(got, want), (key, buf)
+        assert torch.equal(q.gemm_operand().cpu(), ref.weight_values.cpu()), key
     torch.testing.assert_close(runs[True][1], runs[False][1], rtol=0, atol=0)
 
 

@@ -108,3 +108,18 @@ def test_quantize_frees_the_replaced_linears() -> None:
     assert isinstance(model[0], QuantLinear) and isinstance(model[2], QuantLinear)
     with pytest.raises(RuntimeError, match="no longer exists"):
         obs.attach()
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
+def test_released_gemm_operand_is_rebuilt_bit_for_bit(fmt: str) -> None:
+    """release_gemm_operand (offloaded layers keep only codes and scales): the output is the same bit for bit,
+    the buffer is gone from the state dict (nothing to stream), the export state unchanged."""
+    model, x = _calibrated(fmt)
+    layer: QuantLinear = model[0]
+    ref, operand, state = layer(x), layer.weight_values.clone(), layer.state()
+    layer.release_gemm_operand()
+    assert "weight_values" not in dict(layer.named_buffers())
+    assert torch.equal(layer.gemm_operand(), operand) and torch.equal(layer(x), ref)
+    after = layer.state()
+    for a, b in ((after.weight, state.weight), (after.weight_scale, state.weight_scale)):
+        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))

@@ -242,15 +242,26 @@ class QuantLinear(nn.Module):
                 self._no_scaled_mm = True
                 return self._forward_fast(x)
         elif self._alpha is not None:
-            y = torch.addmm(bias, q, self.weight_values.t(), beta=1, alpha=self._alpha)
+            y = torch.addmm(bias, q, self.gemm_operand().t(), beta=1, alpha=self._alpha)
         else:  # per-channel weight scale: per-column epilogue in fp32
-            acc = _exact_matmul(q, self.weight_values)
+            acc = _exact_matmul(q, self.gemm_operand())
             y = (acc * (self.input_scale * self.weight_alpha().reshape(1, -1)) + bias.float()).to(torch.bfloat16)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     @property
     def weight_only(self) -> bool:
         return self.input_scale is None and not self.dynamic_activations
+
+    def gemm_operand(self) -> torch.Tensor:
+        """The bf16-exact weight operand of the simulated GEMM, ``[out, in]``: the resident ``weight_values``
+        buffer, or rebuilt from the codes where the layer runs after :meth:`release_gemm_operand`."""
+        wv = self._buffers.get("weight_values")
+        return wv if wv is not None else self.fmt.gemm_operand(self._qweight()).to(torch.bfloat16)
+
+    def release_gemm_operand(self) -> None:
+        """Drop the resident GEMM operand (2 bytes per weight; the codes and scales stay): each forward rebuilds
+        it, bit-identical. For weights offloaded to host memory, which then hold and stream ~4x fewer bytes."""
+        self._buffers.pop("weight_values", None)
 
     def state(self) -> QuantizedLinearState:
         """The quantized weight as exporters read it."""
@@ -279,7 +290,7 @@ class QuantLinear(nn.Module):
         if self.dynamic_activations:  # the format's runtime kernel: activation scales from x itself
             return self.fmt.dynamic_linear(x, self._qweight(), self.bias, mode=self.fp8_act_mode)
         xv = self.fmt.activation_values(x, self.input_scale, mode=self.fp8_act_mode)
-        y = _exact_matmul(xv, self.weight_values) * (self.input_scale * self.weight_alpha())
+        y = _exact_matmul(xv, self.gemm_operand()) * (self.input_scale * self.weight_alpha())
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(out_dtype)

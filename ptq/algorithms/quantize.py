@@ -157,7 +157,8 @@ def _quantize_layer_on(device: torch.device | str | None, name: str, module: nn.
                        recipe: QuantRecipe, stats: LinearInputStats | None, hessian: torch.Tensor | None, *,
                        weight: QuantizedWeight | None) -> tuple[QuantLinear, LayerRecord]:
     """:func:`quantize_layer` on ``device`` (None: where ``module`` is), on a copy of ``module`` moved there; the
-    QuantLinear is returned on ``module``'s device and ``module`` is left as it was."""
+    QuantLinear is returned on ``module``'s device holding its codes and scales only
+    (:meth:`QuantLinear.release_gemm_operand`), and ``module`` is left as it was."""
     home = module.weight.device
     if device is None or torch.device(device) == home:
         return quantize_layer(name, module, fmt, recipe, stats, hessian, weight=weight)
@@ -170,6 +171,7 @@ def _quantize_layer_on(device: torch.device | str | None, name: str, module: nn.
     stats_there = replace(stats, **on) if stats is not None else None
     qlinear, rec = quantize_layer(name, work, fmt, recipe, stats_there,
                                   None if hessian is None else hessian.to(device), weight=weight)
+    qlinear.release_gemm_operand()
     return qlinear.to(home), rec
 
 
@@ -195,7 +197,7 @@ def quantize_(
     ``rules``: the model's layer rules (default: those registered for its class). Layers that cannot take the
     recipe's format fall back (``recipe.layers.fallback``) with the reason logged and recorded. ``device``: where
     each layer is quantized when its weight lives elsewhere (offloaded weights in CPU memory: one layer at a time
-    on the GPU); its QuantLinear goes back to the weight's device.
+    on the GPU); its QuantLinear goes back to the weight's device without its resident GEMM operand.
     """
     recipe.validate()
     stats = stats or {}

@@ -4,7 +4,7 @@ GPU memory. Modules replaced in place (quantization) are picked up by :func:`ref
 
 Host memory: diffusers' streamed offloading pins a copy of every tensor (``Tensor.pin_memory()``, whose caching host
 allocator rounds each allocation up to a power of two) while the unpinned original stays alive until the group is
-first offloaded: up to ~2.5x the weights' size, more than the host of one GPU holds for a 14B model. Before
+first offloaded: several times the weights' size, more than the host of one GPU holds for a 14B model. Before
 diffusers sees them, :func:`pin_in_place` therefore moves the tensors into page-locked chunks of
 :data:`PIN_CHUNK_BYTES` (views into them; ``pin_memory()`` of a pinned tensor is the tensor itself), one tensor at a
 time: the weights' size plus one chunk, and chunks freed after a quantization are reused from the allocator's
