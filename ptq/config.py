@@ -78,6 +78,15 @@ def validate_config(cfg: RunConfig) -> None:
     if cfg.model.offload and isinstance(cfg.quant.weight, GPTQWeight):
         raise ValueError("model.offload=true with quant/weight=gptq: GPTQ needs the weights on the GPU next to its "
                          "Hessians; use a round-to-nearest or mse weight method, or model.offload=false")
+    if cfg.model.offload and cfg.quant.mixed.analyse:
+        raise ValueError("model.offload=true with quant.mixed (sensitivity analysis): the analysis re-runs the whole "
+                         "model once per layer and format, which offloading would stream from host memory each "
+                         "time; use model.offload=false")
+    from ptq.pipeline.distributed import env_world_size
+
+    if cfg.model.offload and env_world_size() > 1:
+        raise ValueError(f"model.offload=true with {env_world_size()} processes (WORLD_SIZE): offloaded models run "
+                         "in one process; launch without torchrun / accelerate, or use model.offload=false")
     for i, lora in enumerate(cfg.model.loras):
         if not lora.path:
             raise ValueError(f"model.loras[{i}].path is empty: give the LoRA's .safetensors file")

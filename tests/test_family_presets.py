@@ -71,3 +71,15 @@ def test_offload_with_gptq_is_a_clear_error() -> None:
     cfg = _compose("config=tiny_moe_nvfp4", "quant=nvfp4_gptq", "model.offload=true")
     with pytest.raises(ValueError, match="model.offload=true with quant/weight=gptq"):
         validate_config(cfg)
+
+
+def test_offload_with_the_sensitivity_analysis_or_several_processes_is_a_clear_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _compose("config=tiny_moe_nvfp4", "quant=nvfp4_mixed", "quant/weight=mse", "model.offload=true")
+    with pytest.raises(ValueError, match=r"model.offload=true with quant.mixed"):
+        validate_config(cfg)
+    cfg = _compose("config=tiny_moe_nvfp4", "model.offload=true")
+    validate_config(cfg)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="model.offload=true with 2 processes"):
+        validate_config(cfg)
