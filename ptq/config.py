@@ -84,8 +84,9 @@ def validate_config(cfg: RunConfig) -> None:
                          "time; use model.offload=false")
     from ptq.pipeline.distributed import env_world_size
 
-    if cfg.model.offload and env_world_size() > 1:
-        raise ValueError(f"model.offload=true with {env_world_size()} processes (WORLD_SIZE): offloaded models run "
+    world = env_world_size()
+    if cfg.model.offload and world > 1:
+        raise ValueError(f"model.offload=true with {world} processes (WORLD_SIZE): offloaded models run "
                          "in one process; launch without torchrun / accelerate, or use model.offload=false")
     for i, lora in enumerate(cfg.model.loras):
         if not lora.path:

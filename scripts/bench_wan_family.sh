@@ -23,7 +23,7 @@ export PYTHONUNBUFFERED=1
 
 free_gb() { df --output=avail -B1G "$1" 2>/dev/null | tail -1 | tr -d ' '; }
 
-# run NAME RUN_DIR ARGS...: one `ptq run`, its wall time and the peak RSS of the process in $OUT/summary.txt
+# run NAME RUN_DIR ARGS...: one `ptq run`; its wall time, peak RSS and report figures as a line of $OUT/summary.jsonl
 run() {
     local name=$1 dir=$2
     shift 2

@@ -128,7 +128,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vae", action="store_true", help="also write a random VAE for a text-to-video model")
     ap.add_argument("--experts-share-weights", action="store_true",
-                    help="A14B: hard-link the low-noise expert to the high-noise one (same random weights, half the disk)")
+                    help="A14B: hard-link the low-noise expert to the high-noise one (same random weights, "
+                         "half the disk)")
     ap.add_argument("--link-from", type=Path, default=None,
                     help="hard-link the components of this folder whose configs match instead of writing them")
     args = ap.parse_args()

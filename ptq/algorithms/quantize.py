@@ -167,9 +167,7 @@ def _quantize_layer_on(device: torch.device | str | None, name: str, module: nn.
     work.weight = nn.Parameter(module.weight.detach().to(device), requires_grad=False)
     if module.bias is not None:
         work.bias = nn.Parameter(module.bias.detach().to(device), requires_grad=False)
-    on = {k: v.to(device) for k, v in vars(stats).items() if isinstance(v, torch.Tensor)} if stats else {}
-    stats_there = replace(stats, **on) if stats is not None else None
-    qlinear, rec = quantize_layer(name, work, fmt, recipe, stats_there,
+    qlinear, rec = quantize_layer(name, work, fmt, recipe, None if stats is None else stats.to(device),
                                   None if hessian is None else hessian.to(device), weight=weight)
     qlinear.release_gemm_operand()
     return qlinear.to(home), rec

@@ -103,5 +103,5 @@ def refresh_offload(module: nn.Module) -> None:
     registry = HookRegistry.check_if_exists_or_initialize(module)
     for name in (_GROUP_OFFLOADING, _LAYER_EXECUTION_TRACKER, _LAZY_PREFETCH_GROUP_OFFLOADING):
         registry.remove_hook(name, recurse=True)
-    del hook
+    del hook  # its module group holds the replaced tensors' pinned memory: free it before pinning the new ones
     enable_offload(module, device)

@@ -88,8 +88,8 @@ def denoise(
     on_prediction: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Sample a batch of videos (WAN's one denoising loop, diffusers' ``WanPipeline`` / ``WanImageToVideoPipeline``);
-    returns the final latents ``[B, C, F, H, W]`` float32 on ``components.execution_device()``. The initial noise is drawn on
-    the CPU from ``spec.seed``.
+    returns the final latents ``[B, C, F, H, W]`` float32 on ``components.execution_device()``. The initial noise
+    is drawn on the CPU from ``spec.seed``.
 
     prompt_embeds ``[B, L, text_dim]``, negative_embeds ``[B or 1, L, text_dim]`` (CFG runs cond, then uncond, as
     two forwards; a stage whose guidance scale is 1 runs the cond forward only). Two experts
