@@ -11,6 +11,8 @@
 #   a14b          config=wan22_a14b_t2v_nvfp4 at the preset's settings (16 prompts x 8 steps at 480x832x33 with
 #                 CFG), 2 evaluation prompts; both export targets when $WORK's disk or /dev/shm holds them
 #   a14b_offload  the same with model.offload=true (2 calibration prompts, 1 evaluation prompt), ComfyUI files
+#   a14b_offload_preset  model.offload=true at the preset's settings (16 prompts x 8 steps), 2 evaluation prompts,
+#                 ComfyUI files
 #   w14           config=wan21_t2v_14b_nvfp4 at the preset's settings
 #   mixed5b       TI2V-5B, quant=nvfp4_mixed (2 calibration prompts, host Hessians)
 # eval.runtimes=[] everywhere (each runtime is another evaluation pass at full size).
@@ -79,6 +81,10 @@ for step in "$@"; do
     a14b_offload)
         run a14b_offload "$WORK/run_a14b_offload" config=wan22_a14b_t2v_nvfp4 model.path="$WORK/a14b" \
             model.offload=true calib.num_prompts=2 eval.num_prompts=1 eval.runtimes=[] "export.targets=[comfyui]"
+        ;;
+    a14b_offload_preset)
+        run a14b_offload_preset "$WORK/run_a14b_offload_preset" config=wan22_a14b_t2v_nvfp4 \
+            model.path="$WORK/a14b" model.offload=true eval.num_prompts=2 eval.runtimes=[] "export.targets=[comfyui]"
         ;;
     w14)
         run w14 "$WORK/run_w14" config=wan21_t2v_14b_nvfp4 model.path="$WORK/w14" eval.runtimes=[]

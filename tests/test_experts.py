@@ -210,7 +210,8 @@ def test_offload_on_cuda_quantizes_on_the_gpu_and_keeps_the_weights_in_cpu_memor
         assert not offload or all(q.weight_q.is_pinned() and "weight_values" not in q._buffers
                                   for q in layers.values())
         runs[offload] = (layers, a.denoise(emb, neg, spec))
-        if offload:
+        if offload:  # the forwards put the codes and scales (buffers) back into CPU memory, like the parameters
+            assert all(b.device.type == "cpu" for q in layers.values() for b in q.buffers())
             cfg = SimpleNamespace(targets=["comfyui"], verify=True, filename="high", unquantized_dtype="bfloat16")
             res = export_model(a.targets()["high_noise"].module, cfg, tmp_path, progress=False,
                                device=a.compute_device)

@@ -74,14 +74,52 @@ def pin_in_place(module: nn.Module) -> int:
     return sum(pack_into_chunks(group, new_chunk) for group in _unpinned_cpu_tensors(module))
 
 
+def _streamed_groups(module: nn.Module) -> list:
+    """The distinct diffusers ``ModuleGroup`` s of ``module``'s group-offloading hooks that copy on a CUDA stream."""
+    from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
+
+    groups: dict[int, object] = {}
+    for sub in module.modules():
+        registry = getattr(sub, "_diffusers_hook", None)
+        hook = None if registry is None else registry.get_hook(_GROUP_OFFLOADING)
+        if hook is not None and hook.group.stream is not None:
+            groups.setdefault(id(hook.group), hook.group)
+    return list(groups.values())
+
+
+def restore_buffers_on_offload(module: nn.Module) -> int:
+    """Make each streamed group of ``module`` put its modules' buffers (e.g. a QuantLinear's codes and scales) back
+    into their page-locked CPU copies when it offloads, as it does for parameters: diffusers' streamed
+    ``_offload_to_memory`` (0.42) restores parameters only, so every buffer would stay on the GPU after its first
+    forward (huggingface/diffusers#13238). Idempotent; returns the number of groups wrapped."""
+    wrapped = 0
+    for group in _streamed_groups(module):
+        if getattr(group, "_ptq_restores_buffers", False):
+            continue
+        offload = group.offload_
+
+        def offload_with_buffers(group=group, offload=offload) -> None:
+            offload()  # synchronizes the compute stream before swapping tensors back
+            for sub in group.modules:
+                for buf in sub.buffers():
+                    buf.data = group.cpu_param_dict[buf]
+
+        group.offload_ = offload_with_buffers
+        group._ptq_restores_buffers = True
+        wrapped += 1
+    return wrapped
+
+
 def enable_offload(module: nn.Module, device: torch.device) -> None:
     """Group-offload ``module`` (a diffusers ``ModelMixin``): weights on the CPU (page-locked for a CUDA
-    ``device``), each block onloaded to ``device`` for its forward."""
+    ``device``), each block onloaded to ``device`` for its forward and its parameters and buffers put back after."""
     stream = device.type == "cuda"
     if stream:
         pin_in_place(module)
     module.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
                                 offload_type="block_level", num_blocks_per_group=1, use_stream=stream)
+    if stream:
+        restore_buffers_on_offload(module)
 
 
 def refresh_offload(module: nn.Module) -> None:
