@@ -279,3 +279,42 @@ def test_pack_into_chunks_moves_every_tensor_into_shared_chunks_keeping_identity
     assert model[1].weight.untyped_storage().data_ptr() != model[2].weight.untyped_storage().data_ptr()
     assert torch.equal(model[2](model[1](model[0](x)).bfloat16()), ref)
     assert _unpinned_cpu_tensors(nn.Linear(2, 2, device="meta")) == [[], []]
+
+
+def test_streamed_offload_puts_module_buffers_back_into_their_cpu_copies() -> None:
+    """diffusers 0.42's streamed group offloading puts parameters back after a block's forward but not the block's
+    buffers (a QuantLinear's codes and scales); restore_buffers_on_offload wraps each streamed group (once) so its
+    buffers return to their CPU copies too. A diffusers group with a CPU stream (``record_stream``: a CPU stream
+    cannot synchronize) stands in for the CUDA one: the
+    "onloaded" tensors are fresh copies, so a tensor still pointing at one after the offload was not put back."""
+    from diffusers.hooks.group_offloading import (
+        GroupOffloadingConfig,
+        ModuleGroup,
+        _apply_group_offloading_hook,
+    )
+    from torch import nn
+
+    from ptq.models.wan.offload import restore_buffers_on_offload
+
+    block = nn.Linear(4, 4)
+    block.register_buffer("codes", torch.arange(4, dtype=torch.uint8))
+    model = nn.Sequential(block)
+    cpu = torch.device("cpu")
+    group = ModuleGroup(modules=[block], offload_device=cpu, onload_device=cpu, offload_leader=block,
+                        onload_leader=block, stream=torch.Stream(cpu), record_stream=True, low_cpu_mem_usage=True)
+    config = GroupOffloadingConfig(onload_device=cpu, offload_device=cpu, offload_type="block_level",
+                                   non_blocking=True, record_stream=True, low_cpu_mem_usage=True)
+    _apply_group_offloading_hook(block, group, config=config)
+    home = {name: t.data_ptr() for name, t in [("weight", block.weight), ("codes", block.codes)]}
+
+    def forward_then_offload() -> dict[str, bool]:
+        for t in (block.weight, block.codes):  # what an onload does: the tensors become device copies
+            t.data = t.data.clone()
+        group.offload_()
+        return {name: getattr(block, name).data_ptr() == ptr for name, ptr in home.items()}
+
+    assert forward_then_offload() == {"weight": True, "codes": False}  # the diffusers behaviour worked around
+    block.codes.data = group.cpu_param_dict[block.codes]
+    assert restore_buffers_on_offload(model) == 1 and restore_buffers_on_offload(model) == 0
+    assert forward_then_offload() == {"weight": True, "codes": True}
+    assert torch.equal(block.codes, torch.arange(4, dtype=torch.uint8))
