@@ -285,8 +285,8 @@ def test_streamed_offload_puts_module_buffers_back_into_their_cpu_copies() -> No
     """diffusers 0.42's streamed group offloading puts parameters back after a block's forward but not the block's
     buffers (a QuantLinear's codes and scales); restore_buffers_on_offload wraps each streamed group (once) so its
     buffers return to their CPU copies too. A diffusers group with a CPU stream (``record_stream``: a CPU stream
-    cannot synchronize) stands in for the CUDA one: the
-    "onloaded" tensors are fresh copies, so a tensor still pointing at one after the offload was not put back."""
+    cannot synchronize) stands in for the CUDA one: the "onloaded" tensors are fresh copies, so a tensor still
+    pointing at one after the offload was not put back."""
     from diffusers.hooks.group_offloading import (
         GroupOffloadingConfig,
         ModuleGroup,
