@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Full-size WAN family runs on one GPU with seeded random weights from the real configs (docs/wan_family.md,
-# "GPU measurements"); each step's report.json, log and a summary line land in $OUT.
+# "GPU measurements"); each step's report.json, log and a summary line land in $BENCH_OUT (default $WORK/out: a
+# chain that outlives one device call must not write into that call's $OUT, which the next call replaces).
 #
 #   bash scripts/bench_wan_family.sh gen a14b_offload a14b w14 mixed5b
 #
@@ -19,7 +20,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-/tmp/wanfam}
-OUT=${OUT:-$WORK/out}
+OUT=${BENCH_OUT:-$WORK/out}
 mkdir -p "$WORK" "$OUT"
 export PYTHONUNBUFFERED=1
 
