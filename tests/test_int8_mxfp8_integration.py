@@ -327,8 +327,8 @@ def test_ptq_run_int8_convrot(random_tiny_dir: Path, tmp_path: Path) -> None:
     from tests.test_pipeline import FAST, _run
 
     proc = _run(["run", "config=tiny_nvfp4", "quant=int8_convrot", f"model.path={random_tiny_dir}",
-                 f"hydra.run.dir={tmp_path}", f"eval.cache_dir={tmp_path / 'cache'}", "eval.decode=false", *FAST],
-                cwd=tmp_path)
+                 f"hydra.run.dir={tmp_path}", f"eval.cache_dir={tmp_path / 'cache'}", "eval.decode=false",
+                 "eval.runtimes=[]", *FAST], cwd=tmp_path)  # the runtimes' ConvRot emulation: tests/test_runtimes.py
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["num_quantized_layers"] == 50 and report["run"]["recipe"]["activation"] == "dynamic"

@@ -137,7 +137,8 @@ def test_sequential_gptq_run(random_tiny_dir: Path, tmp_path: Path) -> None:
     exports verified."""
     proc = _run(["run", "config=tiny_nvfp4", "quant=nvfp4_gptq", "quant/weight=gptq_max",
                  "quant.weight.blocks_per_pass=2", f"model.path={random_tiny_dir}", f"hydra.run.dir={tmp_path}",
-                 f"eval.cache_dir={tmp_path / 'cache'}", "eval.decode=false", *FAST], cwd=tmp_path)
+                 f"eval.cache_dir={tmp_path / 'cache'}", "eval.decode=false", "eval.runtimes=[]", *FAST],
+                cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["num_quantized_layers"] == 50 and report["run"]["recipe"]["weight"] == "gptq_max"
