@@ -5,9 +5,16 @@
 2. ``load FILE [FILE ...] --model FOLDER``: load ComfyUI files with ``comfy.sd.load_diffusion_model`` and compare
    ComfyUI's WAN forward (dequantized weights, float32, CPU) with diffusers' ``WanTransformer3DModel`` built from
    the folder's component config holding the same weights (component from the file's ``ptq_component``).
+   ``--comfy-reader`` reads the files with ComfyUI's own safetensors reader (``comfy.utils.load_safetensors``, what
+   ComfyUI uses with DynamicVRAM, its default on NVIDIA GPUs; needs the ``comfy-aimdo`` package, whose memory map
+   works on the CPU) instead of the safetensors library.
+3. ``dtypes``: ptq's table of the dtypes ComfyUI's reader reads (``ptq.export.comfyui.READER_DTYPES``) against
+   ComfyUI's own (``comfy.utils._TYPES``).
 
     python scripts/comfyui_crosscheck.py --comfyui /path/to/ComfyUI detect
     python scripts/comfyui_crosscheck.py --comfyui /path/to/ComfyUI load out/*_comfyui.safetensors --model DIR
+    python scripts/comfyui_crosscheck.py --comfyui /path/to/ComfyUI load FILE --model DIR --comfy-reader
+    python scripts/comfyui_crosscheck.py --comfyui /path/to/ComfyUI dtypes
 
 ComfyUI imports torchvision/torchaudio at module level for other models; they are stubbed here (WAN needs neither).
 """
@@ -73,17 +80,44 @@ def detect() -> None:
               f"in {cfg['in_dim']} out {cfg['out_dim']} type {cfg['model_type']}")
 
 
-def load(files: list[str], model: Path) -> None:
+def use_comfy_reader() -> None:
+    """Make ``comfy.utils.load_torch_file`` read safetensors with ComfyUI's own reader, as with DynamicVRAM."""
+    import comfy.memory_management
+    import comfy_aimdo.control
+
+    if not comfy_aimdo.control.init("cuda"):
+        raise SystemExit("comfy-aimdo did not initialise: pip install comfy-aimdo")
+    comfy.memory_management.aimdo_enabled = True
+
+
+def dtypes() -> None:
+    import comfy.utils
+
+    from ptq.export.comfyui import READER_DTYPES
+
+    theirs = set(comfy.utils._TYPES)
+    print(json.dumps({"comfyui_reader_dtypes": sorted(theirs), "ptq_table_equal": theirs == set(READER_DTYPES),
+                      "only_in_ptq": sorted(set(READER_DTYPES) - theirs), "only_in_comfyui": sorted(theirs -
+                                                                                                  set(READER_DTYPES))}))
+
+
+def load(files: list[str], model: Path, comfy_reader: bool = False) -> None:
     import comfy.sd
 
+    if comfy_reader:
+        use_comfy_reader()
     for path in files:
         with safe_open(path, "pt") as f:
             component = (f.metadata() or {}).get("ptq_component", "transformer")
         dm = comfy.sd.load_diffusion_model(path).model.diffusion_model.float()
         tensors = {**dict(dm.named_parameters()), **dict(dm.named_buffers())}
-        scales = [k for k in tensors if k.endswith(("input_scale", "weight_scale", "weight_scale_2", "comfy_quant"))]
+        scales = [k for k in tensors if k.endswith(("input_scale", "weight_scale", "weight_scale_2", "comfy_quant",
+                                                    "pre_quant_scale"))]
         state = {original_to_diffusers(k): (v.dequantize() if hasattr(v, "dequantize") else v).float()
                  for k, v in tensors.items() if k not in scales}
+        for k in scales:  # smoothing: the stored weight is W / pre_quant_scale per input column
+            if k.endswith(".pre_quant_scale"):
+                state[original_to_diffusers(k[: -len("pre_quant_scale")] + "weight")] *= tensors[k].float()
         quantized = sum(type(v).__name__ == "QuantizedTensor" for v in tensors.values())
         ref = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(model / component)).float()
         ref.load_state_dict(state, strict=True)
@@ -98,7 +132,8 @@ def load(files: list[str], model: Path) -> None:
         print(json.dumps({"file": Path(path).name, "component": component, "comfy_quantized_weights": quantized,
                           "comfy_input_scales": sum(k.endswith("input_scale") for k in scales),
                           "comfy_heads": dm.num_heads,
-                          "comfy_dim": dm.dim, "rel_l2_vs_diffusers": float((a - b).norm() / b.norm())}))
+                          "comfy_dim": dm.dim, "reader": "comfy.utils.load_safetensors" if comfy_reader else
+                          "safetensors", "rel_l2_vs_diffusers": float((a - b).norm() / b.norm())}))
 
 
 def main() -> None:
@@ -106,12 +141,17 @@ def main() -> None:
     ap.add_argument("--comfyui", required=True, help="a ComfyUI checkout")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("detect")
+    sub.add_parser("dtypes")
     lo = sub.add_parser("load")
     lo.add_argument("files", nargs="+")
     lo.add_argument("--model", required=True, help="the bf16 diffusers folder the files were made from")
+    lo.add_argument("--comfy-reader", action="store_true", help="read with ComfyUI's own safetensors reader")
     args = ap.parse_args()
     import_comfy(args.comfyui)
-    detect() if args.cmd == "detect" else load(args.files, Path(args.model))
+    if args.cmd == "load":
+        load(args.files, Path(args.model), args.comfy_reader)
+    else:
+        {"detect": detect, "dtypes": dtypes}[args.cmd]()
 
 
 if __name__ == "__main__":

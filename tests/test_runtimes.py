@@ -108,6 +108,31 @@ def test_simulated_fp8_activation_rounding_per_backend() -> None:
                                                    layer.bias.half()))
 
 
+
+@pytest.mark.parametrize("runtime", ["ampere+eager", "ada+eager"])
+def test_eager_fp8_dequantization_is_comfy_kitchens(runtime: str) -> None:
+    """Where FP8 runs dequantized with comfy-kitchen's eager backend, the weight is ``q.to(dt) * s.to(dt)`` computed
+    in the compute dtype (kitchen's ``dequantize_per_tensor_fp8``), not rounded once from float32 (the CUDA
+    backend: ``ampere``); on this layer the two differ in many elements."""
+    pytest.importorskip("comfy_kitchen")
+    from comfy_kitchen.backends.eager.quantization import dequantize_per_tensor_fp8
+
+    model, x = _model("fp8", weight_only=runtime == "ada+eager")  # W8A8 runs natively on Ada: weight-only there
+    layer = model[0]
+    r = rt.get_runtime(runtime)
+    xr = x.to(r.compute_dtype)
+    kitchen = dequantize_per_tensor_fp8(layer.weight_q, layer.weight_scale, r.compute_dtype)
+    with rt.simulate(model, r):
+        assert torch.equal(layer(xr), nn.functional.linear(xr, kitchen, layer.bias))
+    for dtype in (torch.float16, torch.bfloat16):
+        eager = dequantize_per_tensor_fp8(layer.weight_q, layer.weight_scale, dtype)
+        assert torch.equal(layer.dequantized_weight(dtype), eager)
+        once = layer.dequantized_weight(torch.float32).to(dtype)
+        assert (once != eager).float().mean() > 0.05  # the CUDA backend's rounding is another function
+    with rt.simulate(model, rt.RUNTIMES["ampere"]):  # CUDA backend: float32, rounded once
+        assert torch.equal(layer(x.half()), nn.functional.linear(
+            x.half(), layer.dequantized_weight(torch.float32).half(), layer.bias.half()))
+
 def test_activation_range_finds_the_overflowing_module() -> None:
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)).half()
     with torch.no_grad():

@@ -54,6 +54,8 @@ class Exporter(ABC):
     folder: ClassVar[bool] = False
     writers: ClassVar[dict[str, LayerWriter]]
     readers: ClassVar[dict[str, LayerReader]]
+    #: safetensors dtype strings every reader path of the target's loader reads (None: any)
+    readable_dtypes: ClassVar[frozenset[str] | None] = None
 
     def writer(self, fmt: str) -> LayerWriter:
         try:
@@ -82,6 +84,14 @@ class Exporter(ABC):
         for name, state in quant.items():
             out.update(self.writer(state.format)(key_map(name), state, dtype))
         return out
+
+    def check_dtypes(self, dtypes: Mapping[str, str]) -> list[str]:
+        """Problems of the file's tensors (key -> safetensors dtype string) whose dtype the target's loader cannot
+        read (:attr:`readable_dtypes`)."""
+        if self.readable_dtypes is None:
+            return []
+        return [f"{k}: dtype {d} is not one the {self.name} loader reads" for k, d in sorted(dtypes.items())
+                if d not in self.readable_dtypes]
 
     def extra_checks(self, keys: set[str], get: Callable[[str], torch.Tensor], metadata: dict[str, str],
                      quant: Mapping[str, QuantizedLinearState], key_map: KeyMap) -> tuple[set[str], list[str]]:

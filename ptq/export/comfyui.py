@@ -18,8 +18,10 @@ What ComfyUI reads (comfy/ops.py mixed-precision ops, comfy/utils.py convert_old
   ``input_scale`` (activations are scaled per row at run time). ``int8_convrot``: the same format name with
   ``"convrot": true, "convrot_groupsize": 256`` in the layer JSON, the codes of the Hadamard-rotated weight and a
   per-row ``weight_scale`` ``[out, 1]``;
-- MXFP8 (``mxfp8``): ``weight`` float8_e4m3fn ``[out, in]``; ``weight_scale`` float8_e8m0fnu block scales (one per
-  32 inputs) in the cuBLAS tiled layout ``[roundup(out,128), roundup(in/32,4)]``; no ``input_scale`` (ComfyUI
+- MXFP8 (``mxfp8``): ``weight`` float8_e4m3fn ``[out, in]``; ``weight_scale`` uint8 E8M0 block scales (one per 32
+  inputs) in the cuBLAS tiled layout ``[roundup(out,128), roundup(in/32,4)]``, stored as uint8 because ComfyUI's
+  own safetensors reader (``comfy.utils.load_safetensors``, used with DynamicVRAM, the default on NVIDIA GPUs) has
+  no ``F8_E8M0`` dtype; ComfyUI's layer loader views the bytes as float8_e8m0fnu; no ``input_scale`` (ComfyUI
   quantizes MXFP8 activations with their own block scales);
 - unquantized tensors bf16 or float32;
 - header ``config``: ``{"transformer": {...}}`` model-config override where ComfyUI's shape detection would build
@@ -52,7 +54,7 @@ from ptq.export.roundtrip import (
     reference_unrotate,
     reference_untile,
 )
-from ptq.export.safetensors_io import save_safetensors
+from ptq.export.safetensors_io import SAFETENSORS_DTYPES, save_safetensors
 from ptq.formats import INT8_CONVROT
 from ptq.formats import nvfp4 as nvfp4_fmt
 from ptq.formats.nvfp4 import NibbleOrder
@@ -65,6 +67,12 @@ COMFY_LAYER_EXTRAS: dict[str, dict[str, Any]] = {
     "int8_convrot": {"convrot": True, "convrot_groupsize": INT8_CONVROT.group_size},
 }
 TARGET_NIBBLE_ORDER = NibbleOrder.HIGH_FIRST
+#: safetensors dtypes ComfyUI's own reader decodes (``comfy/utils.py`` ``_TYPES``, ComfyUI 0.30.0): with DynamicVRAM
+#: (the default on NVIDIA GPUs outside WSL) ``load_safetensors`` maps each header dtype through that table, and any
+#: other dtype (e.g. ``F8_E8M0``) raises ``KeyError`` before a layer is built. The safetensors library, used on the
+#: CPU and with DynamicVRAM off, reads more. A ComfyUI file holds these dtypes only.
+READER_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3",
+                           "F8_E5M2", "C64", "U64", "U32", "U16"})
 
 
 def comfy_layer_config(state: QuantizedLinearState) -> dict[str, Any]:
@@ -134,9 +142,9 @@ def write_int8(layer: str, state: QuantizedLinearState, dtype: torch.dtype) -> d
 
 
 def write_mxfp8(layer: str, state: QuantizedLinearState, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """float8 codes, E8M0 block scales tiled and stored as float8_e8m0fnu."""
+    """float8 codes, E8M0 block scales tiled and stored as uint8 (every ComfyUI reader path reads U8)."""
     tiled = nvfp4_fmt.to_tiled(state.weight_scale.view(torch.uint8))
-    return {f"{layer}.weight": state.weight, f"{layer}.weight_scale": tiled.view(torch.float8_e8m0fnu),
+    return {f"{layer}.weight": state.weight, f"{layer}.weight_scale": tiled,
             **_common(layer, state, dtype)}
 
 
@@ -172,6 +180,7 @@ class ComfyUIExporter(Exporter):
     """``<stem>_comfyui.safetensors``: the layout above."""
 
     name = "comfyui"
+    readable_dtypes = READER_DTYPES
     writers = {"nvfp4": write_nvfp4, "fp8": write_fp8, "int8": write_int8, "int8_convrot": write_int8,
                "mxfp8": write_mxfp8}
     readers = {"nvfp4": read_nvfp4, "fp8": read_fp8, "int8": read_int8, "int8_convrot": read_int8,
@@ -189,6 +198,9 @@ class ComfyUIExporter(Exporter):
               stem: str, *, dtype: torch.dtype, key_map: KeyMap, metadata: dict[str, Any],
               module_config: dict[str, Any], component: str = "transformer") -> ExportResult:
         tensors, qmeta = self.build(plain, quant, dtype, key_map)
+        unreadable = self.check_dtypes({k: SAFETENSORS_DTYPES[t.dtype] for k, t in tensors.items()})
+        if unreadable:  # nothing written: a file ComfyUI cannot read must not exist
+            raise UnsupportedExport(f"{unreadable[0]} ({len(unreadable)} tensors)")
         path = out_dir / f"{stem}_comfyui.safetensors"
         size = save_safetensors(tensors, path, header_metadata({"_quantization_metadata": qmeta, **metadata}))
         return ExportResult(self.name, str(path), size, len(quant), len(tensors))

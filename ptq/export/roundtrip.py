@@ -143,6 +143,7 @@ def _check_rest(fc: _FileCheck, plain: Mapping[str, torch.Tensor], quant: Mappin
     used, extra_problems = fc.exporter.extra_checks(fc.keys, fc.handle.get_tensor, fc.meta, quant, fc.key_map)
     fc.expected |= used
     fc.problems += extra_problems
+    fc.problems += fc.exporter.check_dtypes({k: fc.handle.get_slice(k).get_dtype() for k in fc.keys})
     for key, value in plain.items():
         okey = fc.key_map(key)
         fc.expected.add(okey)

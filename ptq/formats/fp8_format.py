@@ -39,7 +39,9 @@ class FP8Format(NumberFormat):
         return QuantizedWeight(q, scale.to(torch.float32), None)
 
     def dequantize_weight(self, q: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return fp8.dequantize_fp8(q.weight, q.scale, dtype=dtype)
+        """``q.to(dtype) * scale.to(dtype)``, computed in ``dtype`` as comfy-kitchen's eager
+        ``dequantize_per_tensor_fp8`` does (for float32 the same as rounding once)."""
+        return fp8.dequantize_fp8(q.weight, q.scale, dtype=dtype, mode="ck_eager")
 
     def gemm_operand(self, q: QuantizedWeight) -> torch.Tensor:
         return q.weight.float()

@@ -3,8 +3,8 @@ builds the model the file holds, and whether its ``pre_quant_scale`` tensors are
 
 Versions are the first ComfyUI release containing the commit that added the feature (read from the history of
 ComfyUI master, ``comfyui_version.py`` per release); :data:`COMFYUI_FEATURES` lists them with that commit.
-Used by :mod:`ptq.tools.inspect` (problem codes ``comfyui_wan_misbuilt``, ``invalid_config_override``,
-``unread_pre_quant_scale``; the minimum release in ``InspectReport.comfyui_min_version`` and the notes).
+Used by :mod:`ptq.tools.inspect` (problem codes ``unreadable_dtype``, ``comfyui_wan_misbuilt``,
+``invalid_config_override``, ``unread_pre_quant_scale``; the minimum release in ``InspectReport.comfyui_min_version`` and the notes).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ptq.export.comfyui import READER_DTYPES
 from ptq.models.wan.comfyui import (
     COMFYUI_CONFIG_KEY,
     COMFYUI_CONFIG_MIN_VERSION,
@@ -134,6 +135,21 @@ def check_wan_build(arch: Architecture, metadata: Mapping[str, str], problem: Pr
                 "unquantized file fails to load (size mismatch), a quantized one loads the weight unchecked and "
                 "computes wrong.", fix)
     return override
+
+
+def check_reader_dtypes(tensors: Iterable[TensorInfo], problem: ProblemFn) -> None:
+    """``unreadable_dtype``: tensors whose safetensors dtype ComfyUI's own reader has no entry for."""
+    bad = [info for info in tensors if info.dtype not in READER_DTYPES]
+    if not bad:
+        return
+    dtypes = ", ".join(sorted({info.dtype for info in bad}))
+    problem("unreadable_dtype", "error", [info.name for info in bad],
+            f"{len(bad)} tensors are stored as {dtypes}, a dtype missing from ComfyUI's own safetensors reader "
+            "(comfy/utils.py _TYPES). With DynamicVRAM, the default on NVIDIA GPUs outside WSL, 'Load Diffusion "
+            f"Model' fails with KeyError: '{bad[0].dtype}'; the same file loads on the CPU or with "
+            "--disable-dynamic-vram (read by the safetensors library).",
+            "store the bytes in a dtype ComfyUI reads (E8M0 block scales as uint8: ComfyUI's loader views them as "
+            "float8_e8m0fnu); ptq writes them so")
 
 
 def check_pre_quant_scales(groups: Mapping[str, Mapping[str, TensorInfo]], layer_formats: Mapping[str, str],

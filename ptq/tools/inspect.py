@@ -102,6 +102,7 @@ PROBLEM_CODES: dict[str, str] = {
     "convrot_group": "ConvRot group size not a power of 4 dividing in_features",
     "mxfp8_scale_layout": "MXFP8 block scales not E8M0 in the cuBLAS tiled shape ComfyUI reads",
     "int8_weight_only_ignored": "int8_tensorwise layers marked full_precision_matrix_mult, which ComfyUI ignores",
+    "unreadable_dtype": "tensors in a dtype ComfyUI's own safetensors reader (DynamicVRAM, NVIDIA default) lacks",
     "comfyui_wan_misbuilt": "ComfyUI's WAN detection would build another model than the file holds (heads, text_dim)",
     "invalid_config_override": "the header config override is not the JSON ComfyUI reads",
     "unread_pre_quant_scale": "pre_quant_scale tensors ComfyUI does not apply (format, shape) or invalid values",
@@ -361,6 +362,7 @@ class _Inspector:
         pre_quant_scale, minimum ComfyUI release per feature."""
         if self.target != "comfyui":
             return None, []
+        comfy_compat.check_reader_dtypes(self.tensors.values(), self.problem)
         comfy_compat.check_wan_build(arch, self.metadata, self.problem)
         load = self.load if self.read_bytes is not None else (lambda name: None)
         comfy_compat.check_pre_quant_scales(groups, layer_formats, load, self.problem)
@@ -504,7 +506,8 @@ class _Inspector:
         if is_packed_fp4(group):
             return "nvfp4"
         scale = group.get("weight_scale")
-        if dtype == "F8_E4M3" and scale is not None and scale.dtype == "F8_E8M0":
+        if dtype == "F8_E4M3" and scale is not None and (scale.dtype == "F8_E8M0" or (
+                scale.dtype == "U8" and len(scale.shape) == 2)):
             return "mxfp8"
         if dtype == "U8":
             return "uint8"
@@ -979,7 +982,7 @@ class _Inspector:
                 if in_f % 32 or out_f % 32 or list(ws.shape) != want or ws.dtype not in ("F8_E8M0", "U8"):
                     bad_mx.append(li.name)
                     detail["mx"] = detail["mx"] or (f"{li.name}: weight [{out_f}, {in_f}], weight_scale {ws.dtype} "
-                                                    f"{list(ws.shape)}, expected F8_E8M0 {want}")
+                                                    f"{list(ws.shape)}, expected U8 {want}")
                 continue
             if ws.numel != 1 and list(ws.shape) != [out_f, 1]:
                 bad_int8.append(li.name)
@@ -1026,8 +1029,8 @@ class _Inspector:
                          f"MXFP8 block scales do not have the layout ComfyUI reads ({detail['mx']}): one E8M0 "
                          "scale per 32 inputs in the cuBLAS tiled layout [roundup(out,128), roundup(in/32,4)], "
                          "weights a multiple of 32 in both dimensions.",
-                         "tile the [out, in/32] E8M0 scales with comfy-kitchen's to_blocked and store them as "
-                         "float8_e8m0fnu")
+                         "tile the [out, in/32] E8M0 scales with comfy-kitchen's to_blocked and store their bytes "
+                         "as uint8")
         if not_f32:
             self.problem("scale_not_float32", "warning", not_f32,
                          "int8 weight scales stored in a 16-bit dtype; comfy-kitchen multiplies in float32, but the "
