@@ -127,7 +127,7 @@ def _simulated(model: torch.nn.Module, runtime: str, sizes: dict, device: str) -
 
 def make(work: Path, device: str, runtime: str, smoke: bool) -> None:
     from ptq.algorithms.quantize import quantize_
-    from ptq.export import export_model
+    from ptq.targets import export_model
     from ptq.models.wan import build_random_transformer
 
     sizes = SMOKE_SIZES if smoke else SIZES

@@ -194,7 +194,7 @@ def part_export(model: torch.nn.Module, stats: dict[str, Any], out_dir: Path) ->
     and verified, write and verify timed apart."""
     from ptq.algorithms.quantize import quantize_
     from ptq.algorithms.recipe import QuantRecipe
-    from ptq.export import export_model
+    from ptq.targets import export_model
 
     quantize_(model, QuantRecipe(format="nvfp4"), stats, progress=False)
     out: dict[str, Any] = {}

@@ -765,7 +765,7 @@ def _graphs_simfwd(model: nn.Module, stats: dict[str, LinearInputStats], fmt: st
 
 
 def export_comfyui(model: nn.Module, out_dir: Path) -> dict[str, Any]:
-    from ptq.export import export_model
+    from ptq.targets import export_model
 
     cfg = SimpleNamespace(targets=["comfyui"], verify=False, filename="wan5b_nvfp4", unquantized_dtype="bfloat16")
     t0 = time.perf_counter()

@@ -56,10 +56,10 @@ def main() -> None:
     ops, disabled = comfy_ops(args.comfyui, args.device, dtype)
 
     from ptq.algorithms.qlinear import QuantLinear
-    from ptq.export.comfyui import ComfyUIExporter
+    from ptq.targets.comfyui.target import ComfyUITarget
     from ptq.tools.verify import DYNAMIC_FORMATS, _layer_format, file_layer_state
 
-    readers = ComfyUIExporter.readers
+    readers = ComfyUITarget.readers
     worst = {"weight_mismatch": 0, "max_output_rel_diff": 0.0, "layers": 0}
     with safe_open(args.file, framework="pt") as f:
         meta = json.loads((f.metadata() or {}).get("_quantization_metadata", "{}")).get("layers", {})

@@ -8,7 +8,7 @@
    ``--comfy-reader`` reads the files with ComfyUI's own safetensors reader (``comfy.utils.load_safetensors``, what
    ComfyUI uses with DynamicVRAM, its default on NVIDIA GPUs; needs the ``comfy-aimdo`` package, whose memory map
    works on the CPU) instead of the safetensors library.
-3. ``dtypes``: ptq's table of the dtypes ComfyUI's reader reads (``ptq.export.comfyui.READER_DTYPES``) against
+3. ``dtypes``: ptq's table of the dtypes ComfyUI's reader reads (``ptq.targets.comfyui.layout.READER_DTYPES``) against
    ComfyUI's own (``comfy.utils._TYPES``).
 
     python scripts/comfyui_crosscheck.py --comfyui /path/to/ComfyUI detect
@@ -93,7 +93,7 @@ def use_comfy_reader() -> None:
 def dtypes() -> None:
     import comfy.utils
 
-    from ptq.export.comfyui import READER_DTYPES
+    from ptq.targets.comfyui.layout import READER_DTYPES
 
     theirs = set(comfy.utils._TYPES)
     print(json.dumps({"comfyui_reader_dtypes": sorted(theirs), "ptq_table_equal": theirs == set(READER_DTYPES),

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from ptq.algorithms.quantize import quantize_
 from ptq.algorithms.recipe import QuantRecipe
-from ptq.export import export_model
+from ptq.targets import export_model
 from ptq.models import wan
 from ptq.models.tiny_wan import TINY_TRANSFORMER_CONFIG
 from ptq.models.wan.comfyui import comfyui_config_override, comfyui_detected, comfyui_wan_kwargs

@@ -20,9 +20,10 @@ from torch import nn
 from ptq.algorithms.quantize import quantize_, quantized_layers
 from ptq.algorithms.recipe import LayerSelection, QuantRecipe
 from ptq.calibration.observers import LinearInputObserver
-from ptq.export import export_model
-from ptq.export.base import UnsupportedExport
-from ptq.export.comfyui import READER_DTYPES, ComfyUIExporter
+from ptq.targets import export_model
+from ptq.targets.base import UnsupportedExport
+from ptq.targets.comfyui.layout import READER_DTYPES
+from ptq.targets.comfyui.target import ComfyUITarget
 from ptq.tools.inspect import inspect_file
 
 #: ComfyUI 0.30.0 comfy/utils.py ``_TYPES`` (the reader's whole dtype table).
@@ -130,11 +131,11 @@ def test_the_exporter_refuses_a_dtype_comfyui_cannot_read(tmp_path: Path, monkey
         out[f"{layer}.weight_scale"] = out[f"{layer}.weight_scale"].view(torch.float8_e8m0fnu)
         return out
 
-    original = ComfyUIExporter.writers["mxfp8"]
-    monkeypatch.setitem(ComfyUIExporter.writers, "mxfp8", e8m0_writer)
+    original = ComfyUITarget.writers["mxfp8"]
+    monkeypatch.setitem(ComfyUITarget.writers, "mxfp8", e8m0_writer)
     model = _quantized("mxfp8", "dynamic")
     with pytest.raises(UnsupportedExport, match="dtype F8_E8M0 is not one the comfyui loader reads"):
-        ComfyUIExporter().write({}, {n: m.state() for n, m in quantized_layers(model).items()}, tmp_path, "x",
+        ComfyUITarget().write({}, {n: m.state() for n, m in quantized_layers(model).items()}, tmp_path, "x",
                                 dtype=torch.bfloat16, key_map=str, metadata={}, module_config={})
     assert not list(tmp_path.glob("x*"))
     cfg = SimpleNamespace(targets=["comfyui"], unquantized_dtype="bfloat16", filename="y", verify=True)

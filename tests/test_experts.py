@@ -150,7 +150,7 @@ def test_run_exports_one_comfyui_file_per_expert_that_verify_passes(random_tiny_
     with safe_open(str(tmp_path / files[1]), "pt") as f:
         meta = f.metadata()
     assert (meta["ptq_expert"], meta["ptq_component"]) == ("low_noise", "transformer_2")
-    from ptq.export.diffusers_bfl import load_diffusers_export
+    from ptq.targets.diffusers.loader import load_diffusers_export
 
     low = load_diffusers_export(folder, component="transformer_2")
     assert low.config.num_attention_heads == 2
@@ -188,7 +188,7 @@ def test_offload_on_cuda_quantizes_on_the_gpu_and_keeps_the_weights_in_cpu_memor
     from types import SimpleNamespace
 
     from ptq.algorithms.quantize import quantize_, quantized_layers
-    from ptq.export import export_model
+    from ptq.targets import export_model
 
     runs = {}
     for offload in (False, True):

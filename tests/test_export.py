@@ -14,8 +14,8 @@ from safetensors import safe_open
 from ptq.algorithms.quantize import quantize_, quantized_layers
 from ptq.algorithms.recipe import QuantRecipe
 from ptq.calibration.observers import LinearInputObserver
-from ptq.export import EXPORTERS, export_model
-from ptq.export.roundtrip import verify_export
+from ptq.targets import TARGETS, export_model
+from ptq.targets.roundtrip import verify_export
 from ptq.models import wan
 from ptq.models.wan.names import diffusers_to_original
 
@@ -89,7 +89,7 @@ def test_comfyui_unquantized_tensors_and_names(nvfp4_export, random_tiny_dir: Pa
 
 
 def test_diffusers_export_loads_with_diffusers_bfl_quantizer(nvfp4_export) -> None:
-    from ptq.export.diffusers_bfl import load_diffusers_export
+    from ptq.targets.diffusers.loader import load_diffusers_export
 
     model, paths = nvfp4_export
     loaded = load_diffusers_export(Path(paths["diffusers"]).parents[1])
@@ -134,7 +134,7 @@ def test_verify_detects_swapped_nibbles(nvfp4_export, tmp_path: Path) -> None:
     """A file whose nibbles were written in the other order fails verification."""
     from safetensors.torch import load_file, save_file
 
-    from ptq.export.base import split_model_state
+    from ptq.targets.base import split_model_state
 
     model, paths = nvfp4_export
     with safe_open(paths["comfyui"], "pt") as f:
@@ -144,7 +144,7 @@ def test_verify_detects_swapped_nibbles(nvfp4_export, tmp_path: Path) -> None:
     bad = tmp_path / "bad.safetensors"
     save_file(sd, str(bad), metadata=meta)
     plain, quant = split_model_state(model)
-    ok, detail = verify_export(EXPORTERS["comfyui"], bad, plain, quant, diffusers_to_original)
+    ok, detail = verify_export(TARGETS["comfyui"], bad, plain, quant, diffusers_to_original)
     assert not ok and "blocks.1.ffn.2: dequantized weight differs" in detail
 
 
@@ -156,7 +156,7 @@ def test_same_tensors_give_the_same_bytes(tmp_path: Path) -> None:
 
     from safetensors.torch import load_file
 
-    from ptq.export.safetensors_io import remove_stale_temp_files, save_safetensors
+    from ptq.targets.safetensors_io import remove_stale_temp_files, save_safetensors
 
     tensors = {"b": torch.arange(6, dtype=torch.float32).reshape(2, 3), "a": torch.ones(3, dtype=torch.bfloat16),
                "c": torch.tensor([1, 2], dtype=torch.uint8), "d": torch.zeros(()), "e": torch.zeros(0)}

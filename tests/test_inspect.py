@@ -24,7 +24,7 @@ from ptq.tools.conventions import (
     to_original_name,
 )
 from ptq.tools.inspect import PROBLEM_CODES, diff_files, inspect_file, inspect_state_dict, to_dict
-from ptq.tools.safetensors_header import DTYPE_BITS, HeaderError
+from ptq.targets.safetensors_header import DTYPE_BITS, HeaderError
 
 # ----------------------------------------------------------------------------------------------- builders
 

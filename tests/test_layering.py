@@ -1,4 +1,4 @@
-"""Lower layers never import higher ones: formats -> calibration -> algorithms -> models -> export -> eval ->
+"""Lower layers never import higher ones: formats -> calibration -> algorithms -> models -> targets -> eval ->
 pipeline -> tools -> run/cli/config. Checked on every import statement (also the lazy ones inside functions). No
 model family's names appear below ``ptq/models``."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "ptq"
-LAYERS = ["formats", "calibration", "algorithms", "models", "export", "eval", "pipeline", "tools"]
+LAYERS = ["formats", "calibration", "algorithms", "models", "targets", "eval", "pipeline", "tools"]
 TOP = len(LAYERS)  # ptq/run.py, ptq/cli.py, ptq/config.py, ptq/__main__.py
 
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ptq.tools.safetensors_header import (
+from ptq.targets.safetensors_header import (
     MAX_HEADER_BYTES,
     HeaderError,
     TensorReader,

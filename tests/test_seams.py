@@ -104,7 +104,7 @@ def test_a_new_format_runs_through_quantize_and_quantlinear(toy_format, weight: 
 
 
 def test_exporters_refuse_a_format_they_cannot_write(toy_format, tmp_path: Path) -> None:
-    from ptq.export import export_model
+    from ptq.targets import export_model
 
     model, stats, _, _ = _calibrated_mlp()
     quantize_(model, QuantRecipe(format="toy_int8", layers=LayerSelection(exclude=[])), stats, progress=False)

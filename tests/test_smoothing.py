@@ -18,7 +18,7 @@ from ptq.algorithms.qlinear import QuantLinear
 from ptq.algorithms.quantize import quantize_, quantize_layer
 from ptq.algorithms.recipe import QuantRecipe, Smoothing
 from ptq.calibration.observers import LinearInputObserver
-from ptq.export import export_model
+from ptq.targets import export_model
 from ptq.formats import NVFP4
 
 ck = pytest.importorskip("comfy_kitchen")
@@ -78,7 +78,7 @@ def test_quantlinear_applies_pre_quant_scale_like_comfyui() -> None:
     st = q.state()
     from comfy_kitchen.tensor import TensorCoreNVFP4Layout
 
-    from ptq.export.comfyui import write_nvfp4
+    from ptq.targets.comfyui.writer import write_nvfp4
 
     file = write_nvfp4("l", st, torch.bfloat16)
     params = TensorCoreNVFP4Layout.Params(scale=file["l.weight_scale_2"], orig_dtype=torch.bfloat16,

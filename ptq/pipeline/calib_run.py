@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import torch
 
 from ptq.calibration.observers import LinearInputObserver, PromptRecord
-from ptq.export.safetensors_io import temp_path
+from ptq.targets.safetensors_io import temp_path
 from ptq.models.base import ModelAdapter
 from ptq.pipeline.distributed import (
     DistContext,

@@ -105,7 +105,7 @@ class EvalConfig(SamplingConfig):
 
 @dataclass
 class ExportConfig:
-    """targets: exporter names (see ptq.export.EXPORTERS). unquantized_dtype: bfloat16 or float32."""
+    """targets: exporter names (see ptq.targets.TARGETS). unquantized_dtype: bfloat16 or float32."""
 
     targets: list[str] = field(default_factory=lambda: ["comfyui", "diffusers"])
     unquantized_dtype: str = "bfloat16"

@@ -27,7 +27,7 @@ from ptq.algorithms.recipe import GPTQWeight, QuantRecipe
 from ptq.calibration.needs import CalibrationNeeds
 from ptq.calibration.observers import LinearInputObserver, LinearInputStats
 from ptq.calibration.recorder import ForwardInputRecorder
-from ptq.export import EXPORTERS, ExportResult, export_model
+from ptq.targets import TARGETS, ExportResult, export_model
 from ptq.models.base import ModelAdapter
 from ptq.pipeline.calib_run import CalibrationSession, run_session
 from ptq.pipeline.distributed import DistContext, broadcast_object
@@ -268,7 +268,7 @@ def export(adapter: ModelAdapter, cfg: Any, out_dir: Path, *, metadata: dict[str
             one.targets = [t]
             results += export_model(target.module, one, out_dir, progress=progress, metadata=meta,
                                     stem=expert_stem(cfg.filename, adapter.export_stem(name),
-                                                     folder=EXPORTERS[t].folder),
+                                                     folder=TARGETS[t].folder),
                                     key_maps={t: lambda key, _t=t: adapter.target_key(key, _t)},
                                     component=adapter.export_component(name), device=adapter.compute_device)
     return results

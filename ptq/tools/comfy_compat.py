@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ptq.export.comfyui import READER_DTYPES
+from ptq.targets.comfyui.layout import READER_DTYPES
 from ptq.models.wan.comfyui import (
     COMFYUI_CONFIG_KEY,
     COMFYUI_CONFIG_MIN_VERSION,
@@ -25,7 +25,7 @@ from ptq.models.wan.comfyui import (
     COMFYUI_WAN_TEXT_DIM,
 )
 from ptq.tools.conventions import Architecture
-from ptq.tools.safetensors_header import TensorInfo
+from ptq.targets.safetensors_header import TensorInfo
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Detect a checkpoint's quantization convention, naming, and (WAN) architecture from names, dtypes and shapes.
 
-Works on header entries only (:class:`~ptq.tools.safetensors_header.TensorInfo`), so it needs no tensor data.
+Works on header entries only (:class:`~ptq.targets.safetensors_header.TensorInfo`), so it needs no tensor data.
 Conventions recognised:
 
 - ``comfyui``: ComfyUI mixed precision: ``_quantization_metadata`` header JSON or ``<layer>.comfy_quant`` tensors,
@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ptq.models.wan.names import try_diffusers_to_original, try_original_to_diffusers
-from ptq.tools.safetensors_header import DTYPE_BITS, TensorInfo
+from ptq.targets.safetensors_header import DTYPE_BITS, TensorInfo
 
 __all__ = [
     "COMFY_FORMATS",

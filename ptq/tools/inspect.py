@@ -46,7 +46,7 @@ from ptq.tools.conventions import (
     to_original_name,
     weight_suffix,
 )
-from ptq.tools.safetensors_header import (
+from ptq.targets.safetensors_header import (
     SafetensorsHeader,
     TensorInfo,
     TensorReader,

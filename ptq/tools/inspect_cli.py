@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from ptq.tools.inspect import TARGETS, DiffReport, InspectReport, diff_headers, inspect_header, to_dict
-from ptq.tools.safetensors_header import HeaderError, read_header
+from ptq.targets.safetensors_header import HeaderError, read_header
 
 __all__ = ["build_parser", "format_diff", "format_report", "main"]
 

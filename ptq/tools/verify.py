@@ -31,13 +31,13 @@ from ptq.algorithms.methods import quantize_weight
 from ptq.algorithms.qlinear import CANONICAL_NIBBLE_ORDER, QuantizedLinearState, QuantLinear
 from ptq.algorithms.weight_quant import WeightContext
 from ptq.eval.metrics import rel_l2
-from ptq.export.comfyui import ComfyUIExporter
-from ptq.export.roundtrip import reference_decode_nvfp4, reference_untile
+from ptq.targets.comfyui.target import ComfyUITarget
+from ptq.targets.decoders import reference_decode_nvfp4, reference_untile
 from ptq.formats import INT8_CONVROT, get_format
 from ptq.formats import nvfp4 as nvfp4_fmt
 from ptq.formats.nvfp4 import NibbleOrder
 from ptq.models.wan.names import NameMapError, original_to_diffusers
-from ptq.tools.safetensors_header import read_header
+from ptq.targets.safetensors_header import read_header
 
 KNOWN_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
 SCALE_NAMES = ("weight_scale", "scale_weight")  # ComfyUI/ModelOpt, Kijai-style FP8
@@ -521,7 +521,7 @@ def _check_dynamic_layer(dname: str, layer: str, g: dict[str, torch.Tensor], con
     bias_t = None if bias is None else bias.to(device)
     try:
         state = file_layer_state(g, conf, inp, out, bias_t)
-        w_file, _ = ComfyUIExporter.readers[fmt](lambda k: g[k.rpartition(".")[2]], layer, state)
+        w_file, _ = ComfyUITarget.readers[fmt](lambda k: g[k.rpartition(".")[2]], layer, state)
     except (RuntimeError, ValueError, KeyError) as exc:
         chk.problems.append(f"cannot be decoded as {fmt} ({type(exc).__name__}: {exc})")
         chk.ok = False

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ptq.tools.safetensors_header import HeaderError
+from ptq.targets.safetensors_header import HeaderError
 from ptq.tools.verify import VerifyReport, verify_file
 
 

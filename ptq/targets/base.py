@@ -1,5 +1,6 @@
-"""Shared pieces of the exporters: the :class:`Exporter` interface (per-format layer writers and readers), splitting
-a quantized model's state, and casting unquantized tensors."""
+"""What every file target shares: the :class:`FileTarget` interface (per-format layer writers and readers, the
+dtypes its loader reads, its own verification checks), splitting a quantized model's state, and casting
+unquantized tensors."""
 
 from __future__ import annotations
 
@@ -45,8 +46,8 @@ class ExportResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class Exporter(ABC):
-    """One export target: where it writes, how each number format is laid out (``writers`` / ``readers`` by format
+class FileTarget(ABC):
+    """One file target: where it writes, how each number format is laid out (``writers`` / ``readers`` by format
     name) and which target-specific checks verification adds."""
 
     name: ClassVar[str]

@@ -1,8 +1,4 @@
-"""Exporters, one file per target format, and ``export_model`` which runs the configured ones.
-
-Registry: :data:`EXPORTERS` (name -> :class:`~ptq.export.base.Exporter`). A new target is one new module (its
-per-format writers and readers) plus one entry here.
-"""
+"""``export_model``: write every configured file target of a quantized module and verify each file bit for bit."""
 
 from __future__ import annotations
 
@@ -13,24 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ptq.export.base import (
-    UNQUANTIZED_DTYPES,
-    Exporter,
-    ExportResult,
-    KeyMap,
-    UnsupportedExport,
-    split_model_state,
-)
-from ptq.export.comfyui import ComfyUIExporter
-from ptq.export.diffusers_bfl import DiffusersBFLExporter
+from ptq.targets.base import UNQUANTIZED_DTYPES, ExportResult, FileTarget, KeyMap, UnsupportedExport, split_model_state
+from ptq.targets.registry import TARGETS
 
 log = logging.getLogger(__name__)
-
-EXPORTERS: dict[str, Exporter] = {
-    "comfyui": ComfyUIExporter(),
-    "diffusers": DiffusersBFLExporter(),
-}
-
 
 def _adapter_of(model: nn.Module) -> Any:
     """The model adapter class that knows ``model``'s class (None for a bare module)."""
@@ -51,7 +33,7 @@ def export_model(model: nn.Module, cfg: Any, out_dir: Path, *, progress: bool = 
                  metadata: dict | None = None, stem: str | None = None,
                  key_maps: dict[str, KeyMap] | None = None, component: str = "transformer",
                  device: torch.device | None = None) -> list[ExportResult]:
-    """Run every exporter in ``cfg.targets`` (``cfg``: targets, unquantized_dtype, filename, verify); verify each
+    """Write every file target in ``cfg.targets`` (``cfg``: targets, unquantized_dtype, filename, verify); verify each
     file against the in-memory model when ``cfg.verify``. ``stem``: file name stem (default ``cfg.filename``);
     ``key_maps``: per target, diffusers key -> file key (default: the model's adapter's name map); ``component``:
     the module's component in folder exports (``transformer_2`` for a second expert); ``device``: where the
@@ -64,12 +46,12 @@ def export_model(model: nn.Module, cfg: Any, out_dir: Path, *, progress: bool = 
     """
     from tqdm.auto import tqdm
 
-    from ptq.export.roundtrip import verify_exports
-    from ptq.export.safetensors_io import remove_stale_temp_files
+    from ptq.targets.roundtrip import verify_exports
+    from ptq.targets.safetensors_io import remove_stale_temp_files
 
-    unknown = [t for t in cfg.targets if t not in EXPORTERS]
+    unknown = [t for t in cfg.targets if t not in TARGETS]
     if unknown:
-        raise ValueError(f"export.targets: unknown {unknown}; known: {sorted(EXPORTERS)}")
+        raise ValueError(f"export.targets: unknown {unknown}; known: {sorted(TARGETS)}")
     for stale in remove_stale_temp_files(out_dir):
         log.warning("removed %s, a temp file left by an interrupted export", stale)
     plain, quant = split_model_state(model)
@@ -78,19 +60,19 @@ def export_model(model: nn.Module, cfg: Any, out_dir: Path, *, progress: bool = 
     adapter = _adapter_of(model)
     dtype = UNQUANTIZED_DTYPES[cfg.unquantized_dtype]
     results = []
-    written: list[tuple[ExportResult, Exporter, KeyMap]] = []
+    written: list[tuple[ExportResult, FileTarget, KeyMap]] = []
     for target in tqdm(list(cfg.targets), desc="export", disable=not progress, leave=False):
-        exporter = EXPORTERS[target]
+        file_target = TARGETS[target]
         key_map = (key_maps or {}).get(target) or _default_key_map(model, target)
         target_meta = {**meta, **(adapter.target_header(target, module_config) if adapter else {})}
         try:
-            res = exporter.write(plain, quant, out_dir, stem or cfg.filename, dtype=dtype, key_map=key_map,
+            res = file_target.write(plain, quant, out_dir, stem or cfg.filename, dtype=dtype, key_map=key_map,
                                  metadata=target_meta, module_config=module_config, component=component)
         except UnsupportedExport as exc:
             log.warning("export %s skipped: %s", target, exc)
             results.append(ExportResult(target, "", skipped=str(exc)))
             continue
-        written.append((res, exporter, key_map))
+        written.append((res, file_target, key_map))
         results.append(res)
     if cfg.verify and written:
         checks = verify_exports([(e, Path(r.path), k) for r, e, k in written], plain, quant,

@@ -1,0 +1,8 @@
+"""The ComfyUI file target (one folder: layout facts, writer, reader, the loader's feature table, ``ptq inspect``
+checks, and what ComfyUI computes on each GPU)."""
+
+from ptq.targets.comfyui.target import ComfyUITarget
+
+COMFYUI = ComfyUITarget()
+
+__all__ = ["COMFYUI", "ComfyUITarget"]

@@ -1,0 +1,62 @@
+"""The ComfyUI file target: one ``<stem>_comfyui.safetensors`` that stock ComfyUI's "Load Diffusion Model" reads as
+quantized (the layout: :mod:`ptq.targets.comfyui.layout`)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ptq.algorithms.qlinear import QuantizedLinearState
+from ptq.targets.base import ExportResult, FileTarget, KeyMap, UnsupportedExport, header_metadata, plain_tensors
+from ptq.targets.comfyui.layout import LAYER_FORMATS, METADATA_KEY, METADATA_VERSION, READER_DTYPES, layer_config
+from ptq.targets.comfyui.reader import READERS
+from ptq.targets.comfyui.writer import WRITERS
+from ptq.targets.safetensors_io import SAFETENSORS_DTYPES, save_safetensors
+
+
+class ComfyUITarget(FileTarget):
+    """``<stem>_comfyui.safetensors``: the layout above."""
+
+    name = "comfyui"
+    readable_dtypes = READER_DTYPES
+    writers = WRITERS
+    readers = READERS
+
+    def build(self, plain: Mapping[str, torch.Tensor], quant: Mapping[str, QuantizedLinearState],
+              dtype: torch.dtype, key_map: KeyMap) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors by target key, per-layer quantization metadata)."""
+        tensors = plain_tensors(plain, dtype, key_map)
+        tensors.update(self.layer_tensors(quant, dtype, key_map))
+        layers = {key_map(name): layer_config(state) for name, state in quant.items()}
+        return tensors, {"format_version": METADATA_VERSION, "layers": layers}
+
+    def write(self, plain: Mapping[str, torch.Tensor], quant: Mapping[str, QuantizedLinearState], out_dir: Path,
+              stem: str, *, dtype: torch.dtype, key_map: KeyMap, metadata: dict[str, Any],
+              module_config: dict[str, Any], component: str = "transformer") -> ExportResult:
+        tensors, qmeta = self.build(plain, quant, dtype, key_map)
+        unreadable = self.check_dtypes({k: SAFETENSORS_DTYPES[t.dtype] for k, t in tensors.items()})
+        if unreadable:  # nothing written: a file ComfyUI cannot read must not exist
+            raise UnsupportedExport(f"{unreadable[0]} ({len(unreadable)} tensors)")
+        path = out_dir / f"{stem}_comfyui.safetensors"
+        size = save_safetensors(tensors, path, header_metadata({METADATA_KEY: qmeta, **metadata}))
+        return ExportResult(self.name, str(path), size, len(quant), len(tensors))
+
+    def extra_checks(self, keys: set[str], get: Callable[[str], torch.Tensor], metadata: dict[str, str],
+                     quant: Mapping[str, QuantizedLinearState], key_map: KeyMap) -> tuple[set[str], list[str]]:
+        problems: list[str] = []
+        used: set[str] = set()
+        for name in quant:
+            key = f"{key_map(name)}.comfy_quant"
+            used.add(key)
+            conf = json.loads(bytes(get(key).tolist()).decode()) if key in keys else None
+            if not conf or conf.get("format") not in {name for name, _ in LAYER_FORMATS.values()}:
+                problems.append(f"{key}: missing or unreadable ({conf})")
+        layers = json.loads(metadata.get(METADATA_KEY, "{}")).get("layers", {})
+        want = {key_map(n) for n in quant}
+        if set(layers) != want:
+            problems.append(f"_quantization_metadata layers differ: {len(layers)} listed, {len(want)} quantized")
+        return used, problems

@@ -1,0 +1,8 @@
+"""The diffusers file target (BFL / ModelOpt layout read by ``from_single_file``): layout facts, writer, reader,
+loader and ``ptq inspect`` checks."""
+
+from ptq.targets.diffusers.target import DiffusersBFLTarget
+
+DIFFUSERS = DiffusersBFLTarget()
+
+__all__ = ["DIFFUSERS", "DiffusersBFLTarget"]
