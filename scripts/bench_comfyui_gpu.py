@@ -127,8 +127,8 @@ def _simulated(model: torch.nn.Module, runtime: str, sizes: dict, device: str) -
 
 def make(work: Path, device: str, runtime: str, smoke: bool) -> None:
     from ptq.algorithms.quantize import quantize_
-    from ptq.targets import export_model
     from ptq.models.wan import build_random_transformer
+    from ptq.targets import export_model
 
     sizes = SMOKE_SIZES if smoke else SIZES
     config = json.loads((REPO / "ptq/assets/tiny_wan/transformer/config.json").read_text()) if smoke else None

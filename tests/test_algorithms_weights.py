@@ -138,8 +138,8 @@ def test_shape_errors_fall_back_like_max() -> None:
 @pytest.mark.parametrize("method", ["four_over_six", "mse", "gptq"])
 def test_export_round_trip(method: str, random_tiny_dir: Path, tmp_path: Path) -> None:
     pytest.importorskip("comfy_kitchen")
-    from ptq.targets import export_model
     from ptq.models import wan
+    from ptq.targets import export_model
 
     model = wan.load_transformer(random_tiny_dir)
     torch.manual_seed(0)

@@ -13,10 +13,10 @@ from safetensors.torch import save_file
 
 from ptq.algorithms.quantize import quantize_
 from ptq.algorithms.recipe import QuantRecipe
-from ptq.targets import export_model
 from ptq.models import wan
 from ptq.models.tiny_wan import TINY_TRANSFORMER_CONFIG
 from ptq.models.wan.comfyui import comfyui_config_override, comfyui_detected, comfyui_wan_kwargs
+from ptq.targets import export_model
 from ptq.tools.inspect import inspect_file, inspect_state_dict
 
 

@@ -14,10 +14,10 @@ from safetensors import safe_open
 from ptq.algorithms.quantize import quantize_, quantized_layers
 from ptq.algorithms.recipe import QuantRecipe
 from ptq.calibration.observers import LinearInputObserver
-from ptq.targets import TARGETS, export_model
-from ptq.targets.roundtrip import verify_export
 from ptq.models import wan
 from ptq.models.wan.names import diffusers_to_original
+from ptq.targets import TARGETS, export_model
+from ptq.targets.roundtrip import verify_export
 
 ck = pytest.importorskip("comfy_kitchen")
 

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
+from ptq.targets.safetensors_header import DTYPE_BITS, HeaderError
 from ptq.tools import inspect_cli
 from ptq.tools.conventions import (
     detect_architecture,
@@ -24,7 +25,6 @@ from ptq.tools.conventions import (
     to_original_name,
 )
 from ptq.tools.inspect import PROBLEM_CODES, diff_files, inspect_file, inspect_state_dict, to_dict
-from ptq.targets.safetensors_header import DTYPE_BITS, HeaderError
 
 # ----------------------------------------------------------------------------------------------- builders
 

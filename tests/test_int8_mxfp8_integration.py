@@ -25,8 +25,8 @@ from ptq.algorithms.recipe import GPTQWeight, LayerSelection, MixedPrecision, Qu
 from ptq.algorithms.weight_quant import WeightContext
 from ptq.calibration.needs import CalibrationNeeds
 from ptq.calibration.observers import LinearInputObserver
-from ptq.targets import export_model
 from ptq.formats import get_format
+from ptq.targets import export_model
 
 DYNAMIC = ("int8", "int8_convrot", "mxfp8")
 

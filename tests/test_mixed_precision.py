@@ -105,8 +105,8 @@ def test_mixed_plan_quantizes_exports_and_verifies(calibrated, random_tiny_dir: 
 
 
 def _mixed_plan(calibrated, random_tiny_dir: Path, tmp_path: Path) -> None:
-    from ptq.targets import export_model
     from ptq.models import wan
+    from ptq.targets import export_model
     from ptq.targets.safetensors_header import read_header
 
     model, recipe, stats, inputs = calibrated

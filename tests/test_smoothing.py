@@ -18,8 +18,8 @@ from ptq.algorithms.qlinear import QuantLinear
 from ptq.algorithms.quantize import quantize_, quantize_layer
 from ptq.algorithms.recipe import QuantRecipe, Smoothing
 from ptq.calibration.observers import LinearInputObserver
-from ptq.targets import export_model
 from ptq.formats import NVFP4
+from ptq.targets import export_model
 
 ck = pytest.importorskip("comfy_kitchen")
 

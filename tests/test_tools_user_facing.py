@@ -13,8 +13,8 @@ import torch
 from ptq.algorithms.quantize import quantize_
 from ptq.algorithms.recipe import QuantRecipe
 from ptq.calibration.observers import LinearInputObserver
-from ptq.targets import export_model
 from ptq.models.wan import loading
+from ptq.targets import export_model
 from ptq.tools import inspect_cli, verify_cli
 from ptq.tools.inspect import inspect_file
 from ptq.tools.verify import verify_file

@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 from ptq.algorithms.quantize import quantize_
 from ptq.algorithms.recipe import QuantRecipe
 from ptq.calibration.observers import LinearInputObserver
-from ptq.targets import export_model
 from ptq.models import wan
+from ptq.targets import export_model
 from ptq.tools.verify import verify_file
 
 REPO = Path(__file__).resolve().parents[1]

@@ -26,7 +26,6 @@ from typing import Any, Protocol
 import torch
 
 from ptq.calibration.observers import LinearInputObserver, PromptRecord
-from ptq.targets.safetensors_io import temp_path
 from ptq.models.base import ModelAdapter
 from ptq.pipeline.distributed import (
     DistContext,
@@ -37,6 +36,7 @@ from ptq.pipeline.distributed import (
     send_tensor,
 )
 from ptq.pipeline.sampling import PromptSet, sample_prompts
+from ptq.targets.safetensors_io import temp_path
 
 log = logging.getLogger("ptq")
 

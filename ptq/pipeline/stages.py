@@ -27,12 +27,12 @@ from ptq.algorithms.recipe import GPTQWeight, QuantRecipe
 from ptq.calibration.needs import CalibrationNeeds
 from ptq.calibration.observers import LinearInputObserver, LinearInputStats
 from ptq.calibration.recorder import ForwardInputRecorder
-from ptq.targets import TARGETS, ExportResult, export_model
 from ptq.models.base import ModelAdapter
 from ptq.pipeline.calib_run import CalibrationSession, run_session
 from ptq.pipeline.distributed import DistContext, broadcast_object
 from ptq.pipeline.parallel import sample_sharded
 from ptq.pipeline.sampling import PromptSet, sample_prompts
+from ptq.targets import TARGETS, ExportResult, export_model
 
 log = logging.getLogger("ptq")
 

@@ -9,7 +9,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ptq.targets.base import UNQUANTIZED_DTYPES, ExportResult, FileTarget, KeyMap, UnsupportedExport, split_model_state
+from ptq.targets.base import (
+    UNQUANTIZED_DTYPES,
+    ExportResult,
+    FileTarget,
+    KeyMap,
+    UnsupportedExport,
+    split_model_state,
+)
 from ptq.targets.registry import TARGETS
 
 log = logging.getLogger(__name__)

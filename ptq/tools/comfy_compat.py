@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from ptq.targets.comfyui.layout import READER_DTYPES
 from ptq.models.wan.comfyui import (
     COMFYUI_CONFIG_KEY,
     COMFYUI_CONFIG_MIN_VERSION,
@@ -24,8 +23,9 @@ from ptq.models.wan.comfyui import (
     COMFYUI_WAN_HEAD_DIM,
     COMFYUI_WAN_TEXT_DIM,
 )
-from ptq.tools.conventions import Architecture
+from ptq.targets.comfyui.layout import READER_DTYPES
 from ptq.targets.safetensors_header import TensorInfo
+from ptq.tools.conventions import Architecture
 
 
 @dataclass(frozen=True)

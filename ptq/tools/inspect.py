@@ -24,6 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from ptq.targets.safetensors_header import (
+    SafetensorsHeader,
+    TensorInfo,
+    TensorReader,
+    bytes_to_tensor,
+    read_header,
+)
 from ptq.tools import comfy_compat
 from ptq.tools.conventions import (
     COMFY_FORMATS,
@@ -45,13 +52,6 @@ from ptq.tools.conventions import (
     tensor_infos_from_state_dict,
     to_original_name,
     weight_suffix,
-)
-from ptq.targets.safetensors_header import (
-    SafetensorsHeader,
-    TensorInfo,
-    TensorReader,
-    bytes_to_tensor,
-    read_header,
 )
 
 __all__ = [

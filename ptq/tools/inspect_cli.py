@@ -12,8 +12,8 @@ import re
 import sys
 from collections.abc import Sequence
 
-from ptq.tools.inspect import TARGETS, DiffReport, InspectReport, diff_headers, inspect_header, to_dict
 from ptq.targets.safetensors_header import HeaderError, read_header
+from ptq.tools.inspect import TARGETS, DiffReport, InspectReport, diff_headers, inspect_header, to_dict
 
 __all__ = ["build_parser", "format_diff", "format_report", "main"]
 

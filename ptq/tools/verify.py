@@ -31,12 +31,12 @@ from ptq.algorithms.methods import quantize_weight
 from ptq.algorithms.qlinear import CANONICAL_NIBBLE_ORDER, QuantizedLinearState, QuantLinear
 from ptq.algorithms.weight_quant import WeightContext
 from ptq.eval.metrics import rel_l2
-from ptq.targets.comfyui.target import ComfyUITarget
-from ptq.targets.decoders import reference_decode_nvfp4, reference_untile
 from ptq.formats import INT8_CONVROT, get_format
 from ptq.formats import nvfp4 as nvfp4_fmt
 from ptq.formats.nvfp4 import NibbleOrder
 from ptq.models.wan.names import NameMapError, original_to_diffusers
+from ptq.targets.comfyui.target import ComfyUITarget
+from ptq.targets.decoders import reference_decode_nvfp4, reference_untile
 from ptq.targets.safetensors_header import read_header
 
 KNOWN_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")

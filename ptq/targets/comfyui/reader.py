@@ -9,6 +9,7 @@ import torch
 
 from ptq.algorithms.qlinear import QuantizedLinearState
 from ptq.formats import INT8_CONVROT
+from ptq.formats.nvfp4 import NibbleOrder
 from ptq.targets.comfyui.layout import NIBBLE_ORDER
 from ptq.targets.decoders import (
     reference_decode_int8,
@@ -17,7 +18,6 @@ from ptq.targets.decoders import (
     reference_unrotate,
     reference_untile,
 )
-from ptq.formats.nvfp4 import NibbleOrder
 
 Get = Callable[[str], torch.Tensor]
 

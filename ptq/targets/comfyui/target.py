@@ -11,8 +11,21 @@ from typing import Any
 import torch
 
 from ptq.algorithms.qlinear import QuantizedLinearState
-from ptq.targets.base import ExportResult, FileTarget, KeyMap, UnsupportedExport, header_metadata, plain_tensors
-from ptq.targets.comfyui.layout import LAYER_FORMATS, METADATA_KEY, METADATA_VERSION, READER_DTYPES, layer_config
+from ptq.targets.base import (
+    ExportResult,
+    FileTarget,
+    KeyMap,
+    UnsupportedExport,
+    header_metadata,
+    plain_tensors,
+)
+from ptq.targets.comfyui.layout import (
+    LAYER_FORMATS,
+    METADATA_KEY,
+    METADATA_VERSION,
+    READER_DTYPES,
+    layer_config,
+)
 from ptq.targets.comfyui.reader import READERS
 from ptq.targets.comfyui.writer import WRITERS
 from ptq.targets.safetensors_io import SAFETENSORS_DTYPES, save_safetensors
