@@ -57,7 +57,7 @@ def main() -> None:
 
     from ptq.algorithms.qlinear import QuantLinear
     from ptq.targets.comfyui.target import ComfyUITarget
-    from ptq.tools.verify import DYNAMIC_FORMATS, _layer_format, file_layer_state
+    from ptq.tools.verify import DYNAMIC_FORMATS, _layer_format, file_layer_state  # TODO
 
     readers = ComfyUITarget.readers
     worst = {"weight_mismatch": 0, "max_output_rel_diff": 0.0, "layers": 0}

@@ -55,6 +55,9 @@ class NumberFormat(ABC):
     #: without that kernel (on CPU: comfy-kitchen's eager backend) instead of dequantizing the weight.
     native_min_capability: ClassVar[tuple[int, int] | None] = None
     portable_kernel: ClassVar[bool] = False
+    #: The W+A arithmetic differs between comfy-kitchen's CUDA kernels and its eager backend (the ``mode`` argument
+    #: of the activation quantizer: ``"float32"`` vs ``"ck_eager"``).
+    backend_arithmetic: ClassVar[bool] = False
 
     # -- shapes and sizes -----------------------------------------------------------------------------------
     def unsupported(self, in_features: int, out_features: int) -> str | None:

@@ -24,6 +24,7 @@ class FP8Format(NumberFormat):
     weight_bits = 8.0
     activation_block = 1
     native_min_capability = (8, 9)  # ComfyUI's FP8 _scaled_mm (Ada, Hopper, Blackwell); elsewhere dequantized
+    backend_arithmetic = True
 
     def storage_bits(self, out_features: int, in_features: int, *, per_channel: bool = False) -> float:
         """``n*8`` code bits + one float32 scale per tensor (per row with ``per_channel``)."""

@@ -171,6 +171,7 @@ class INT8Format(DynamicActivationFormat):
     # comfy-kitchen's INT8 tensor-core GEMM needs SM >= 7.5; ComfyUI never disables int8_tensorwise: elsewhere
     # (CPU) the eager int8_linear runs the same W8A8 arithmetic
     native_min_capability = (7, 5)
+    backend_arithmetic = True
     portable_kernel = True
 
     def storage_bits(self, out_features: int, in_features: int, *, per_channel: bool = False) -> float:

@@ -149,6 +149,7 @@ class MXFP8Format(DynamicActivationFormat):
     # ComfyUI runs mxfp8 natively on compute capability >= 10 (Blackwell) with torch >= 2.10; elsewhere it
     # dequantizes the weight
     native_min_capability = (10, 0)
+    backend_arithmetic = True
     portable_kernel = False
 
     def unsupported(self, in_features: int, out_features: int) -> str | None:

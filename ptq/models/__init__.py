@@ -13,6 +13,7 @@ from torch import nn
 
 if TYPE_CHECKING:  # pragma: no cover
     from ptq.models.base import ModelAdapter
+    from ptq.models.files import FileFamily
 
 ADAPTERS: dict[str, str] = {
     "wan": "ptq.models.wan.adapter:WanAdapter",
@@ -31,6 +32,30 @@ def get_adapter(name: str) -> type[ModelAdapter]:
     return getattr(importlib.import_module(module), cls)
 
 
+def file_families() -> list[FileFamily]:
+    """The distinct checkpoint views of the registered families (:attr:`ModelAdapter.file_family`), in registry
+    order; ``ptq inspect`` takes the first that recognises a file."""
+    out: list[FileFamily] = []
+    for key in ADAPTERS:
+        family = get_adapter(key).file_family
+        if all(family is not f for f in out):
+            out.append(family)
+    return out
+
+
+def adapter_for_file(keys: list[str]) -> type[ModelAdapter]:
+    """The first registered adapter whose family recognises a file's ``keys`` (its naming), else the first
+    adapter (files of no known family are read as the first family's)."""
+    first = None
+    for key in ADAPTERS:
+        cls = get_adapter(key)
+        first = first or cls
+        if cls.file_family.naming(keys).style != "unknown":
+            return cls
+    assert first is not None
+    return first
+
+
 def adapter_for_module(module: nn.Module) -> type[ModelAdapter] | None:
     """The first registered adapter whose ``module_classes`` names ``module``'s class (or a base class)."""
     names = {c.__name__ for c in type(module).__mro__}
@@ -41,4 +66,4 @@ def adapter_for_module(module: nn.Module) -> type[ModelAdapter] | None:
     return None
 
 
-__all__ = ["ADAPTERS", "adapter_for_module", "get_adapter"]
+__all__ = ["ADAPTERS", "adapter_for_file", "adapter_for_module", "file_families", "get_adapter"]

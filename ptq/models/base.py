@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ptq.algorithms.layers import LayerRules
+from ptq.models.files import UNKNOWN_FAMILY, FileFamily
 
 
 class ModelLoadError(RuntimeError):
@@ -70,18 +71,51 @@ StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 Forward = Callable[..., Any]
 
 
+class ReferenceCheckpoint(ABC):
+    """The unquantized module a quantized file was made from, as ``ptq verify`` reads it (one model folder and
+    component; :meth:`ModelAdapter.reference` finds it)."""
+
+    #: How reports name the module class the file's tensors must load into (e.g. "diffusers WanTransformer3DModel").
+    label: str = "module"
+
+    @abstractmethod
+    def content_hash(self, cache_dir: Path | None = None) -> str:
+        """sha256 of the module's weight files (what exports record as ``ptq_source_sha256``)."""
+
+    @abstractmethod
+    def load(self, device: str) -> nn.Module:
+        """The module in bf16 on ``device``, in eval mode, without gradients."""
+
+    def empty(self, module: nn.Module) -> nn.Module:
+        """A module of the same class and config on the ``meta`` device (strict state-dict load checks)."""
+        with torch.device("meta"):
+            config = getattr(module, "config", None)
+            if config is not None and hasattr(type(module), "from_config"):
+                return type(module).from_config(config)
+            return type(module)()
+
+    @abstractmethod
+    def example_inputs(self, module: nn.Module) -> tuple[tuple, dict[str, Any]]:
+        """(args, kwargs) of one forward of ``module`` on seeded random inputs (its Linears' inputs get captured)."""
+
+    def unquantized_problems(self, state: Mapping[str, torch.Tensor]) -> list[str]:
+        """Problems of the file's unquantized tensors for this family (``state``: module names -> tensors)."""
+        return []
+
+
 class ModelAdapter(ABC):
     """One model family (see the module docstring). Construct with the model folder (or hub id) and the settings
     the loading needs; nothing heavy is loaded until :meth:`encode_prompts` / :meth:`load`.
 
     Class attributes: ``name`` (the ``model.adapter`` key), ``layer_rules``, ``module_classes`` (class names of the
-    modules it quantizes: how exporters and tools find the adapter of a bare module), ``export_name`` (the file
-    name stem exports use by default).
+    modules it quantizes: how exporters and tools find the adapter of a bare module), ``file_family`` (how the
+    family's checkpoints look: namings, architecture from shapes, loader build rules; ``ptq inspect``).
     """
 
     name: ClassVar[str]
     layer_rules: ClassVar[LayerRules]
     module_classes: ClassVar[tuple[str, ...]] = ()
+    file_family: ClassVar[FileFamily] = UNKNOWN_FAMILY
 
     root: Path
 
@@ -163,6 +197,15 @@ class ModelAdapter(ABC):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Video frames ``[F, H, W, 3]`` float32 in [0, 1]."""
         raise NotImplementedError(f"model adapter {self.name!r} cannot decode latents")
+
+    # -- files ----------------------------------------------------------------------------------------------
+    @classmethod
+    def reference(cls, model_path: Any, *, file_name: str, metadata: Mapping[str, str],
+                  component: str | None = None) -> ReferenceCheckpoint:
+        """The unquantized module a quantized file of this family was made from (``--model``; ``component``: which
+        of the folder's modules, default from the file's name and metadata); raise :class:`ModelLoadError` when the
+        path holds none."""
+        raise ModelLoadError(f"model family {cls.name!r} cannot verify files")
 
     # -- export ---------------------------------------------------------------------------------------------
     @classmethod

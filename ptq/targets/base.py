@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -57,6 +57,9 @@ class FileTarget(ABC):
     readers: ClassVar[dict[str, LayerReader]]
     #: safetensors dtype strings every reader path of the target's loader reads (None: any)
     readable_dtypes: ClassVar[frozenset[str] | None] = None
+    #: The NVFP4 packing its loader reads, ``"<nibble order>/<block-scale layout>"`` (``ptq verify`` names a file
+    #: whose closest packing is another one)
+    nvfp4_packing: ClassVar[str] = ""
 
     def writer(self, fmt: str) -> LayerWriter:
         try:
@@ -85,6 +88,27 @@ class FileTarget(ABC):
         for name, state in quant.items():
             out.update(self.writer(state.format)(key_map(name), state, dtype))
         return out
+
+    # -- reading files ptq may not have written (``ptq verify``) --------------------------------------------------
+    def claims(self, metadata: Mapping[str, str], keys: Iterable[str], convention: str) -> bool:
+        """Whether a file (header ``metadata``, tensor ``keys``, detected ``convention`` name) is meant for this
+        target's loader; :func:`ptq.targets.registry.target_of_file` asks the targets in registry order."""
+        return False
+
+    def layer_declaration(self, tensors: Mapping[str, torch.Tensor], layer: str,
+                          metadata: Mapping[str, str]) -> dict[str, Any]:
+        """What the file declares about ``layer`` for this loader (ComfyUI: its per-layer JSON), or {}."""
+        return {}
+
+    def weight_only_declared(self, tensors: Mapping[str, torch.Tensor], layer: str) -> bool:
+        """Whether the file marks ``layer`` weight-only for this loader."""
+        return False
+
+    def file_layer_format(self, g: Mapping[str, torch.Tensor], conf: Mapping[str, Any]) -> str | None:
+        """The ptq format of a file layer (``g``: suffix -> tensor, ``conf``: its declaration), or None."""
+        from ptq.targets.file_decoders import guess_format
+
+        return guess_format(g)
 
     def check_dtypes(self, dtypes: Mapping[str, str]) -> list[str]:
         """Problems of the file's tensors (key -> safetensors dtype string) whose dtype the target's loader cannot

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
+from ptq.targets import checks  # noqa: F401 - registers the checks every loader shares
 from ptq.targets.base import FileTarget
 from ptq.targets.comfyui import COMFYUI
 from ptq.targets.diffusers import DIFFUSERS
@@ -17,4 +20,10 @@ def get_target(name: str) -> FileTarget:
         raise ValueError(f"unknown file target {name!r}; expected one of {', '.join(TARGETS)}") from None
 
 
-__all__ = ["TARGETS", "get_target"]
+def target_of_file(metadata: Mapping[str, str], keys: Iterable[str], convention: str) -> FileTarget:
+    """The first target (registry order) that claims a file: the loader it is meant for."""
+    keys = list(keys)
+    return next(t for t in TARGETS.values() if t.claims(metadata, keys, convention))
+
+
+__all__ = ["TARGETS", "get_target", "target_of_file"]

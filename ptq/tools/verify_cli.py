@@ -36,7 +36,7 @@ def format_report(r: VerifyReport, max_layers: int = 20) -> str:
             f"... {len(r.layers) - max_layers} more layers ({sum(not c.ok for c in r.layers)} failing)"
         )
     lines.append("")
-    lines.append(f"loads into diffusers WanTransformer3DModel: {r.loads_into_diffusers} {r.load_detail}")
+    lines.append(f"loads into {r.module_label}: {r.loads_into_diffusers} {r.load_detail}")
     problems = list(r.problems)
     by_msg: dict[str, list[str]] = {}
     for c in r.layers:

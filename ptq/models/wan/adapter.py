@@ -14,9 +14,19 @@ from typing import Any, ClassVar
 import torch
 
 from ptq.algorithms.layers import LayerRules
-from ptq.models.base import Forward, LoraSpec, ModelAdapter, QuantTarget, SampleSpec, StepCallback
+from ptq.models.base import (
+    Forward,
+    LoraSpec,
+    ModelAdapter,
+    QuantTarget,
+    ReferenceCheckpoint,
+    SampleSpec,
+    StepCallback,
+)
+from ptq.models.files import FileFamily
 from ptq.models.wan import family, loading, sampling
 from ptq.models.wan.comfyui import comfyui_header_metadata
+from ptq.models.wan.files import WAN_FILES
 from ptq.models.wan.names import diffusers_to_original, try_original_to_diffusers
 
 #: Block numbering of ``WanTransformer3DModel`` and the layers kept in high precision by default (patch and
@@ -35,6 +45,7 @@ class WanAdapter(ModelAdapter):
     name: ClassVar[str] = "wan"
     layer_rules: ClassVar[LayerRules] = WAN_LAYER_RULES
     module_classes: ClassVar[tuple[str, ...]] = ("WanTransformer3DModel",)
+    file_family: ClassVar[FileFamily] = WAN_FILES
     #: quantization target name -> the folder's component (sub-folder) holding it
     components_by_target: ClassVar[dict[str, str]] = {"transformer": "transformer"}
 
@@ -264,6 +275,13 @@ class WanAdapter(ModelAdapter):
         if c in self._component_hashes:
             out["ptq_source_sha256"] = self._component_hashes[c]
         return out
+
+    @classmethod
+    def reference(cls, model_path: Any, *, file_name: str, metadata: Mapping[str, str],
+                  component: str | None = None) -> ReferenceCheckpoint:
+        from ptq.models.wan.reference import wan_reference
+
+        return wan_reference(model_path, file_name=file_name, metadata=metadata, component=component)
 
     @classmethod
     def target_key(cls, key: str, target: str) -> str:

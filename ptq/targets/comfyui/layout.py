@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -101,6 +102,44 @@ def decode_comfy_quant(t: torch.Tensor) -> dict[str, Any]:
     return conf if isinstance(conf, dict) else {}
 
 
+@dataclass
+class QuantMetadata:
+    """ComfyUI ``_quantization_metadata`` as parsed from the header (``layers``: layer -> per-layer config)."""
+
+    present: bool
+    layers: dict[str, dict[str, object]] = field(default_factory=dict)
+    format_version: str | None = None
+    error: str | None = None
+
+
+def parse_quant_metadata(metadata: Mapping[str, str]) -> QuantMetadata:
+    """Parse ``_quantization_metadata``; a malformed entry is reported in ``error`` rather than raised."""
+    raw = metadata.get(METADATA_KEY)
+    if raw is None:
+        return QuantMetadata(False)
+    try:
+        obj = json.loads(raw)
+    except ValueError as e:
+        return QuantMetadata(True, error=f"_quantization_metadata is not valid JSON: {e}")
+    if not isinstance(obj, dict) or not isinstance(obj.get("layers"), dict):
+        return QuantMetadata(True, error='_quantization_metadata has no "layers" object')
+    layers: dict[str, dict[str, object]] = {}
+    bad: list[str] = []
+    for name, conf in obj["layers"].items():
+        if isinstance(conf, str):  # some writers store the bare format name
+            conf = {"format": conf}
+        if not isinstance(conf, dict) or not isinstance(conf.get("format"), str):
+            bad.append(name)
+            continue
+        layers[name] = conf
+    version = obj.get("format_version")
+    qm = QuantMetadata(True, layers, str(version) if version is not None else None)
+    if bad:
+        qm.error = f'{len(bad)} layer entries without a "format" string (first: {bad[0]!r})'
+    return qm
+
+
 __all__ = ["COMFY_FORMATS", "LAYER_FORMATS", "METADATA_KEY", "METADATA_VERSION", "NIBBLE_ORDER",
            "OTHER_COMFY_FORMATS", "PRE_QUANT_SCALE_DTYPE", "PRE_QUANT_SCALE_FORMATS", "READER_DTYPES",
-           "decode_comfy_quant", "encode_comfy_quant", "layer_config", "short_format"]
+           "QuantMetadata", "decode_comfy_quant", "encode_comfy_quant", "layer_config", "parse_quant_metadata",
+           "short_format"]

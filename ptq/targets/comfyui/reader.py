@@ -1,16 +1,19 @@
 """Independent decoders of ComfyUI's layout, per ptq format: ``(get tensor by key, layer key, expected state) ->
-(float32 weight [out, in], keys read)``, built on :mod:`ptq.targets.decoders` (no quantizer code)."""
+(float32 weight [out, in], keys read)`` for round-trip verification, built on :mod:`ptq.targets.decoders` (no
+quantizer code), and the file-layer decoders ``ptq verify`` uses for the formats whose layout only this target
+defines (int8, int8 ConvRot, MXFP8; NVFP4 and FP8: :mod:`ptq.targets.file_decoders`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from ptq.algorithms.qlinear import QuantizedLinearState
 from ptq.formats import INT8_CONVROT
 from ptq.formats.nvfp4 import NibbleOrder
-from ptq.targets.comfyui.layout import NIBBLE_ORDER
+from ptq.targets.comfyui.layout import NIBBLE_ORDER, short_format
 from ptq.targets.decoders import (
     reference_decode_int8,
     reference_decode_mxfp8,
@@ -18,6 +21,7 @@ from ptq.targets.decoders import (
     reference_unrotate,
     reference_untile,
 )
+from ptq.targets.file_decoders import FileLayer, register_file_decoder
 
 Get = Callable[[str], torch.Tensor]
 
@@ -48,3 +52,57 @@ def read_fp8(get: Get, layer: str, state: QuantizedLinearState) -> tuple[torch.T
 
 
 READERS = {"nvfp4": read_nvfp4, "fp8": read_fp8, "int8": read_int8, "int8_convrot": read_int8, "mxfp8": read_mxfp8}
+
+
+# ------------------------------------------------------------------- file layers (``ptq verify``): run-time scales
+
+
+def _file_state(fmt: str, g: dict[str, torch.Tensor], conf: dict[str, Any], inp: int, out: int,
+                bias: torch.Tensor | None) -> QuantizedLinearState:
+    """A ComfyUI-layout int8 / int8_convrot / MXFP8 layer in ptq's in-memory layout: int8 codes with their float32
+    scale, MXFP8 codes with untiled uint8 E8M0 scales; weight-only as ComfyUI runs it (MXFP8 with
+    ``full_precision_matrix_mult``; int8 never: ComfyUI ignores the flag for int8)."""
+    weight_only = bool(conf.get("full_precision_matrix_mult")) and fmt == "mxfp8"
+    if fmt == "mxfp8":
+        codes = reference_untile(g["weight_scale"].view(torch.uint8), out, inp // 32).contiguous()
+        return QuantizedLinearState("mxfp8", g["weight"], codes, None, None, bias, inp, out, not weight_only)
+    scale = g["weight_scale"].float()
+    scale = scale.reshape(()) if scale.numel() == 1 else scale.reshape(-1, 1)
+    return QuantizedLinearState(fmt, g["weight"], scale, None, None, bias, inp, out, not weight_only)
+
+
+@register_file_decoder("int8", "int8_convrot", "mxfp8")
+def decode_runtime_scaled(g: dict[str, torch.Tensor], conf: dict[str, Any], out: int, inp: int, ref: torch.Tensor,
+                          expected: str, device: str) -> FileLayer:
+    """int8 (with or without ConvRot) and MXFP8 in ComfyUI's layout, decoded by this target's readers."""
+    fmt = _runtime_format(g, conf)
+    layer = FileLayer(fmt)
+    if "weight_scale" not in g:
+        layer.problems.append("no weight_scale tensor")
+        layer.readable = False
+        return layer
+    if fmt == "int8_convrot" and int(conf.get("convrot_groupsize", 256)) != INT8_CONVROT.group_size:
+        layer.problems.append(f"convrot_groupsize {conf.get('convrot_groupsize')}: ptq simulates ConvRot groups of "
+                              f"{INT8_CONVROT.group_size} only")
+        layer.readable = False
+        return layer
+    bias = g.get("bias")
+    try:
+        layer.state = _file_state(fmt, g, conf, inp, out, None if bias is None else bias.to(device))
+        layer.weight, _ = READERS[fmt](lambda k: g[k.rpartition(".")[2]], "layer", layer.state)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        layer.problems.append(f"cannot be decoded as {fmt} ({type(exc).__name__}: {exc})")
+        layer.readable = False
+        layer.state = None
+        return layer
+    layer.per_channel = layer.state.weight_scale.numel() > 1
+    layer.packing = "e8m0/tiled" if fmt == "mxfp8" else "per-channel" if layer.per_channel else "per-tensor"
+    return layer
+
+
+def _runtime_format(g: dict[str, torch.Tensor], conf: dict[str, Any]) -> str:
+    """int8 / int8_convrot / mxfp8 from the layer JSON, else from the weight dtype and scale shape."""
+    short = short_format(conf) if conf else None
+    if short in ("int8", "int8_convrot", "mxfp8"):
+        return short
+    return "int8" if g["weight"].dtype == torch.int8 else "mxfp8"

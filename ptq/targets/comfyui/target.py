@@ -4,13 +4,14 @@ quantized (the layout: :mod:`ptq.targets.comfyui.layout`)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ptq.algorithms.qlinear import QuantizedLinearState
+from ptq.formats import FORMATS
 from ptq.targets.base import (
     ExportResult,
     FileTarget,
@@ -23,8 +24,11 @@ from ptq.targets.comfyui.layout import (
     LAYER_FORMATS,
     METADATA_KEY,
     METADATA_VERSION,
+    NIBBLE_ORDER,
     READER_DTYPES,
+    decode_comfy_quant,
     layer_config,
+    short_format,
 )
 from ptq.targets.comfyui.reader import READERS
 from ptq.targets.comfyui.writer import WRITERS
@@ -38,6 +42,35 @@ class ComfyUITarget(FileTarget):
     readable_dtypes = READER_DTYPES
     writers = WRITERS
     readers = READERS
+    nvfp4_packing = f"{NIBBLE_ORDER.value}/tiled"
+
+    def claims(self, metadata: Mapping[str, str], keys: Iterable[str], convention: str) -> bool:
+        return ("comfy" in convention.lower() or METADATA_KEY in metadata
+                or any(k.endswith(".comfy_quant") for k in keys))
+
+    def layer_declaration(self, tensors: Mapping[str, torch.Tensor], layer: str,
+                          metadata: Mapping[str, str]) -> dict[str, Any]:
+        """The layer's JSON: its ``comfy_quant`` tensor, else the header ``_quantization_metadata`` entry, or {}."""
+        t = tensors.get(f"{layer}.comfy_quant")
+        if t is not None:
+            return decode_comfy_quant(t)
+        try:
+            layers = json.loads(metadata.get(METADATA_KEY, "{}")).get("layers", {})
+        except (ValueError, AttributeError):
+            return {}
+        conf = layers.get(layer, {}) if isinstance(layers, dict) else {}
+        return conf if isinstance(conf, dict) else {}
+
+    def weight_only_declared(self, tensors: Mapping[str, torch.Tensor], layer: str) -> bool:
+        t = tensors.get(f"{layer}.comfy_quant")
+        return t is not None and bool(decode_comfy_quant(t).get("full_precision_matrix_mult"))
+
+    def file_layer_format(self, g: Mapping[str, torch.Tensor], conf: Mapping[str, Any]) -> str | None:
+        """The declared format of layers whose activations are scaled at run time, else the tensors' format."""
+        short = short_format(conf) if conf.get("format") else None
+        if short in FORMATS and FORMATS[short].dynamic_activations:
+            return short
+        return super().file_layer_format(g, conf)
 
     def build(self, plain: Mapping[str, torch.Tensor], quant: Mapping[str, QuantizedLinearState],
               dtype: torch.dtype, key_map: KeyMap) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,7 @@ import torch
 
 from ptq.algorithms.qlinear import QuantizedLinearState
 from ptq.targets.base import ExportResult, FileTarget, KeyMap, header_metadata, plain_tensors
-from ptq.targets.diffusers.layout import WEIGHTS_NAME
+from ptq.targets.diffusers.layout import NIBBLE_ORDER, WEIGHTS_NAME
 from ptq.targets.diffusers.reader import READERS
 from ptq.targets.diffusers.writer import WRITERS
 from ptq.targets.safetensors_io import save_safetensors, write_text_atomic
@@ -26,6 +26,10 @@ class DiffusersBFLTarget(FileTarget):
     folder = True
     writers = WRITERS
     readers = READERS
+    nvfp4_packing = f"{NIBBLE_ORDER.value}/row_major"
+
+    def claims(self, metadata: Mapping[str, str], keys: Iterable[str], convention: str) -> bool:
+        return True  # every quantized file without another loader's markers is read the ModelOpt way
 
     def write(self, plain: Mapping[str, torch.Tensor], quant: Mapping[str, QuantizedLinearState], out_dir: Path,
               stem: str, *, dtype: torch.dtype, key_map: KeyMap, metadata: dict[str, Any],
