@@ -14,11 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from ptq.targets.safetensors_header import DTYPE_BITS, HeaderError
-from ptq.tools import inspect_cli
 from ptq.models.wan.files import to_diffusers_name, to_original_name
 from ptq.targets.file_layout import split_key, tensor_infos_from_state_dict
 from ptq.targets.inspection import detect_architecture, detect_naming
+from ptq.targets.safetensors_header import DTYPE_BITS, HeaderError
+from ptq.tools import inspect_cli
 from ptq.tools.inspect import PROBLEM_CODES, diff_files, inspect_file, inspect_state_dict, to_dict
 
 # ----------------------------------------------------------------------------------------------- builders
