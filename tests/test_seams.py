@@ -18,7 +18,8 @@ from ptq.algorithms.recipe import LayerSelection, QuantRecipe
 from ptq.calibration.observers import LinearInputObserver
 from ptq.formats import FORMATS, NumberFormat, QuantizedWeight, register_format
 from ptq.models import ADAPTERS
-from ptq.models.base import ModelAdapter, QuantTarget, SampleSpec
+from ptq.models.base import ModelAdapter, QuantTarget, ReferenceCheckpoint, SampleSpec
+from ptq.models.files import Architecture, FileFamily, Naming
 
 # ---------------------------------------------------------------------------------------------------------------
 # a throwaway number format: symmetric int8, per-tensor weight and static per-tensor activation scales
@@ -103,6 +104,70 @@ def test_a_new_format_runs_through_quantize_and_quantlinear(toy_format, weight: 
     assert layer_bits("toy_int8", 32, 96) == 32 * 96 * 8 + 32
 
 
+# the ComfyUI target's layer writer, independent reader and ``ptq verify`` decoder of the throwaway format
+
+
+def write_toy(layer: str, state: Any, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    from ptq.targets.comfyui.writer import common_tensors
+
+    return {f"{layer}.weight": state.weight, f"{layer}.weight_scale": state.weight_scale.float().reshape(()),
+            **common_tensors(layer, state, dtype)}
+
+
+def read_toy(get: Any, layer: str, state: Any) -> tuple[torch.Tensor, set[str]]:
+    keys = {f"{layer}.weight", f"{layer}.weight_scale"}
+    return get(f"{layer}.weight").float() * get(f"{layer}.weight_scale").float(), keys
+
+
+def decode_toy(g: dict, conf: dict, out: int, inp: int, ref: torch.Tensor, expected: str, device: str) -> Any:
+    from ptq.algorithms.qlinear import QuantizedLinearState
+    from ptq.targets.file_decoders import FileLayer
+
+    layer = FileLayer("toy_int8", input_scale=g["input_scale"].float().reshape(()), packing="per-tensor")
+    layer.weight, _ = read_toy(lambda k: g[k.rpartition(".")[2]], "x", None)
+    layer.state = QuantizedLinearState("toy_int8", g["weight"], g["weight_scale"].float().reshape(()), None,
+                                       layer.input_scale, g.get("bias"), inp, out)
+    return layer
+
+
+@pytest.fixture()
+def toy_in_comfyui(toy_format):
+    from ptq.targets.comfyui import COMFYUI
+
+    COMFYUI.register_format("toy_int8", write_toy, read_toy, decoder=decode_toy, comfy_name="toy_int8")
+    yield toy_format
+    COMFYUI.unregister_format("toy_int8")
+
+
+def test_a_new_format_goes_through_export_inspect_and_verify(toy_in_comfyui, random_tiny_dir: Path,
+                                                             tmp_path: Path) -> None:
+    """The throwaway format, with its writer / reader / decoder registered on the ComfyUI target, is exported and
+    read back bit for bit, ``ptq inspect`` reads its layers as declared, and ``ptq verify`` decodes and runs them."""
+    from ptq.models import wan
+    from ptq.targets import export_model
+    from ptq.tools.inspect import inspect_file
+    from ptq.tools.verify import verify_file
+
+    model = wan.load_transformer(random_tiny_dir)
+    torch.manual_seed(0)
+    with LinearInputObserver(model) as obs, torch.no_grad():
+        model(torch.randn(1, 48, 3, 16, 16).to(torch.bfloat16), torch.full((1, 192), 700.0),
+              torch.randn(1, 32, model.config.text_dim).to(torch.bfloat16))
+    quantize_(model, QuantRecipe(format="toy_int8"), obs.stats(), progress=False)
+    cfg = SimpleNamespace(targets=["comfyui"], unquantized_dtype="bfloat16", filename="toy", verify=True)
+    (res,) = export_model(model, cfg, tmp_path, progress=False)
+    assert res.verified, res.verify_detail
+    report = inspect_file(res.path)
+    assert not report.errors, [p.message for p in report.errors]
+    quantized = [li for li in report.layers if li.quantized]
+    assert quantized and {li.format for li in quantized} == {"toy_int8"}
+    assert all(li.metadata_format == "toy_int8" for li in quantized)
+    checked = verify_file(res.path, str(random_tiny_dir))
+    assert checked.ok, [(c.name, c.problems) for c in checked.layers if not c.ok] + checked.problems
+    assert {c.format for c in checked.layers} == {"toy_int8"} and len(checked.layers) == res.quantized_layers
+    assert all(c.output_err_file == pytest.approx(c.output_err_ptq, rel=1e-6) for c in checked.layers)
+
+
 def test_exporters_refuse_a_format_they_cannot_write(toy_format, tmp_path: Path) -> None:
     from ptq.targets import export_model
 
@@ -143,10 +208,46 @@ class ToyDenoiser(nn.Module):
         return self.head(h)
 
 
+class ToyFiles(FileFamily):
+    """The toy family's checkpoints: keys named ``toy.<module>``."""
+
+    name = "toy"
+
+    def naming(self, keys: Any) -> Naming:
+        keys = list(keys)
+        n = sum(k.startswith("toy.") for k in keys)
+        return Naming("original" if n else "unknown", "", len(keys), 0, 0, n, {}, {"original": "toy.* names"})
+
+    def architecture(self, layers: Any, params: int) -> Architecture:
+        blocks = {k.split(".")[2] for k in layers if k.startswith("toy.layers.")}
+        return Architecture("toy", f"toy denoiser, {len(blocks)} blocks", num_layers=len(blocks), params=params)
+
+
+class ToyReference(ReferenceCheckpoint):
+    label = "ToyDenoiser"
+
+    def content_hash(self, cache_dir: Path | None = None) -> str:
+        return "0" * 64
+
+    def load(self, device: str) -> nn.Module:
+        torch.manual_seed(0)
+        return ToyDenoiser().to(torch.bfloat16).eval().requires_grad_(False)
+
+    def example_inputs(self, module: nn.Module) -> tuple[tuple, dict]:
+        g = torch.Generator().manual_seed(0)
+        x, text = torch.randn(1, 8, 32, generator=g), torch.randn(1, 8, 32, generator=g)
+        return (x.to(torch.bfloat16), torch.tensor([0.5], dtype=torch.bfloat16), text.to(torch.bfloat16)), {}
+
+
 class ToyAdapter(ModelAdapter):
     name: ClassVar[str] = "toy"
     layer_rules: ClassVar[LayerRules] = LayerRules(block_pattern=r"^layers\.(\d+)\.", high_precision=("embed",))
     module_classes: ClassVar[tuple[str, ...]] = ("ToyDenoiser",)
+    file_family: ClassVar[FileFamily] = ToyFiles()
+
+    @classmethod
+    def reference(cls, model_path: Any, *, file_name: str, metadata: Any, component: Any = None) -> ReferenceCheckpoint:
+        return ToyReference()
 
     def __init__(self, path: Any, **_: Any) -> None:
         self.root = Path(path or ".")
@@ -226,3 +327,14 @@ def test_a_new_model_family_runs_the_whole_job(tmp_path: Path, monkeypatch: pyte
     with safe_open(str(tmp_path / "run" / "model_comfyui.safetensors"), "pt") as f:
         assert "toy.layers.0.up.weight_scale" in set(f.keys()) and f.metadata()["ptq_source_model"] == "toy"
     assert 0 < report["accuracy"]["mean_final"]["rel_l2"] < 0.5
+    # ptq inspect and ptq verify read the family's file through its adapter (names, architecture, reference model)
+    from ptq.tools.inspect import inspect_file
+    from ptq.tools.verify import verify_file
+
+    path = tmp_path / "run" / "model_comfyui.safetensors"
+    found = inspect_file(path)
+    assert (found.architecture.family, found.architecture.num_layers, found.naming.style) == ("toy", 2, "original")
+    assert not found.errors and {li.format for li in found.layers if li.quantized} == {"nvfp4"}
+    checked = verify_file(path, None)
+    assert checked.ok and checked.loads_into_diffusers, checked.to_dict()
+    assert {c.name for c in checked.layers} == {"layers.0.up", "layers.0.down", "head"}

@@ -255,6 +255,9 @@ class ModelAdapter(ABC):
         """Header metadata of the exports of one target (several targets: which one it is)."""
         return {}
 
-    def module_config(self, target_name: str) -> dict[str, Any]:
-        """The module's config (written next to the diffusers export)."""
-        return dict(getattr(self.targets()[target_name].module, "config", {}))
+    def comfyui_runtime(self, runtime: Any) -> Any:
+        """A ComfyUI runtime (:class:`ptq.targets.comfyui.runtime.Runtime`) as it computes this family's files: with
+        the compute dtype ComfyUI picks for the family there (its ``supported_inference_dtypes``). The runtimes'
+        own compute dtypes are ComfyUI's choice for WAN (float16 on NVIDIA GPUs, float32 on the CPU), which this
+        default keeps."""
+        return runtime

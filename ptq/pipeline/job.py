@@ -216,7 +216,8 @@ def _run_ranked(cfg: RunConfig, out_dir: Path, ctx: DistContext, recipe_name: st
 
     baseline = cache_file = None
     # rank 0 evaluates the ComfyUI runtimes (every prompt) after the shared evaluation
-    runtimes = runtime_eval.runtime_list(list(cfg.eval.runtimes)) if evals is not None and ctx.is_main else []
+    runtimes = [adapter.comfyui_runtime(rt) for rt in runtime_eval.runtime_list(list(cfg.eval.runtimes))] \
+        if evals is not None and ctx.is_main else []
     references: dict[str, Any] = {}
     if evals is not None:
         payload = stages.baseline_payload(adapter, evals, dtype=cfg.model.dtype, device=device.type,

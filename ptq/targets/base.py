@@ -61,6 +61,28 @@ class FileTarget(ABC):
     #: whose closest packing is another one)
     nvfp4_packing: ClassVar[str] = ""
 
+    def register_format(self, fmt: str, writer: LayerWriter, reader: LayerReader, *, decoder: Any = None,
+                        **layout: Any) -> None:
+        """Let this target write format ``fmt`` (a new number format's seam): its layer ``writer``, the independent
+        ``reader`` round-trip verification decodes with, and ``decoder`` (a
+        :data:`ptq.targets.file_decoders.FileDecoder`) for ``ptq verify`` of files ptq did not write; ``layout``:
+        the target's own facts about the format (ComfyUI: ``comfy_name``, ``extra``)."""
+        from ptq.targets.file_decoders import FILE_DECODERS
+
+        if layout:
+            raise TypeError(f"target {self.name!r} takes no layout facts ({', '.join(layout)})")
+        self.writers[fmt], self.readers[fmt] = writer, reader
+        if decoder is not None:
+            FILE_DECODERS[fmt] = decoder
+
+    def unregister_format(self, fmt: str) -> None:
+        """Undo :meth:`register_format`."""
+        from ptq.targets.file_decoders import FILE_DECODERS
+
+        self.writers.pop(fmt, None)
+        self.readers.pop(fmt, None)
+        FILE_DECODERS.pop(fmt, None)
+
     def writer(self, fmt: str) -> LayerWriter:
         try:
             return self.writers[fmt]

@@ -21,7 +21,7 @@ from ptq.targets.comfyui import features
 from ptq.targets.comfyui.layout import (
     COMFY_FORMATS,
     METADATA_KEY,
-    OTHER_COMFY_FORMATS,
+    OTHER_STORAGE_DTYPES,
     PRE_QUANT_SCALE_FORMATS,
     READER_DTYPES,
     QuantMetadata,
@@ -44,10 +44,15 @@ _METADATA_FIX = (
     'e.g. "blocks.0.self_attn.q"; with safetensors: save_file(tensors, path, metadata={"_quantization_metadata": '
     "json.dumps(meta)}) - or write <layer>.comfy_quant uint8 tensors holding the same per-layer JSON"
 )
-#: Weight dtype each per-layer format needs (ptq's formats: their storage dtype; ComfyUI-only ones listed).
-REQUIRED_DTYPE = {**{name: SAFETENSORS_DTYPES[f.storage_dtype] for name, f in FORMATS.items()},
-                  **{short: comfy.replace("float8_e4m3fn", "F8_E4M3").replace("float8_e5m2", "F8_E5M2")
-                     for comfy, short in OTHER_COMFY_FORMATS.items()}}
+
+
+def required_dtype(fmt: str) -> str | None:
+    """The weight dtype a per-layer format needs (ptq's formats: their storage dtype)."""
+    if fmt in FORMATS:
+        return SAFETENSORS_DTYPES[FORMATS[fmt].storage_dtype]
+    return OTHER_STORAGE_DTYPES.get(fmt)
+
+
 _QUANT_WEIGHT_DTYPES = ("U8", "F8_E4M3", "F8_E5M2", "I8", "F4")
 
 
@@ -184,7 +189,7 @@ def check_format_dtype(view: FileView) -> None:
     mismatch: list[str] = []
     detail = ""
     for li in view.layers:
-        req = REQUIRED_DTYPE.get(li.metadata_format or "")
+        req = required_dtype(li.metadata_format or "")
         if req and li.weight and li.weight.dtype != req:
             mismatch.append(li.name)
             detail = detail or f"e.g. {li.name}: format {li.metadata_format} but weight is {li.weight.dtype}"

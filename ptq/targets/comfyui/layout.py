@@ -46,11 +46,12 @@ LAYER_FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
     "int8_convrot": ("int8_tensorwise", {"convrot": True, "convrot_groupsize": INT8_CONVROT.group_size}),
     "mxfp8": ("mxfp8", {}),
 }
-#: Per-layer formats of ComfyUI core that ptq does not write, by their short report names.
-OTHER_COMFY_FORMATS = {"float8_e5m2": "fp8_e5m2"}
-#: Every per-layer ``format`` ComfyUI core knows -> its short report name.
-COMFY_FORMATS: dict[str, str] = {**{comfy: ptq for ptq, (comfy, extra) in LAYER_FORMATS.items() if not extra},
-                                 **OTHER_COMFY_FORMATS}
+#: Every per-layer ``format`` ComfyUI core knows (``QUANT_ALGOS``, in its order) -> the short name reports use (the
+#: ptq format it holds; ``fp8_e5m2`` is not one). A layer of a name not in here fails to load.
+COMFY_FORMATS: dict[str, str] = {"float8_e4m3fn": "fp8", "float8_e5m2": "fp8_e5m2", "nvfp4": "nvfp4",
+                                 "mxfp8": "mxfp8", "int8_tensorwise": "int8"}
+#: The weight dtype of the ComfyUI formats that are not ptq formats (ptq's: their format's storage dtype).
+OTHER_STORAGE_DTYPES = {"fp8_e5m2": "F8_E5M2"}
 #: ptq formats whose ComfyUI layers read ``pre_quant_scale`` (``QUANT_ALGOS[...]["parameters"]``).
 PRE_QUANT_SCALE_FORMATS = ("nvfp4",)
 #: dtype of ``pre_quant_scale`` in the file (exact in bf16 and fp16; ComfyUI casts it to the input dtype).
@@ -140,6 +141,6 @@ def parse_quant_metadata(metadata: Mapping[str, str]) -> QuantMetadata:
 
 
 __all__ = ["COMFY_FORMATS", "LAYER_FORMATS", "METADATA_KEY", "METADATA_VERSION", "NIBBLE_ORDER",
-           "OTHER_COMFY_FORMATS", "PRE_QUANT_SCALE_DTYPE", "PRE_QUANT_SCALE_FORMATS", "READER_DTYPES",
+           "OTHER_STORAGE_DTYPES", "PRE_QUANT_SCALE_DTYPE", "PRE_QUANT_SCALE_FORMATS", "READER_DTYPES",
            "QuantMetadata", "decode_comfy_quant", "encode_comfy_quant", "layer_config", "parse_quant_metadata",
            "short_format"]

@@ -21,6 +21,7 @@ from ptq.targets.base import (
     plain_tensors,
 )
 from ptq.targets.comfyui.layout import (
+    COMFY_FORMATS,
     LAYER_FORMATS,
     METADATA_KEY,
     METADATA_VERSION,
@@ -44,6 +45,20 @@ class ComfyUITarget(FileTarget):
     readers = READERS
     nvfp4_packing = f"{NIBBLE_ORDER.value}/tiled"
 
+    def register_format(self, fmt: str, writer: Any, reader: Any, *, decoder: Any = None, comfy_name: str = "",
+                        extra: dict[str, Any] | None = None, **layout: Any) -> None:
+        """:meth:`FileTarget.register_format`, plus the per-layer ``format`` name ComfyUI reads the layers under
+        (``comfy_name``: one its ``QUANT_ALGOS`` knows) and the extra keys of their layer JSON."""
+        super().register_format(fmt, writer, reader, decoder=decoder, **layout)
+        LAYER_FORMATS[fmt] = (comfy_name or fmt, dict(extra or {}))
+        COMFY_FORMATS.setdefault(comfy_name or fmt, fmt)
+
+    def unregister_format(self, fmt: str) -> None:
+        super().unregister_format(fmt)
+        name, _ = LAYER_FORMATS.pop(fmt, (None, None))
+        if COMFY_FORMATS.get(name) == fmt:
+            del COMFY_FORMATS[name]
+
     def claims(self, metadata: Mapping[str, str], keys: Iterable[str], convention: str) -> bool:
         return ("comfy" in convention.lower() or METADATA_KEY in metadata
                 or any(k.endswith(".comfy_quant") for k in keys))
@@ -66,9 +81,11 @@ class ComfyUITarget(FileTarget):
         return t is not None and bool(decode_comfy_quant(t).get("full_precision_matrix_mult"))
 
     def file_layer_format(self, g: Mapping[str, torch.Tensor], conf: Mapping[str, Any]) -> str | None:
-        """The declared format of layers whose activations are scaled at run time, else the tensors' format."""
+        """The declared format (of layers whose activations are scaled at run time, or whose weight has the
+        format's storage dtype), else the format the tensors' dtypes say."""
         short = short_format(conf) if conf.get("format") else None
-        if short in FORMATS and FORMATS[short].dynamic_activations:
+        if short in FORMATS and (FORMATS[short].dynamic_activations
+                                 or g["weight"].dtype == FORMATS[short].storage_dtype):
             return short
         return super().file_layer_format(g, conf)
 
