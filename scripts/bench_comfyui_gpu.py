@@ -53,7 +53,7 @@ GIB = 2**30
 SIZES = {1560: (4, 30, 52), 3510: (9, 30, 52), 27280: (31, 44, 80)}
 SMOKE_SIZES = {96: (3, 8, 16)}
 #: (warm-up, timed) forwards per token count
-REPS = {1560: (3, 10), 3510: (2, 8), 27280: (1, 3), 96: (1, 2)}
+REPS = {1560: (2, 6), 3510: (2, 5), 27280: (1, 2), 96: (1, 2)}
 #: variant -> QuantRecipe keywords (None: the unquantized bf16 file)
 VARIANTS: dict[str, dict[str, Any] | None] = {
     "bf16": None,
