@@ -38,9 +38,9 @@ class ForwardInputRecorder:
     (reservoir sampling, fixed ``seed``: deterministic). Use as a context manager around calibration forwards.
 
     Prompt mode (``begin_prompt(i)`` / ``end_prompt()`` / ``fold(record)``: a
-    :class:`~ptq.calibration.collector.Collector`, as ``LinearInputObserver``): call ``c`` of prompt ``i`` gets the random key ``Random(f"{seed}:{i}:{c}")`` and the ``k`` calls with the smallest keys are
-    kept (bottom-k sampling: the same subset however the prompts are split between processes or runs), ordered
-    by (prompt, call)."""
+    :class:`~ptq.calibration.collector.Collector`, as ``LinearInputObserver``): call ``c`` of prompt ``i`` gets the
+    random key ``Random(f"{seed}:{i}:{c}")`` and the ``k`` calls with the smallest keys are kept (bottom-k sampling:
+    the same subset however the prompts are split between processes or runs), ordered by (prompt, call)."""
 
     def __init__(self, module: nn.Module, k: int, seed: int = 0) -> None:
         if k < 1:
