@@ -37,10 +37,10 @@ class ForwardInputRecorder:
     """Keep CPU copies of ``k`` forward inputs ``(args, kwargs)`` of ``module``, a uniform random subset of all calls
     (reservoir sampling, fixed ``seed``: deterministic). Use as a context manager around calibration forwards.
 
-    Prompt mode (``begin_prompt(i)`` / ``end_prompt()`` / ``fold(record)``, as ``LinearInputObserver``): call ``c``
-    of prompt ``i`` gets the random key ``Random(f"{seed}:{i}:{c}")`` and the ``k`` calls with the smallest keys are
-    kept (bottom-k sampling: the same subset however the prompts are split between processes or runs), ordered
-    by (prompt, call)."""
+    Prompt mode (``begin_prompt(i)`` / ``end_prompt()`` / ``fold(record)``: a
+    :class:`~ptq.calibration.collector.Collector`, as ``LinearInputObserver``): call ``c`` of prompt ``i`` gets the
+    random key ``Random(f"{seed}:{i}:{c}")`` and the ``k`` calls with the smallest keys are kept (bottom-k sampling:
+    the same subset however the prompts are split between processes or runs), ordered by (prompt, call)."""
 
     def __init__(self, module: nn.Module, k: int, seed: int = 0) -> None:
         if k < 1:

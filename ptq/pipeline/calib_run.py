@@ -21,10 +21,11 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
+from ptq.calibration.collector import Collector
 from ptq.calibration.observers import LinearInputObserver, PromptRecord
 from ptq.models.base import ModelAdapter
 from ptq.pipeline.distributed import (
@@ -52,16 +53,6 @@ CHECKPOINT_VERSION = 1
 #: holds this prompt (0-based), as if it had been killed there.
 EXIT_AFTER_PROMPT_ENV = "PTQ_TEST_EXIT_AFTER_PROMPT"
 TEST_EXIT_CODE = 75
-
-
-class Collector(Protocol):
-    """What calibration runs prompt by prompt (``LinearInputObserver``, ``ForwardInputRecorder``)."""
-
-    def begin_prompt(self, index: int) -> None: ...
-    def end_prompt(self) -> Any: ...
-    def fold(self, record: Any) -> None: ...
-    def state_dict(self) -> dict[str, Any]: ...
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def calibration_fingerprint(payload: dict[str, Any]) -> str:
