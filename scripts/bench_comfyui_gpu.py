@@ -388,6 +388,8 @@ def run_all(args: argparse.Namespace) -> None:
     results = []
     for dyn in modes:
         for name, f in files.items():
+            if not dyn and device != "cpu" and args.off_variants and name not in args.off_variants:
+                continue
             cmd = [sys.executable, __file__, "comfy", f["path"], "--comfyui", args.comfyui, "--work", str(work)]
             cmd += ["--smoke"] if args.smoke else []
             cmd += [] if dyn else ["--no-dynamic-vram"]
@@ -420,6 +422,8 @@ def main() -> None:
         p.add_argument("--runtime", default=None, help="ptq runtime the references simulate (default: hopper; "
                        "cpu with --smoke on a machine without a GPU)")
         p.add_argument("--smoke", action="store_true", help="the tiny model's config on the CPU (checks the flow)")
+        p.add_argument("--off-variants", nargs="*", default=None,
+                       help="variants also run with DynamicVRAM off (default: all)")
     args = ap.parse_args()
     args.runtime = args.runtime or ("cpu" if args.smoke and not torch.cuda.is_available() else "hopper")
     sys.path.insert(0, str(REPO))
