@@ -466,8 +466,10 @@ class QuantRecipe:
             if dynamic:
                 raise ValueError(f"quant.weight.act_aware=true: formats {dynamic} scale their activations at run "
                                  "time (no calibrated input quantizer to fit the weights to)")
-        if self.weight.scales == "four_over_six" and type(self.weight) is WeightMethod and self.format != "nvfp4":
-            raise ValueError("quant.weight.scales='four_over_six' applies to nvfp4 only")
+        rtn_four_over_six = self.weight.scales == "four_over_six" and type(self.weight) is WeightMethod
+        if rtn_four_over_six and not FORMATS[self.format].four_over_six:
+            have = sorted(n for n, f in FORMATS.items() if f.four_over_six)
+            raise ValueError(f"quant.weight.scales='four_over_six' applies to {', '.join(have)} only")
         if isinstance(self.weight, GPTQWeight) and self.mixed.analyse and self.weight.extra_passes:
             raise ValueError("quant.mixed with GPTQ needs quant.weight.blocks_per_pass=0 and act_aware=false (the "
                              "sensitivity analysis quantizes each layer with its Hessian from the one calibration "
