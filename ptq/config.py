@@ -92,5 +92,15 @@ def validate_config(cfg: RunConfig) -> None:
         if not lora.path:
             raise ValueError(f"model.loras[{i}].path is empty: give the LoRA's .safetensors file")
     runtime_list(list(cfg.eval.runtimes))
-    if cfg.quant.needs().samples and cfg.calib.samples_per_call <= 0:
-        raise ValueError(f"quant.activation={cfg.quant.activation.label!r} needs calib.samples_per_call > 0")
+    _check_samples(cfg)
+
+
+def _check_samples(cfg: RunConfig) -> None:
+    """``calib.samples_per_call``: 0 (what the recipe asks for) or an override > 0."""
+    n, asked = cfg.calib.samples_per_call, cfg.quant.needs().samples
+    if n >= 0:
+        return
+    if asked:
+        raise ValueError(f"quant.activation={cfg.quant.activation.label!r} needs calib.samples_per_call > 0, got {n} "
+                         f"(0: the {asked} per call it asks for)")
+    raise ValueError(f"calib.samples_per_call={n}: expected >= 0 (0 = what the recipe needs)")

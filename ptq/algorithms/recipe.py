@@ -12,6 +12,7 @@ Each part states the calibration statistics it needs (:meth:`QuantRecipe.needs`)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -181,15 +182,23 @@ class ActivationMethod(_NamedPart):
 
 
 @dataclass(eq=False)
-class PercentileActivation(ActivationMethod):
+class SampledActivation(ActivationMethod):
+    """A clipping method that searches sampled |x| values: calibration keeps ``samples_per_call`` of them per Linear
+    call (``calib.samples_per_call`` > 0 overrides the number)."""
+
+    samples_per_call: ClassVar[int] = 4096
+
+    def needs(self) -> CalibrationNeeds:
+        return CalibrationNeeds(amax=True, samples=self.samples_per_call)
+
+
+@dataclass(eq=False)
+class PercentileActivation(SampledActivation):
     """Clip at the ``percentile`` (0-100) of the sampled |x| (never above the max)."""
 
     method_names: ClassVar[tuple[str, ...]] = ("percentile",)
     method: str = "percentile"
     percentile: float = 99.99
-
-    def needs(self) -> CalibrationNeeds:
-        return CalibrationNeeds(amax=True, samples=True)
 
     def validate(self) -> None:
         super().validate()
@@ -198,7 +207,7 @@ class PercentileActivation(ActivationMethod):
 
 
 @dataclass(eq=False)
-class MSEActivation(ActivationMethod):
+class MSEActivation(SampledActivation):
     """Clip minimising the runtime quantization error of the sampled activation blocks (see
     ``ptq.algorithms.activation_scale``). step_weighting: "none" (plain sum over the samples) or "relative" (every
     denoising step weighted equally, label "mse_steps"). grid / lo: ``grid`` log-spaced clip ratios in [lo, 1]."""
@@ -212,9 +221,6 @@ class MSEActivation(ActivationMethod):
     @property
     def label(self) -> str:
         return "mse_steps" if self.step_weighting == "relative" else "mse"
-
-    def needs(self) -> CalibrationNeeds:
-        return CalibrationNeeds(amax=True, samples=True)
 
     def validate(self) -> None:
         super().validate()
@@ -438,14 +444,22 @@ class QuantRecipe:
             names |= set(self.mixed.formats)
         return {f for f in names if f != KEEP}
 
+    def static_formats(self) -> list[str]:
+        """The formats (sorted) some layer may take that have a static (calibrated) ``input_scale``."""
+        return sorted(f for f in self.formats_used() if f in FORMATS and not FORMATS[f].dynamic_activations)
+
     def static_activations(self) -> bool:
         """Whether some layer may take a format with a static (calibrated) ``input_scale``."""
-        return any(f in FORMATS and not FORMATS[f].dynamic_activations for f in self.formats_used())
+        return bool(self.static_formats())
 
     def needs(self) -> CalibrationNeeds:
         """What calibration must collect for this recipe (union of its parts' needs; no activation statistics when
-        every format scales its activations at run time)."""
-        act = self.activation.needs() if self.static_activations() else CalibrationNeeds()
+        every format scales its activations at run time). Activation samples come in aligned runs that suit every
+        static format (the lcm of their ``activation_sample_block``)."""
+        static = self.static_formats()
+        act = self.activation.needs() if static else CalibrationNeeds()
+        if act.samples:
+            act = replace(act, sample_block=math.lcm(*(FORMATS[f].activation_sample_block for f in static)))
         return self.weight.needs() | act | self.mixed.needs() | self.smoothing.needs()
 
     def validate(self) -> None:
@@ -455,8 +469,8 @@ class QuantRecipe:
         self.activation.validate()
         self.layers.validate()
         self.mixed.validate()
-        if self.activation.method == "dynamic" and self.static_activations():
-            static = sorted(f for f in self.formats_used() if f in FORMATS and not FORMATS[f].dynamic_activations)
+        static = self.static_formats()
+        if self.activation.method == "dynamic" and static:
             raise ValueError(f"quant.activation=dynamic: formats {static} need a calibrated input_scale (choose "
                              "quant/activation=max or another clipping method; dynamic applies to "
                              f"{', '.join(sorted(n for n, f in FORMATS.items() if f.dynamic_activations))})")

@@ -36,10 +36,6 @@ from ptq.pipeline.sampling import PromptSet, sample_prompts
 
 log = logging.getLogger("ptq")
 
-#: Inputs per NVFP4 runtime block: activation samples are taken in aligned runs of this many elements.
-SAMPLE_BLOCK = 16
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # encode
 # ---------------------------------------------------------------------------------------------------------------
@@ -123,12 +119,13 @@ class Calibration:
     rerun: Callable[[str, LinearInputObserver], None] | None = None
 
 
-def calibration_needs(recipe: QuantRecipe) -> CalibrationNeeds:
-    """The recipe's needs, with the Hessians left to the later passes of sequential GPTQ."""
+def calibration_needs(recipe: QuantRecipe, samples_per_call: int = 0) -> CalibrationNeeds:
+    """What the first calibration pass collects for ``recipe``: its needs, with the Hessians left to the later passes
+    of sequential GPTQ; ``samples_per_call`` > 0 replaces the number of |x| samples per call it asks for."""
     needs = recipe.needs()
     if isinstance(recipe.weight, GPTQWeight) and recipe.weight.blocks_per_pass > 0:
         needs = replace(needs, hessians=False)
-    return needs
+    return needs.with_samples_per_call(samples_per_call)
 
 
 def rows_per_call(rows: int, ps: PromptSet) -> int:
@@ -140,14 +137,15 @@ def rows_per_call(rows: int, ps: PromptSet) -> int:
     return max(1, -(-rows // max(calls, 1)))
 
 
-def calibrate(adapter: ModelAdapter, recipe: QuantRecipe, ps: PromptSet, *, samples_per_call: int, seed: int,
+def calibrate(adapter: ModelAdapter, recipe: QuantRecipe, ps: PromptSet, *, samples_per_call: int = 0, seed: int,
               progress: bool, cuda_graphs: bool, needs: CalibrationNeeds | None = None,
               session: CalibrationSession | None = None) -> Calibration:
     """Run the calibration prompts through the unquantized model with observers on the Linears the recipe
     quantizes, collecting what the recipe needs (nothing at all for weight-only round-to-nearest); ``needs``
-    overrides that (e.g. one calibration serving several recipes). ``session``: prompt by prompt, sharded over
-    processes, checkpointed and resumable (``ptq.pipeline.calib_run``); only its rank 0 gets the statistics."""
-    needs = calibration_needs(recipe) if needs is None else needs
+    overrides that (e.g. one calibration serving several recipes); ``samples_per_call`` > 0 the number of |x|
+    samples per call. ``session``: prompt by prompt, sharded over processes, checkpointed and resumable
+    (``ptq.pipeline.calib_run``); only its rank 0 gets the statistics."""
+    needs = (calibration_needs(recipe) if needs is None else needs).with_samples_per_call(samples_per_call)
     cal = Calibration(needs)
 
     def run(observers: dict[str, LinearInputObserver], recorders: dict[str, ForwardInputRecorder]) -> None:
@@ -169,8 +167,8 @@ def calibrate(adapter: ModelAdapter, recipe: QuantRecipe, ps: PromptSet, *, samp
     for name, target in targets.items():
         layers = LayerPlanner.for_model(target.module, recipe, adapter.layer_rules).targets(target.module)
         observers[name] = LinearInputObserver(target.module, layers, num_steps=ps.specs[0].num_steps,
-                                              samples_per_call=samples_per_call if needs.samples else 0, seed=seed,
-                                              sample_block=SAMPLE_BLOCK, hessian=needs.hessians,
+                                              samples_per_call=needs.samples, seed=seed,
+                                              sample_block=needs.sample_block, hessian=needs.hessians,
                                               hessian_storage=session.hessian_storage if session else "device",
                                               rows_per_call=rows_per_call(needs.rows, ps))
         if needs.inputs:
