@@ -4,7 +4,7 @@ Groups: ``config`` (presets in ``ptq/configs/config/*.yaml``, package _global_),
 ``quant`` (recipes, ``configs/quant``) and, per part of a recipe, ``quant/weight``, ``quant/activation`` and
 ``quant/smoothing`` (one option per named method of ``ptq.algorithms.recipe``, each its own structured schema).
 The schemas themselves are the dataclasses of :mod:`ptq.pipeline.settings`. ``validate_config`` checks value
-ranges.
+ranges and the limits of the recipe's quantization strategy (:mod:`ptq.algorithms.strategies`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 
 from ptq.algorithms.recipe import ACTIVATION_METHODS, SMOOTHING_METHODS, WEIGHT_METHODS
+from ptq.algorithms.strategies import strategy_for, validate_recipe
 from ptq.calibration.hessian_store import HESSIAN_STORAGES
 from ptq.pipeline.runtime_eval import runtime_list
 from ptq.pipeline.settings import (
@@ -55,7 +56,7 @@ def _check_sampling(prefix: str, s: Any) -> None:
 
 def validate_config(cfg: RunConfig) -> None:
     """Raise ValueError naming the key for out-of-range values (types are already checked by Hydra)."""
-    cfg.quant.validate()
+    validate_recipe(cfg.quant)
     _check_sampling("calib", cfg.calib)
     _check_sampling("eval", cfg.eval)
     if cfg.model.dtype not in ("bfloat16", "float16", "float32"):
@@ -73,15 +74,7 @@ def validate_config(cfg: RunConfig) -> None:
     if cfg.calib.expert_trajectory not in TRAJECTORIES:
         raise ValueError(f"calib.expert_trajectory={cfg.calib.expert_trajectory!r}: expected one of "
                          f"{', '.join(TRAJECTORIES)}")
-    from ptq.algorithms.recipe import GPTQWeight
-
-    if cfg.model.offload and isinstance(cfg.quant.weight, GPTQWeight):
-        raise ValueError("model.offload=true with quant/weight=gptq: GPTQ needs the weights on the GPU next to its "
-                         "Hessians; use a round-to-nearest or mse weight method, or model.offload=false")
-    if cfg.model.offload and cfg.quant.mixed.analyse:
-        raise ValueError("model.offload=true with quant.mixed (sensitivity analysis): the analysis re-runs the whole "
-                         "model once per layer and format, which offloading would stream from host memory each "
-                         "time; use model.offload=false")
+    strategy_for(cfg.quant).check_device(cfg.quant, offload=cfg.model.offload)
     from ptq.pipeline.distributed import env_world_size
 
     world = env_world_size()

@@ -119,13 +119,9 @@ class GPTQWeight(WeightMethod):
         base = "gptq" if self.scales == "mse" else f"gptq_{self.scales}"
         return f"{base}_act_aware" if self.act_aware else base
 
-    @property
-    def extra_passes(self) -> bool:
-        """Whether quantization re-runs calibration (sequential passes or the quantized-input statistics)."""
-        return self.blocks_per_pass > 0 or self.act_aware
-
     def needs(self) -> CalibrationNeeds:
-        return CalibrationNeeds(amax=True) if self.act_aware else CalibrationNeeds(hessians=True)
+        """The layers' input Hessians (which calibration pass collects them: ``ptq.algorithms.strategies``)."""
+        return CalibrationNeeds(hessians=True)
 
     def validate(self) -> None:
         super().validate()
@@ -463,7 +459,8 @@ class QuantRecipe:
         return self.weight.needs() | act | self.mixed.needs() | self.smoothing.needs()
 
     def validate(self) -> None:
-        """Raise ValueError naming the key for any out-of-range or inconsistent value."""
+        """Raise ValueError naming the key for any out-of-range or inconsistent value of the parts (the limits of the
+        strategy that runs the weight method: ``ptq.algorithms.strategies.validate_recipe``)."""
         _check_format("quant.format", self.format, keep_ok=False)
         self.weight.validate()
         self.activation.validate()
@@ -475,22 +472,10 @@ class QuantRecipe:
                              "quant/activation=max or another clipping method; dynamic applies to "
                              f"{', '.join(sorted(n for n, f in FORMATS.items() if f.dynamic_activations))})")
         self.smoothing.validate()
-        if isinstance(self.weight, GPTQWeight) and self.weight.act_aware:
-            dynamic = sorted(f for f in self.formats_used() if f in FORMATS and FORMATS[f].dynamic_activations)
-            if dynamic:
-                raise ValueError(f"quant.weight.act_aware=true: formats {dynamic} scale their activations at run "
-                                 "time (no calibrated input quantizer to fit the weights to)")
         rtn_four_over_six = self.weight.scales == "four_over_six" and type(self.weight) is WeightMethod
         if rtn_four_over_six and not FORMATS[self.format].four_over_six:
             have = sorted(n for n, f in FORMATS.items() if f.four_over_six)
             raise ValueError(f"quant.weight.scales='four_over_six' applies to {', '.join(have)} only")
-        if isinstance(self.weight, GPTQWeight) and self.mixed.analyse and self.weight.extra_passes:
-            raise ValueError("quant.mixed with GPTQ needs quant.weight.blocks_per_pass=0 and act_aware=false (the "
-                             "sensitivity analysis quantizes each layer with its Hessian from the one calibration "
-                             "pass)")
-        if isinstance(self.weight, GPTQWeight) and self.weight.act_aware and self.weight_only:
-            raise ValueError("quant.weight.act_aware=true fits the weights to the quantized activations: it needs an "
-                             "activation method other than 'none'")
 
     def with_layer_formats(self, formats: dict[str, str]) -> QuantRecipe:
         """A copy whose per-layer map also holds ``formats`` (exact names)."""
