@@ -236,21 +236,15 @@ def batches_gptq(recipe: QuantRecipe) -> bool:
     return isinstance(recipe.weight, GPTQWeight) and recipe.weight.batched and not recipe.weight.act_aware
 
 
-def batched_gptq_refusal(recipe: QuantRecipe, fmt: str) -> str | None:
-    """Why batched GPTQ leaves the layers of format ``fmt`` to the per-layer path (None: it takes them): it computes
-    the same weights only for the weight-scale layouts it sweeps, codes in the weight's own basis
-    (:func:`~ptq.algorithms.gptq_batched.unsupported`) and no smoothing searched."""
+def batchable_format(recipe: QuantRecipe, fmt: str) -> bool:
+    """Batched GPTQ computes the same weights as the per-layer path for layers of format ``fmt``: a weight-scale
+    layout it sweeps, codes in the weight's own basis (:func:`~ptq.algorithms.gptq_batched.unsupported`), no
+    smoothing searched. Logs (INFO) why not: those layers then run GPTQ one by one."""
     why = gptq_batched.unsupported(get_format(fmt))
     if why is None and recipe.smoothing.applies_to(fmt):
-        why = f"smoothing may rescale the {fmt} layers"
-    return why
-
-
-def batchable_format(recipe: QuantRecipe, fmt: str) -> bool:
-    """Batched GPTQ takes the layers of format ``fmt``; logs (INFO) why not, and that they run layer by layer."""
-    why = batched_gptq_refusal(recipe, fmt)
+        why = f"batched GPTQ skips {fmt!r} layers (smoothing may rescale them)"
     if why is not None:
-        log.info("%s; its layers run GPTQ one by one (the same result, slower)", why)
+        log.info("%s; they run GPTQ one by one (the same result, slower)", why)
     return why is None
 
 
