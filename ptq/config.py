@@ -4,7 +4,7 @@ Groups: ``config`` (presets in ``ptq/configs/config/*.yaml``, package _global_),
 ``quant`` (recipes, ``configs/quant``) and, per part of a recipe, ``quant/weight``, ``quant/activation`` and
 ``quant/smoothing`` (one option per named method of ``ptq.algorithms.recipe``, each its own structured schema).
 The schemas themselves are the dataclasses of :mod:`ptq.pipeline.settings`. ``validate_config`` checks value
-ranges.
+ranges and the limits of the recipe's quantization strategy (:mod:`ptq.algorithms.strategies`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 
 from ptq.algorithms.recipe import ACTIVATION_METHODS, SMOOTHING_METHODS, WEIGHT_METHODS
+from ptq.algorithms.strategies import strategy_for, validate_recipe
 from ptq.calibration.hessian_store import HESSIAN_STORAGES
 from ptq.pipeline.runtime_eval import runtime_list
 from ptq.pipeline.settings import (
@@ -55,7 +56,7 @@ def _check_sampling(prefix: str, s: Any) -> None:
 
 def validate_config(cfg: RunConfig) -> None:
     """Raise ValueError naming the key for out-of-range values (types are already checked by Hydra)."""
-    cfg.quant.validate()
+    validate_recipe(cfg.quant)
     _check_sampling("calib", cfg.calib)
     _check_sampling("eval", cfg.eval)
     if cfg.model.dtype not in ("bfloat16", "float16", "float32"):
@@ -73,15 +74,7 @@ def validate_config(cfg: RunConfig) -> None:
     if cfg.calib.expert_trajectory not in TRAJECTORIES:
         raise ValueError(f"calib.expert_trajectory={cfg.calib.expert_trajectory!r}: expected one of "
                          f"{', '.join(TRAJECTORIES)}")
-    from ptq.algorithms.recipe import GPTQWeight
-
-    if cfg.model.offload and isinstance(cfg.quant.weight, GPTQWeight):
-        raise ValueError("model.offload=true with quant/weight=gptq: GPTQ needs the weights on the GPU next to its "
-                         "Hessians; use a round-to-nearest or mse weight method, or model.offload=false")
-    if cfg.model.offload and cfg.quant.mixed.analyse:
-        raise ValueError("model.offload=true with quant.mixed (sensitivity analysis): the analysis re-runs the whole "
-                         "model once per layer and format, which offloading would stream from host memory each "
-                         "time; use model.offload=false")
+    strategy_for(cfg.quant).check_device(cfg.quant, offload=cfg.model.offload)
     from ptq.pipeline.distributed import env_world_size
 
     world = env_world_size()
@@ -92,5 +85,15 @@ def validate_config(cfg: RunConfig) -> None:
         if not lora.path:
             raise ValueError(f"model.loras[{i}].path is empty: give the LoRA's .safetensors file")
     runtime_list(list(cfg.eval.runtimes))
-    if cfg.quant.needs().samples and cfg.calib.samples_per_call <= 0:
-        raise ValueError(f"quant.activation={cfg.quant.activation.label!r} needs calib.samples_per_call > 0")
+    _check_samples(cfg)
+
+
+def _check_samples(cfg: RunConfig) -> None:
+    """``calib.samples_per_call``: 0 (what the recipe asks for) or an override > 0."""
+    n, asked = cfg.calib.samples_per_call, cfg.quant.needs().samples
+    if n >= 0:
+        return
+    if asked:
+        raise ValueError(f"quant.activation={cfg.quant.activation.label!r} needs calib.samples_per_call > 0, got {n} "
+                         f"(0: the {asked} per call it asks for)")
+    raise ValueError(f"calib.samples_per_call={n}: expected >= 0 (0 = what the recipe needs)")

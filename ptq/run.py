@@ -43,7 +43,7 @@ main keys (see README.md for all):
   quant.format=nvfp4|fp8     quant.layers.exclude=[...]  quant.layers.keep_first_blocks=N
   quant.weight.damp=0.01     quant.weight.blocks_per_pass=N (GPTQ)   quant.mixed.enabled=true
   calib.num_prompts=N  calib.num_steps=N  calib.height/width/num_frames  calib.prompts_file=FILE
-  calib.samples_per_call=N (needed by quant/activation=mse, percentile)
+  calib.samples_per_call=N (|x| samples per call for quant/activation=mse, percentile; 0 = as they ask)
   eval.num_prompts=N  eval.enabled=false  eval.decode=false  eval.cache_dir=DIR
   export.targets=[comfyui,diffusers]  export.unquantized_dtype=bfloat16|float32
   hydra.run.dir=DIR (output folder; default outputs/PRESET/RECIPE/DATE)   -m: sweep comma-separated values

@@ -165,7 +165,7 @@ def main() -> None:
         t0 = time.perf_counter()
         baseline, _ = stages.bf16_baseline(adapter, evals, None, progress=False, cuda_graphs=False)
         t_base = time.perf_counter() - t0
-        needs = CalibrationNeeds(amax=True, samples=True, hessians=True,
+        needs = CalibrationNeeds(amax=True, samples=args.samples_per_call, hessians=True,
                                  inputs=max(r.mixed.sensitivity_inputs for r in recipes.values()))
         for r in recipes.values():
             needs = needs | r.needs()

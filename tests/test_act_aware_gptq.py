@@ -10,6 +10,7 @@ from ptq.algorithms.gptq import TARGET_RIDGE, quantized_input_target
 from ptq.algorithms.qlinear import QuantLinear
 from ptq.algorithms.quantize import gptq_act_aware_, quantize_
 from ptq.algorithms.recipe import QuantRecipe
+from ptq.algorithms.strategies import validate_recipe
 from ptq.calibration.observers import LinearInputObserver
 from ptq.calibration.quantized_inputs import QuantizedInputObserver
 from ptq.formats import NVFP4
@@ -95,4 +96,4 @@ def test_act_aware_gptq_lowers_the_w4a4_output_error(smooth: str) -> None:
 
 def test_act_aware_needs_quantized_activations() -> None:
     with pytest.raises(ValueError, match="act_aware"):
-        QuantRecipe(format="nvfp4", weight="gptq_act_aware", activation="none").validate()
+        validate_recipe(QuantRecipe(format="nvfp4", weight="gptq_act_aware", activation="none"))

@@ -27,7 +27,7 @@ PRESETS = ", ".join(sorted(p.stem for p in (CONFIG_DIR / "config").glob("*.yaml"
     (["config=nope"], f"config=nope: no such option; choose one of {PRESETS}"),
     (["quant=nope"], "quant=nope: no such option; choose one of fp8,"),
     (["model.path=/nonexistent/wan"], "model.path='/nonexistent/wan' does not exist"),
-    (["quant/activation=mse"], "needs calib.samples_per_call > 0"),
+    (["quant/activation=mse", "calib.samples_per_call=-1"], "needs calib.samples_per_call > 0"),
     (["-m", "quant=fp8,nvfp4", "eval.num_steps=2,-1"], "eval.num_steps=-1: expected >= 1"),
 ])
 def test_mistake_is_one_line_exit_2_and_nothing_created(args: list[str], expected: str, tmp_path: Path,

@@ -57,7 +57,7 @@ def test_wrong_type_is_an_error() -> None:
     ("calib.num_prompts=0", "calib.num_prompts"),
     ("eval.num_steps=-2", "eval.num_steps"),
     ("export.unquantized_dtype=float16", "export.unquantized_dtype"),
-    ("quant/activation=mse", "samples_per_call"),
+    ("quant/activation=mse calib.samples_per_call=-1", "samples_per_call"),
     ("quant/activation=percentile quant.activation.percentile=120", "quant.activation.percentile"),
 ])
 def test_out_of_range_values_name_the_key(override: str, match: str) -> None:
@@ -97,4 +97,18 @@ def test_every_quant_recipe_composes(recipe: str) -> None:
         validate_config(cfg)
         assert cfg.quant.format in recipe
         if cfg.quant.activation != "max" and not cfg.quant.weight_only:
-            assert cfg.calib.samples_per_call > 0, f"{recipe}: activation={cfg.quant.activation} needs samples"
+            samples = cfg.quant.needs().with_samples_per_call(cfg.calib.samples_per_call).samples
+            assert samples > 0, f"{recipe}: activation={cfg.quant.activation} needs samples"
+
+
+@pytest.mark.parametrize("overrides,samples", [((), 4096), (("calib.samples_per_call=512",), 512)])
+def test_sample_based_recipes_state_their_samples(overrides: tuple[str, ...], samples: int) -> None:
+    """quant=nvfp4_act_mse sets no calib key: the activation method asks for 4096 |x| samples per call in runs of
+    NVFP4's 16-input blocks; an explicit calib.samples_per_call still wins."""
+    cfg = _compose("config=tiny_nvfp4", "quant=nvfp4_act_mse", *overrides)
+    validate_config(cfg)
+    assert cfg.calib.samples_per_call == (samples if overrides else 0)
+    needs = cfg.quant.needs().with_samples_per_call(cfg.calib.samples_per_call)
+    assert (needs.samples, needs.sample_block) == (samples, 16)
+    assert _compose("config=tiny_nvfp4", "quant=fp8", "quant/activation=mse").quant.needs().sample_block == 16
+    assert _compose("config=tiny_nvfp4").quant.needs().samples == 0

@@ -14,9 +14,11 @@ of ``block_size`` columns. The scales are chosen first and kept, so the result i
   int8 the same (int8_convrot in its rotated basis: the rotated weight with the rotated Hessian ``R^T H R``).
 * Other block formats (MXFP8): each block's scale chosen when GPTQ reaches it (:func:`gptq_block_scaled`).
 
-The column rounding itself is the format's (:meth:`ptq.formats.NumberFormat.gptq_round`): formats with fixed
-per-tensor / per-channel scales share :func:`gptq_fixed_scale`; NVFP4's per-16 block scales chosen on the fly are
-:func:`gptq_nvfp4`. :func:`quantize_gptq` is the weight-method entry point (``GPTQWeight``).
+The column rounding itself is the format's (:meth:`ptq.formats.NumberFormat.gptq_round`); the solver is chosen by the
+format's weight-scale layout (:attr:`ptq.formats.NumberFormat.scale_scheme`, :data:`GPTQ_SOLVERS`): "tensor" formats
+(fixed per-tensor / per-channel scales) share :func:`gptq_fixed_scale`, "block" formats :func:`gptq_block_scaled`,
+NVFP4's "global_block" scales (per-16 block scales chosen on the fly) are :func:`gptq_nvfp4`. :func:`quantize_gptq`
+is the weight-method entry point (``GPTQWeight``).
 
 Memory: ``W`` and ``H`` in float32 plus ``[out, block_size]`` work buffers; a 14336x3072 layer takes ~0.5 GB.
 Layer-by-layer processing with Hessians collected in several calibration passes is
@@ -309,34 +311,61 @@ def _choose_block_scale(fmt: NumberFormat, cols: torch.Tensor, cw: torch.Tensor,
     return best_s, best_v
 
 
-def quantize_gptq(w: torch.Tensor, fmt: NumberFormat, cfg: GPTQWeight, ctx: WeightContext) -> QuantizedWeight:
-    """The ``GPTQWeight`` method: NVFP4 with block scales chosen on the fly (:func:`gptq_nvfp4`); other block formats
-    with :func:`gptq_block_scaled`; formats with per-tensor / per-channel scales on the scales round-to-nearest would
-    use (Four-over-Six, an NVFP4 block idea, takes the amax scale there), then :func:`gptq_fixed_scale`, in the
+def tensor_scale_weight(w: torch.Tensor, fmt: NumberFormat, cfg: GPTQWeight, name: str) -> QuantizedWeight:
+    """Round-to-nearest of ``w`` on the scales GPTQ keeps for a "tensor" scheme format (``cfg.scales``; Four-over-Six,
+    a block-scale idea, takes the amax scale there)."""
+    scales = "max" if cfg.scales == "four_over_six" else cfg.scales
+    return quantize_rtn(w, fmt, WeightMethod(scales=scales, fp8_per_channel=cfg.fp8_per_channel), WeightContext(name))
+
+
+def _gptq_global_block(w: torch.Tensor, fmt: NumberFormat, cfg: GPTQWeight, ctx: WeightContext) -> QuantizedWeight:
+    """"global_block" (NVFP4): global scale first, block scales chosen on the fly (:func:`gptq_nvfp4`)."""
+    codes, s, g = gptq_nvfp4(w, ctx.hessian, damp=cfg.damp, block_size=cfg.block_size, scales=cfg.scales)
+    return fmt.from_codes(codes, s, g, ctx.name)
+
+
+def _gptq_block(w: torch.Tensor, fmt: NumberFormat, cfg: GPTQWeight, ctx: WeightContext) -> QuantizedWeight:
+    """"block": each block's scale picked among the format's candidates on the fly (:func:`gptq_block_scaled`)."""
+    codes, s = gptq_block_scaled(w, ctx.hessian, fmt, damp=cfg.damp, block_size=cfg.block_size, scales=cfg.scales)
+    return fmt.from_codes(codes, s, None, ctx.name)
+
+
+def _gptq_tensor(w: torch.Tensor, fmt: NumberFormat, cfg: GPTQWeight, ctx: WeightContext) -> QuantizedWeight:
+    """"tensor": the round-to-nearest scales (:func:`tensor_scale_weight`), then :func:`gptq_fixed_scale` in the
     basis the format stores its codes in (:meth:`~ptq.formats.NumberFormat.code_domain`: rotated for ConvRot)."""
+    initial = tensor_scale_weight(w, fmt, cfg, ctx.name)
+    w_c, h_c = fmt.code_domain(w, ctx.hessian)
+    assert h_c is not None
+    codes = gptq_fixed_scale(w_c, h_c, fmt, initial.scale, damp=cfg.damp, block_size=cfg.block_size)
+    return fmt.from_codes(codes, initial.scale, initial.scale_2, ctx.name)
+
+
+GPTQSolver = Callable[[torch.Tensor, NumberFormat, GPTQWeight, WeightContext], QuantizedWeight]
+#: GPTQ by the format's weight-scale layout (:attr:`~ptq.formats.NumberFormat.scale_scheme`).
+GPTQ_SOLVERS: dict[str, GPTQSolver] = {
+    "global_block": _gptq_global_block,
+    "block": _gptq_block,
+    "tensor": _gptq_tensor,
+}
+
+
+def quantize_gptq(w: torch.Tensor, fmt: NumberFormat, cfg: GPTQWeight, ctx: WeightContext) -> QuantizedWeight:
+    """The ``GPTQWeight`` method: the solver of :data:`GPTQ_SOLVERS` for ``fmt.scale_scheme`` (activation-aware:
+    on the least-squares target :func:`quantized_input_target`)."""
     if ctx.hessian is None:
         raise ValueError(f"{ctx.name}: weight method 'gptq' needs the layer's input Hessian (calibrate with "
                          "LinearInputObserver(hessian=True) and pass hessians= to quantize_)")
+    solver = GPTQ_SOLVERS.get(fmt.scale_scheme)
+    if solver is None:
+        raise ValueError(f"{ctx.name}: GPTQ has no solver for format {fmt.name!r} (scale_scheme="
+                         f"{fmt.scale_scheme!r}; known: {', '.join(GPTQ_SOLVERS)})")
     fmt.check_weight(w, ctx.weight_name)
     if cfg.act_aware:
         if ctx.input_cross is None:
             raise ValueError(f"{ctx.name}: activation-aware GPTQ needs the quantized-input statistics (H_qq as the "
                              "hessian, H_xq as input_cross: ptq.algorithms.quantize.gptq_act_aware_)")
         w = quantized_input_target(w, ctx.hessian, ctx.input_cross)
-    if fmt.name == NVFP4.name:
-        codes, s, g = gptq_nvfp4(w, ctx.hessian, damp=cfg.damp, block_size=cfg.block_size, scales=cfg.scales)
-        return fmt.from_codes(codes, s, g, ctx.name)
-    if fmt.block_size is not None:
-        codes, s = gptq_block_scaled(w, ctx.hessian, fmt, damp=cfg.damp, block_size=cfg.block_size,
-                                     scales=cfg.scales)
-        return fmt.from_codes(codes, s, None, ctx.name)
-    scales = "max" if cfg.scales == "four_over_six" else cfg.scales
-    initial = quantize_rtn(w, fmt, WeightMethod(scales=scales, fp8_per_channel=cfg.fp8_per_channel),
-                           WeightContext(ctx.name))
-    w_c, h_c = fmt.code_domain(w, ctx.hessian)
-    assert h_c is not None
-    codes = gptq_fixed_scale(w_c, h_c, fmt, initial.scale, damp=cfg.damp, block_size=cfg.block_size)
-    return fmt.from_codes(codes, initial.scale, initial.scale_2, ctx.name)
+    return solver(w, fmt, cfg, ctx)
 
 
 #: Ridge of the least-squares target, relative to each diagonal entry of ``H_qq`` (scale invariant: GPTQ's
@@ -369,6 +398,7 @@ def layer_output_error(w: torch.Tensor, w_q: torch.Tensor, hessian: torch.Tensor
 
 __all__ = [
     "GPTQ_SCALE_METHODS",
+    "GPTQ_SOLVERS",
     "gptq_block_scaled",
     "gptq_fixed_scale",
     "gptq_fp8",
@@ -379,4 +409,5 @@ __all__ = [
     "prepare_hessian",
     "quantize_gptq",
     "quantized_input_target",
+    "tensor_scale_weight",
 ]

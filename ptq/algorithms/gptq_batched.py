@@ -34,9 +34,8 @@ from tqdm.auto import tqdm
 
 from ptq.algorithms import gptq
 from ptq.algorithms import weight_search as ws
-from ptq.algorithms.recipe import GPTQWeight, WeightMethod
-from ptq.algorithms.weight_quant import WeightContext, quantize_rtn
-from ptq.formats import NVFP4, NumberFormat, QuantizedWeight
+from ptq.algorithms.recipe import GPTQWeight
+from ptq.formats import NumberFormat, QuantizedWeight
 from ptq.formats.fp8 import FP8_DTYPE, FP8_E4M3_MAX
 from ptq.formats.nvfp4 import E2M1_MAX, E2M1_VALUES, NVFP4_BLOCK
 
@@ -85,56 +84,56 @@ class _BlockBuffers:
 
 
 class _Sweeper:
-    """The column sweep of one batch for one format: ``run()`` fills ``batch.codes`` (and NVFP4 ``batch.S``)."""
+    """The column sweep of one batch of "tensor" scheme layers (fixed per-row scales, ``batch.scale``): ``run()``
+    fills ``batch.codes``. Subclasses choose scales during the sweep; :data:`SWEEPERS` maps scale schemes to them."""
 
     def __init__(self, batch: _Batch, fmt: NumberFormat, block_size: int, scales: str, cuda_graphs: bool) -> None:
         self.b, self.fmt, self.scales = batch, fmt, scales
-        self.nvfp4 = fmt.name == NVFP4.name
-        self.bs = max(NVFP4_BLOCK, (block_size // NVFP4_BLOCK) * NVFP4_BLOCK) if self.nvfp4 else block_size
-        dev = batch.W.device
-        # true divisions by device scalars (what ``divide_exact`` does, without a host->device copy per call)
-        self.six = torch.tensor(E2M1_MAX, dtype=torch.float32, device=dev)
-        self.four = torch.tensor(4.0, dtype=torch.float32, device=dev)
-        self.max_code = _max_code()
-        self.graphs = cuda_graphs and dev.type == "cuda"
+        self.bs = self.lazy_block(block_size)
+        self.graphs = cuda_graphs and batch.W.device.type == "cuda"
         self._graph: torch.cuda.CUDAGraph | None = None
 
-    # -- one block -------------------------------------------------------------------------------------------
-    def _group_scales(self, xb: torch.Tensor, cw: torch.Tensor) -> torch.Tensor:
-        """Block scales (float8 ``[B, out]``) of the 16-column group ``xb [B, out, 16]`` with column weights
-        ``cw [B, 1, 16]``: ``gptq._nvfp4_group_scales`` with a global scale per layer."""
-        g = self.b.g
-        amax = xb.abs().amax(-1)
-        if self.scales == "max":
-            return torch.clamp(amax / self.six / g, max=FP8_E4M3_MAX).to(FP8_DTYPE)
-        if self.scales == "mse":
-            base = torch.clamp(amax / self.six / g, max=FP8_E4M3_MAX).to(FP8_DTYPE)
-            return _search_offsets(xb, g, base, cw, self.max_code)[0]
-        best_s = best_e = None  # four_over_six: the better of the x6 and x4 scales per block
-        for m in (self.six, self.four):
-            s = torch.clamp(amax / m / g, max=FP8_E4M3_MAX).to(FP8_DTYPE)
-            e = ((_block_values(xb, g * s.float()) - xb).pow(2) * cw).sum(-1)
-            if best_s is None:
-                best_s, best_e = s, e
-            else:
-                better = e < best_e
-                best_s = torch.where(better, s.view(torch.uint8), best_s.view(torch.uint8)).view(FP8_DTYPE)
-                best_e = torch.minimum(e, best_e)
-        assert best_s is not None
-        return best_s
+    # -- the scale scheme ------------------------------------------------------------------------------------
+    @staticmethod
+    def lazy_block(block_size: int) -> int:
+        """Columns per lazy block for the configured ``block_size``."""
+        return block_size
 
+    @staticmethod
+    def init_scales(batch: _Batch, weights: Mapping[str, torch.Tensor], fmt: NumberFormat, cfg: GPTQWeight) -> None:
+        """Set the batch's scales chosen before the sweep and allocate ``batch.codes``: here the round-to-nearest
+        scales per layer (``gptq.tensor_scale_weight``, as the per-layer path)."""
+        rows, cols = batch.W.shape[1:]
+        rows_scale = []
+        for name in batch.names:
+            initial = gptq.tensor_scale_weight(weights[name], fmt, cfg, name)
+            s = initial.scale.to(batch.W.device)
+            batch.fixed_scales.append(initial.scale)
+            batch.scale_2.append(initial.scale_2)
+            rows_scale.append(s.reshape(-1).expand(rows) if s.dim() else s.expand(rows))
+        batch.scale = torch.stack(rows_scale)
+        c, _ = fmt.gptq_round(batch.W[:1, :1, 0], batch.scale[:1, :1])  # the codes' dtype
+        batch.codes = torch.empty(len(batch.names), rows, cols, dtype=c.dtype, device=batch.W.device)
+
+    @staticmethod
+    def result(batch: _Batch, k: int, fmt: NumberFormat) -> QuantizedWeight:
+        """The quantized weight of the batch's layer ``k`` after the sweep."""
+        return fmt.from_codes(batch.codes[k].clone(), batch.fixed_scales[k], batch.scale_2[k], batch.names[k])
+
+    def _round_column(self, buf: _BlockBuffers, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes, values) ``[B, out]`` of column ``i`` of ``buf.w1``."""
+        return self.fmt.gptq_round(buf.w1[:, :, i], self.b.scale)
+
+    def _scale_buffer(self, B: int, R: int, n: int) -> torch.Tensor | None:
+        """The block scales chosen during the sweep of ``n`` columns (None: none)."""
+        return None
+
+    # -- one block -------------------------------------------------------------------------------------------
     def _block_step(self, buf: _BlockBuffers) -> None:
         """GPTQ over the ``n`` columns of ``buf.w1`` (``gptq._gptq_sweep``'s inner loop, all layers at once)."""
         n = buf.w1.shape[2]
         for i in range(n):
-            if self.nvfp4:
-                if i % NVFP4_BLOCK == 0:
-                    buf.S[:, :, i // NVFP4_BLOCK] = self._group_scales(
-                        buf.w1[:, :, i : i + NVFP4_BLOCK], buf.cw[:, :, i : i + NVFP4_BLOCK])
-                scale = self.b.g * buf.S[:, :, i // NVFP4_BLOCK].float()
-            else:
-                scale = self.b.scale
-            c, q = (_nvfp4_round if self.nvfp4 else self.fmt.gptq_round)(buf.w1[:, :, i], scale)
+            c, q = self._round_column(buf, i)
             buf.codes[:, :, i] = c
             e = (buf.w1[:, :, i] - q) / buf.h1[:, i, i].unsqueeze(1)
             buf.w1[:, :, i:] -= e.unsqueeze(2) * buf.h1[:, i, i:].unsqueeze(1)
@@ -151,7 +150,7 @@ class _Sweeper:
             cw=torch.empty(B, 1, n, dtype=torch.float32, device=dev),
             err=torch.empty(B, R, n, dtype=torch.float32, device=dev),
             codes=torch.empty(B, R, n, dtype=codes_dtype, device=dev),
-            S=torch.empty(B, R, n // NVFP4_BLOCK, dtype=FP8_DTYPE, device=dev) if self.nvfp4 else None,
+            S=self._scale_buffer(B, R, n),
         )
 
     def _load(self, buf: _BlockBuffers, i1: int, i2: int) -> None:
@@ -163,8 +162,6 @@ class _Sweeper:
     def _store(self, buf: _BlockBuffers, i1: int, i2: int) -> None:
         b = self.b
         b.codes[:, :, i1:i2] = buf.codes
-        if self.nvfp4:
-            b.S[:, :, i1 // NVFP4_BLOCK : i2 // NVFP4_BLOCK] = buf.S
         if i2 < b.W.shape[2]:  # the lazy update: the per-layer path's GEMM, layer by layer (same bits)
             for k, u in enumerate(b.hidx):
                 b.W[k, :, i2:] -= buf.err[k] @ b.hinv[u, i1:i2, i2:]
@@ -204,6 +201,96 @@ class _Sweeper:
             if bar is not None:
                 bar.update(i2 - i1)
         self._graph = None
+
+
+class _GlobalBlockSweeper(_Sweeper):
+    """NVFP4's "global_block" scales: a global scale per layer (``batch.g``) chosen before the sweep, each 16-column
+    group's float8 block scales (``batch.S``) when the sweep reaches the group (``gptq.gptq_nvfp4``'s choice)."""
+
+    def __init__(self, batch: _Batch, fmt: NumberFormat, block_size: int, scales: str, cuda_graphs: bool) -> None:
+        super().__init__(batch, fmt, block_size, scales, cuda_graphs)
+        dev = batch.W.device
+        # true divisions by device scalars (what ``divide_exact`` does, without a host->device copy per call)
+        self.six = torch.tensor(E2M1_MAX, dtype=torch.float32, device=dev)
+        self.four = torch.tensor(4.0, dtype=torch.float32, device=dev)
+        self.max_code = _max_code()
+
+    @staticmethod
+    def lazy_block(block_size: int) -> int:
+        return max(NVFP4_BLOCK, (block_size // NVFP4_BLOCK) * NVFP4_BLOCK)
+
+    @staticmethod
+    def init_scales(batch: _Batch, weights: Mapping[str, torch.Tensor], fmt: NumberFormat, cfg: GPTQWeight) -> None:
+        """The global scales (``gptq.nvfp4_initial_scales``; "mse" by :func:`mse_global_scale`, the same result in
+        fewer passes) and the block-scale and code buffers."""
+        W, hidx = batch.W, batch.hidx
+        if cfg.scales == "mse":
+            gs = [mse_global_scale(W[k], batch.diag[u]) for k, u in enumerate(hidx)]
+        else:
+            gs = [gptq.nvfp4_initial_scales(W[k], cfg.scales, batch.diag[u], 8)[0] for k, u in enumerate(hidx)]
+        B, rows, cols = W.shape
+        batch.g = torch.stack(gs).reshape(-1, 1)
+        batch.S = torch.empty(B, rows, cols // NVFP4_BLOCK, dtype=FP8_DTYPE, device=W.device)
+        batch.codes = torch.empty(B, rows, cols, dtype=torch.uint8, device=W.device)
+
+    @staticmethod
+    def result(batch: _Batch, k: int, fmt: NumberFormat) -> QuantizedWeight:
+        assert batch.S is not None and batch.g is not None  # packing copies the codes
+        return fmt.from_codes(batch.codes[k], batch.S[k].clone(), batch.g[k, 0].clone(), batch.names[k])
+
+    def _group_scales(self, xb: torch.Tensor, cw: torch.Tensor) -> torch.Tensor:
+        """Block scales (float8 ``[B, out]``) of the 16-column group ``xb [B, out, 16]`` with column weights
+        ``cw [B, 1, 16]``: ``gptq._nvfp4_group_scales`` with a global scale per layer."""
+        g = self.b.g
+        amax = xb.abs().amax(-1)
+        if self.scales == "max":
+            return torch.clamp(amax / self.six / g, max=FP8_E4M3_MAX).to(FP8_DTYPE)
+        if self.scales == "mse":
+            base = torch.clamp(amax / self.six / g, max=FP8_E4M3_MAX).to(FP8_DTYPE)
+            return _search_offsets(xb, g, base, cw, self.max_code)[0]
+        best_s = best_e = None  # four_over_six: the better of the x6 and x4 scales per block
+        for m in (self.six, self.four):
+            s = torch.clamp(amax / m / g, max=FP8_E4M3_MAX).to(FP8_DTYPE)
+            e = ((_block_values(xb, g * s.float()) - xb).pow(2) * cw).sum(-1)
+            if best_s is None:
+                best_s, best_e = s, e
+            else:
+                better = e < best_e
+                best_s = torch.where(better, s.view(torch.uint8), best_s.view(torch.uint8)).view(FP8_DTYPE)
+                best_e = torch.minimum(e, best_e)
+        assert best_s is not None
+        return best_s
+
+    def _round_column(self, buf: _BlockBuffers, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if i % NVFP4_BLOCK == 0:
+            buf.S[:, :, i // NVFP4_BLOCK] = self._group_scales(
+                buf.w1[:, :, i : i + NVFP4_BLOCK], buf.cw[:, :, i : i + NVFP4_BLOCK])
+        return _nvfp4_round(buf.w1[:, :, i], self.b.g * buf.S[:, :, i // NVFP4_BLOCK].float())
+
+    def _scale_buffer(self, B: int, R: int, n: int) -> torch.Tensor | None:
+        return torch.empty(B, R, n // NVFP4_BLOCK, dtype=FP8_DTYPE, device=self.b.W.device)
+
+    def _store(self, buf: _BlockBuffers, i1: int, i2: int) -> None:
+        self.b.S[:, :, i1 // NVFP4_BLOCK : i2 // NVFP4_BLOCK] = buf.S
+        super()._store(buf, i1, i2)
+
+
+#: The sweep of each weight-scale layout batched GPTQ implements (:attr:`~ptq.formats.NumberFormat.scale_scheme`);
+#: other layouts ("block") run layer by layer (``gptq.quantize_gptq``).
+SWEEPERS: dict[str, type[_Sweeper]] = {
+    "tensor": _Sweeper,
+    "global_block": _GlobalBlockSweeper,
+}
+
+
+def unsupported(fmt: NumberFormat) -> str | None:
+    """Why batched GPTQ cannot quantize layers of ``fmt`` (None: it can)."""
+    if fmt.scale_scheme not in SWEEPERS:
+        return (f"batched GPTQ for {fmt.name!r} ({fmt.scale_scheme!r} weight scales) is not implemented (it sweeps "
+                f"{', '.join(SWEEPERS)} scales)")
+    if fmt.rotated_codes:
+        return f"batched GPTQ for {fmt.name!r} (codes in a rotated basis) is not implemented"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -355,40 +442,13 @@ def _prepare_batch(names: list[str], weights: Mapping[str, torch.Tensor], hessia
     for k, name in enumerate(names):
         W[k] = weights[name].detach()
     batch = _Batch(names, W, hidx, torch.tensor(hidx, dtype=torch.int64, device=dev), hinv, diag)
-    if fmt.name == NVFP4.name:
-        if cfg.scales == "mse":  # the expensive search, in fewer passes (same result)
-            gs = [mse_global_scale(W[k], batch.diag[u]) for k, u in enumerate(hidx)]
-        else:
-            gs = [gptq.nvfp4_initial_scales(W[k], cfg.scales, batch.diag[u], 8)[0] for k, u in enumerate(hidx)]
-        batch.g = torch.stack(gs).reshape(-1, 1)
-        batch.S = torch.empty(len(names), rows, cols // NVFP4_BLOCK, dtype=FP8_DTYPE, device=dev)
-        batch.codes = torch.empty(len(names), rows, cols, dtype=torch.uint8, device=dev)
-        return batch
-    # fixed scales: the round-to-nearest scales (Four-over-Six, an NVFP4 idea, takes the amax scale)
-    scales = "max" if cfg.scales == "four_over_six" else cfg.scales
-    method = WeightMethod(scales=scales, fp8_per_channel=cfg.fp8_per_channel)
-    rows_scale = []
-    for name in names:
-        initial = quantize_rtn(weights[name], fmt, method, WeightContext(name))
-        s = initial.scale.to(dev)
-        batch.fixed_scales.append(initial.scale)
-        batch.scale_2.append(initial.scale_2)
-        rows_scale.append(s.reshape(-1).expand(rows) if s.dim() else s.expand(rows))
-    batch.scale = torch.stack(rows_scale)
-    c, _ = fmt.gptq_round(W[:1, :1, 0], batch.scale[:1, :1])  # the codes' dtype
-    batch.codes = torch.empty(len(names), rows, cols, dtype=c.dtype, device=dev)
+    SWEEPERS[fmt.scale_scheme].init_scales(batch, weights, fmt, cfg)
     return batch
 
 
 def _results(batch: _Batch, fmt: NumberFormat) -> dict[str, QuantizedWeight]:
-    out = {}
-    for k, name in enumerate(batch.names):
-        if fmt.name == NVFP4.name:  # packing copies the codes
-            assert batch.S is not None and batch.g is not None
-            out[name] = fmt.from_codes(batch.codes[k], batch.S[k].clone(), batch.g[k, 0].clone(), name)
-        else:
-            out[name] = fmt.from_codes(batch.codes[k].clone(), batch.fixed_scales[k], batch.scale_2[k], name)
-    return out
+    sweeper = SWEEPERS[fmt.scale_scheme]
+    return {name: sweeper.result(batch, k, fmt) for k, name in enumerate(batch.names)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -415,10 +475,9 @@ def gptq_quantize_many(
     :func:`default_max_bytes`)."""
     if not weights:
         return {}
-    if fmt.name != NVFP4.name and fmt.block_size is not None:
-        raise ValueError(f"GPTQ for the block format {fmt.name!r} is not implemented")
-    if fmt.rotated_codes:
-        raise ValueError(f"batched GPTQ for {fmt.name!r} (codes in a rotated basis) is not implemented")
+    why = unsupported(fmt)
+    if why is not None:
+        raise ValueError(why)
     if cfg.scales not in gptq.GPTQ_SCALE_METHODS:
         raise ValueError(f"GPTQ scale method {cfg.scales!r}: expected one of {gptq.GPTQ_SCALE_METHODS}")
     for name, w in weights.items():
@@ -439,7 +498,7 @@ def gptq_quantize_many(
               leave=False, unit="col") as bar:
         for names in batches:
             batch = _prepare_batch(names, weights, hessians, keys, fmt, cfg)
-            _Sweeper(batch, fmt, cfg.block_size, cfg.scales, cuda_graphs).run(bar)
+            SWEEPERS[fmt.scale_scheme](batch, fmt, cfg.block_size, cfg.scales, cuda_graphs).run(bar)
             for name, qw in _results(batch, fmt).items():
                 if on_done is not None:
                     on_done(name, qw)
@@ -449,4 +508,5 @@ def gptq_quantize_many(
     return {n: results[n] for n in weights if n in results}
 
 
-__all__ = ["default_max_bytes", "e2m1_round_fast", "gptq_quantize_many", "mse_global_scale", "plan_batches"]
+__all__ = ["SWEEPERS", "default_max_bytes", "e2m1_round_fast", "gptq_quantize_many", "mse_global_scale", "plan_batches",
+           "unsupported"]

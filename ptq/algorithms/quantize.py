@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ptq.algorithms import smoothing
+from ptq.algorithms import gptq_batched, smoothing
 from ptq.algorithms.gptq_batched import GIB, gptq_quantize_many
 from ptq.algorithms.layers import LayerPlanner, LayerRules, rules_for
 from ptq.algorithms.methods import choose_clip, quantize_weight_with
@@ -26,7 +26,7 @@ from ptq.algorithms.recipe import KEEP, GPTQWeight, QuantRecipe
 from ptq.algorithms.weight_quant import WeightContext
 from ptq.calibration.observers import LinearInputObserver, LinearInputStats
 from ptq.calibration.quantized_inputs import QuantizedInputObserver
-from ptq.formats import NVFP4, QuantizedWeight, get_format
+from ptq.formats import QuantizedWeight, get_format
 from ptq.formats.checks import FormatError
 
 log = logging.getLogger(__name__)
@@ -237,12 +237,15 @@ def batches_gptq(recipe: QuantRecipe) -> bool:
 
 
 def batchable_format(recipe: QuantRecipe, fmt: str) -> bool:
-    """Batched GPTQ computes the same weights as the per-layer path for layers of format ``fmt``: NVFP4 or a
-    format with per-tensor / per-row scales, codes in the weight's own basis, no smoothing searched."""
-    number_format = get_format(fmt)
-    if number_format.name != NVFP4.name and number_format.block_size is not None:
-        return False
-    return not number_format.rotated_codes and not recipe.smoothing.applies_to(fmt)
+    """Batched GPTQ computes the same weights as the per-layer path for layers of format ``fmt``: a weight-scale
+    layout it sweeps, codes in the weight's own basis (:func:`~ptq.algorithms.gptq_batched.unsupported`), no
+    smoothing searched. Logs (INFO) why not: those layers then run GPTQ one by one."""
+    why = gptq_batched.unsupported(get_format(fmt))
+    if why is None and recipe.smoothing.applies_to(fmt):
+        why = f"batched GPTQ skips {fmt!r} layers (smoothing may rescale them)"
+    if why is not None:
+        log.info("%s; they run GPTQ one by one (the same result, slower)", why)
+    return why is None
 
 
 def batched_gptq_weights(model: nn.Module, recipe: QuantRecipe, stats: Mapping[str, LinearInputStats],
@@ -256,11 +259,16 @@ def batched_gptq_weights(model: nn.Module, recipe: QuantRecipe, stats: Mapping[s
     if not (batches_gptq(recipe) and hessians):
         return {}
     by_format: dict[str, dict[str, torch.Tensor]] = {}
+    batchable: dict[str, bool] = {}  # per format, decided (and a refusal logged) once
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
         fmt, _ = planner.plan_with_fallback(name, module)
-        if fmt == KEEP or hessians.get(name) is None or not batchable_format(recipe, fmt):
+        if fmt == KEEP or hessians.get(name) is None:
+            continue
+        if fmt not in batchable:
+            batchable[fmt] = batchable_format(recipe, fmt)
+        if not batchable[fmt]:
             continue
         number_format = get_format(fmt)
         if not recipe.weight_only and name not in stats and not number_format.dynamic_activations:

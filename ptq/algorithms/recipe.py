@@ -12,6 +12,7 @@ Each part states the calibration statistics it needs (:meth:`QuantRecipe.needs`)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -118,13 +119,9 @@ class GPTQWeight(WeightMethod):
         base = "gptq" if self.scales == "mse" else f"gptq_{self.scales}"
         return f"{base}_act_aware" if self.act_aware else base
 
-    @property
-    def extra_passes(self) -> bool:
-        """Whether quantization re-runs calibration (sequential passes or the quantized-input statistics)."""
-        return self.blocks_per_pass > 0 or self.act_aware
-
     def needs(self) -> CalibrationNeeds:
-        return CalibrationNeeds(amax=True) if self.act_aware else CalibrationNeeds(hessians=True)
+        """The layers' input Hessians (which calibration pass collects them: ``ptq.algorithms.strategies``)."""
+        return CalibrationNeeds(hessians=True)
 
     def validate(self) -> None:
         super().validate()
@@ -181,15 +178,23 @@ class ActivationMethod(_NamedPart):
 
 
 @dataclass(eq=False)
-class PercentileActivation(ActivationMethod):
+class SampledActivation(ActivationMethod):
+    """A clipping method that searches sampled |x| values: calibration keeps ``samples_per_call`` of them per Linear
+    call (``calib.samples_per_call`` > 0 overrides the number)."""
+
+    samples_per_call: ClassVar[int] = 4096
+
+    def needs(self) -> CalibrationNeeds:
+        return CalibrationNeeds(amax=True, samples=self.samples_per_call)
+
+
+@dataclass(eq=False)
+class PercentileActivation(SampledActivation):
     """Clip at the ``percentile`` (0-100) of the sampled |x| (never above the max)."""
 
     method_names: ClassVar[tuple[str, ...]] = ("percentile",)
     method: str = "percentile"
     percentile: float = 99.99
-
-    def needs(self) -> CalibrationNeeds:
-        return CalibrationNeeds(amax=True, samples=True)
 
     def validate(self) -> None:
         super().validate()
@@ -198,7 +203,7 @@ class PercentileActivation(ActivationMethod):
 
 
 @dataclass(eq=False)
-class MSEActivation(ActivationMethod):
+class MSEActivation(SampledActivation):
     """Clip minimising the runtime quantization error of the sampled activation blocks (see
     ``ptq.algorithms.activation_scale``). step_weighting: "none" (plain sum over the samples) or "relative" (every
     denoising step weighted equally, label "mse_steps"). grid / lo: ``grid`` log-spaced clip ratios in [lo, 1]."""
@@ -212,9 +217,6 @@ class MSEActivation(ActivationMethod):
     @property
     def label(self) -> str:
         return "mse_steps" if self.step_weighting == "relative" else "mse"
-
-    def needs(self) -> CalibrationNeeds:
-        return CalibrationNeeds(amax=True, samples=True)
 
     def validate(self) -> None:
         super().validate()
@@ -438,43 +440,42 @@ class QuantRecipe:
             names |= set(self.mixed.formats)
         return {f for f in names if f != KEEP}
 
+    def static_formats(self) -> list[str]:
+        """The formats (sorted) some layer may take that have a static (calibrated) ``input_scale``."""
+        return sorted(f for f in self.formats_used() if f in FORMATS and not FORMATS[f].dynamic_activations)
+
     def static_activations(self) -> bool:
         """Whether some layer may take a format with a static (calibrated) ``input_scale``."""
-        return any(f in FORMATS and not FORMATS[f].dynamic_activations for f in self.formats_used())
+        return bool(self.static_formats())
 
     def needs(self) -> CalibrationNeeds:
         """What calibration must collect for this recipe (union of its parts' needs; no activation statistics when
-        every format scales its activations at run time)."""
-        act = self.activation.needs() if self.static_activations() else CalibrationNeeds()
+        every format scales its activations at run time). Activation samples come in aligned runs that suit every
+        static format (the lcm of their ``activation_sample_block``)."""
+        static = self.static_formats()
+        act = self.activation.needs() if static else CalibrationNeeds()
+        if act.samples:
+            act = replace(act, sample_block=math.lcm(*(FORMATS[f].activation_sample_block for f in static)))
         return self.weight.needs() | act | self.mixed.needs() | self.smoothing.needs()
 
     def validate(self) -> None:
-        """Raise ValueError naming the key for any out-of-range or inconsistent value."""
+        """Raise ValueError naming the key for any out-of-range or inconsistent value of the parts (the limits of the
+        strategy that runs the weight method: ``ptq.algorithms.strategies.validate_recipe``)."""
         _check_format("quant.format", self.format, keep_ok=False)
         self.weight.validate()
         self.activation.validate()
         self.layers.validate()
         self.mixed.validate()
-        if self.activation.method == "dynamic" and self.static_activations():
-            static = sorted(f for f in self.formats_used() if f in FORMATS and not FORMATS[f].dynamic_activations)
+        static = self.static_formats()
+        if self.activation.method == "dynamic" and static:
             raise ValueError(f"quant.activation=dynamic: formats {static} need a calibrated input_scale (choose "
                              "quant/activation=max or another clipping method; dynamic applies to "
                              f"{', '.join(sorted(n for n, f in FORMATS.items() if f.dynamic_activations))})")
         self.smoothing.validate()
-        if isinstance(self.weight, GPTQWeight) and self.weight.act_aware:
-            dynamic = sorted(f for f in self.formats_used() if f in FORMATS and FORMATS[f].dynamic_activations)
-            if dynamic:
-                raise ValueError(f"quant.weight.act_aware=true: formats {dynamic} scale their activations at run "
-                                 "time (no calibrated input quantizer to fit the weights to)")
-        if self.weight.scales == "four_over_six" and type(self.weight) is WeightMethod and self.format != "nvfp4":
-            raise ValueError("quant.weight.scales='four_over_six' applies to nvfp4 only")
-        if isinstance(self.weight, GPTQWeight) and self.mixed.analyse and self.weight.extra_passes:
-            raise ValueError("quant.mixed with GPTQ needs quant.weight.blocks_per_pass=0 and act_aware=false (the "
-                             "sensitivity analysis quantizes each layer with its Hessian from the one calibration "
-                             "pass)")
-        if isinstance(self.weight, GPTQWeight) and self.weight.act_aware and self.weight_only:
-            raise ValueError("quant.weight.act_aware=true fits the weights to the quantized activations: it needs an "
-                             "activation method other than 'none'")
+        rtn_four_over_six = self.weight.scales == "four_over_six" and type(self.weight) is WeightMethod
+        if rtn_four_over_six and not FORMATS[self.format].four_over_six:
+            have = sorted(n for n, f in FORMATS.items() if f.four_over_six)
+            raise ValueError(f"quant.weight.scales='four_over_six' applies to {', '.join(have)} only")
 
     def with_layer_formats(self, formats: dict[str, str]) -> QuantRecipe:
         """A copy whose per-layer map also holds ``formats`` (exact names)."""

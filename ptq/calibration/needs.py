@@ -3,28 +3,36 @@ union (:meth:`CalibrationNeeds.__or__`) and nothing else."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
 class CalibrationNeeds:
-    """amax: per-layer input max |x| (per channel and per denoising step); samples: random |x| blocks (for clipping
-    searches; the number per call is ``calib.samples_per_call``); hessians: per-layer ``X^T X`` (GPTQ); inputs:
-    this many recorded transformer forwards (sensitivity analysis); rows: about this many whole input rows (tokens,
-    all ``in_features``) per layer, spread evenly over the calibration forwards (smoothing search)."""
+    """amax: per-layer input max |x| (per channel and per denoising step); samples: this many random |x| values per
+    Linear call (0: none; for clipping searches), in aligned runs of ``sample_block`` inputs along ``in_features``;
+    hessians: per-layer ``X^T X`` (GPTQ); inputs: this many recorded transformer forwards (sensitivity analysis);
+    rows: about this many whole input rows (tokens, all ``in_features``) per layer, spread evenly over the
+    calibration forwards (smoothing search)."""
 
     amax: bool = False
-    samples: bool = False
+    samples: int = 0
     hessians: bool = False
     inputs: int = 0
     rows: int = 0
+    sample_block: int = 1
 
     def __or__(self, other: CalibrationNeeds) -> CalibrationNeeds:
-        return CalibrationNeeds(self.amax or other.amax, self.samples or other.samples,
+        return CalibrationNeeds(self.amax or other.amax, max(self.samples, other.samples),
                                 self.hessians or other.hessians, max(self.inputs, other.inputs),
-                                max(self.rows, other.rows))
+                                max(self.rows, other.rows), math.lcm(self.sample_block, other.sample_block))
 
     @property
     def any(self) -> bool:
         """Whether any calibration forward is needed."""
-        return self.amax or self.samples or self.hessians or self.inputs > 0 or self.rows > 0
+        return self.amax or self.samples > 0 or self.hessians or self.inputs > 0 or self.rows > 0
+
+    def with_samples_per_call(self, override: int) -> CalibrationNeeds:
+        """These needs with ``override`` |x| samples per call instead of the number asked for (``override`` 0, or
+        no samples needed: unchanged)."""
+        return replace(self, samples=override) if self.samples > 0 and override > 0 else self

@@ -8,7 +8,15 @@ This package imports nothing else from ``ptq``. Its numerics are tested bit for 
 
 from __future__ import annotations
 
-from .base import FORMATS, DynamicActivationFormat, NumberFormat, QuantizedWeight, get_format, register_format
+from .base import (
+    FORMATS,
+    SCALE_SCHEMES,
+    DynamicActivationFormat,
+    NumberFormat,
+    QuantizedWeight,
+    get_format,
+    register_format,
+)
 from .checks import (
     FormatError,
     UnsupportedShapeError,
@@ -68,6 +76,7 @@ __all__ = [
     "E2M1_MAX",
     "E2M1_VALUES",
     "FORMATS",
+    "SCALE_SCHEMES",
     "DynamicActivationFormat",
     "FP8_DTYPE",
     "FP8_E4M3_MAX",

@@ -38,7 +38,8 @@ class NumberFormat(ABC):
     Class attributes: ``name`` (registry key, the ``quant.format`` value), ``block_size`` (inputs sharing one weight
     scale along ``in_features``; None = per tensor or per channel), ``storage_dtype`` (dtype of the stored codes),
     ``weight_bits`` (storage bits per weight, block scales included, per-tensor scales not), ``activation_block`` (runtime activation blocks along ``in_features``: the unit the activation-clip search
-    quantizes; 1 = elementwise).
+    quantizes; 1 = elementwise). Capabilities the algorithms read instead of format names: :attr:`scale_scheme`,
+    :attr:`activation_sample_block`, :attr:`four_over_six`, :attr:`dynamic_activations`, :attr:`rotated_codes`.
     """
 
     name: ClassVar[str]
@@ -46,6 +47,13 @@ class NumberFormat(ABC):
     storage_dtype: ClassVar[torch.dtype]
     weight_bits: ClassVar[float]
     activation_block: ClassVar[int] = 1
+    #: Calibration keeps activation samples in aligned runs of this many inputs along ``in_features`` (a multiple of
+    #: ``activation_block``, checked by :func:`register_format`: the activation-clip search regroups the runs into
+    #: runtime blocks). 16 suits every elementwise format.
+    activation_sample_block: ClassVar[int] = 16
+    #: Four-over-Six weight scales apply (``WeightMethod.scales="four_over_six"``: each block's max mapped to code
+    #: 6 or 4, whichever is closer; arXiv 2512.02010).
+    four_over_six: ClassVar[bool] = False
     #: Activation scales are computed from each input at run time (per row / per block): a file stores no
     #: ``input_scale``, calibration collects nothing for the activations, and the simulated W+A linear is
     #: :meth:`dynamic_linear` (the static methods ``input_scale_from_amax`` / ``activation_values`` do not apply).
@@ -58,6 +66,12 @@ class NumberFormat(ABC):
     #: The W+A arithmetic differs between comfy-kitchen's CUDA kernels and its eager backend (the ``mode`` argument
     #: of the activation quantizer: ``"float32"`` vs ``"ck_eager"``).
     backend_arithmetic: ClassVar[bool] = False
+
+    @property
+    def scale_scheme(self) -> str:
+        """How the weight scales are laid out, hence how GPTQ and the scale searches choose them (one of
+        :data:`SCALE_SCHEMES`): by default "tensor" without ``block_size``, "block" with one."""
+        return "tensor" if self.block_size is None else "block"
 
     # -- shapes and sizes -----------------------------------------------------------------------------------
     def unsupported(self, in_features: int, out_features: int) -> str | None:
@@ -180,14 +194,27 @@ class DynamicActivationFormat(NumberFormat):
         raise self._no_static()
 
 
+#: The weight-scale layouts (:attr:`NumberFormat.scale_scheme`): "tensor" = one float scale per tensor or per output
+#: channel (fixed while GPTQ rounds); "block" = one scale per ``block_size`` inputs, chosen among
+#: :meth:`NumberFormat.block_scale_candidates`; "global_block" = a float32 global scale times float8 E4M3 block
+#: scales of 16 inputs relative to it, searched per block (NVFP4's two levels).
+SCALE_SCHEMES = ("tensor", "block", "global_block")
+
 #: The registered formats, by name (``quant.format``). Filled by :mod:`ptq.formats`.
 FORMATS: dict[str, NumberFormat] = {}
 
 
 def register_format(fmt: NumberFormat) -> NumberFormat:
-    """Add ``fmt`` to :data:`FORMATS` under ``fmt.name``."""
+    """Add ``fmt`` to :data:`FORMATS` under ``fmt.name``; ValueError for a name registered twice or inconsistent
+    capabilities."""
     if fmt.name in FORMATS:
         raise ValueError(f"number format {fmt.name!r} is registered twice")
+    if fmt.scale_scheme not in SCALE_SCHEMES:
+        raise ValueError(f"number format {fmt.name!r}: scale_scheme={fmt.scale_scheme!r}, expected one of "
+                         f"{', '.join(SCALE_SCHEMES)}")
+    if fmt.activation_sample_block % fmt.activation_block:
+        raise ValueError(f"number format {fmt.name!r}: activation_sample_block={fmt.activation_sample_block} is not "
+                         f"a multiple of activation_block={fmt.activation_block}")
     FORMATS[fmt.name] = fmt
     return fmt
 

@@ -145,6 +145,7 @@ class MXFP8Format(DynamicActivationFormat):
     storage_dtype = FP8_DTYPE
     weight_bits = 8.0 + 8.0 / MXFP8_BLOCK
     activation_block = MXFP8_BLOCK
+    activation_sample_block = MXFP8_BLOCK
     activation_scaling = "computes its activation block scales"
     # ComfyUI runs mxfp8 natively on compute capability >= 10 (Blackwell) with torch >= 2.10; elsewhere it
     # dequantizes the weight

@@ -27,7 +27,14 @@ class NVFP4Format(NumberFormat):
     storage_dtype = torch.uint8
     weight_bits = 4.0 + 8.0 / NVFP4_BLOCK
     activation_block = NVFP4_BLOCK
+    activation_sample_block = NVFP4_BLOCK
+    four_over_six = True
     native_min_capability = (10, 0)  # ComfyUI's scaled_mm_nvfp4 (Blackwell); elsewhere dequantized (W4A16)
+
+    @property
+    def scale_scheme(self) -> str:
+        """A float32 global scale times float8 E4M3 block scales relative to it."""
+        return "global_block"
 
     def storage_bits(self, out_features: int, in_features: int, *, per_channel: bool = False) -> float:
         """``n*4`` code bits + one 8-bit block scale per 16 weights (the float32 global scale is not counted)."""

@@ -14,6 +14,7 @@ import torch
 from ptq.algorithms.qlinear import QuantizedLinearState, QuantLinear
 from ptq.algorithms.quantize import set_module
 from ptq.algorithms.recipe import QuantRecipe
+from ptq.algorithms.strategies import calibration_needs
 from ptq.models.base import ModelAdapter
 from ptq.pipeline.calib_run import (
     CalibrationSession,
@@ -48,14 +49,15 @@ def calibration_session(ctx: DistContext, adapter: ModelAdapter, recipe: QuantRe
                         out_dir: Path, *, resume: bool | None, settings: dict[str, Any], part: str | None = None
                         ) -> CalibrationSession:
     """The session of this run's calibration (or of its pass ``part``, for models calibrated expert by expert):
-    its fingerprint (model, targets, prompts and specs, what the recipe makes calibration collect, ``calib``
-    settings and the given ``settings``), the checkpoint in ``out_dir`` and the one to continue from
+    its fingerprint (model, targets, prompts and specs, what the first calibration pass collects for the recipe
+    (:func:`~ptq.algorithms.strategies.calibration_needs`, ``calib.samples_per_call`` applied), ``calib`` settings
+    and the given ``settings``), the checkpoint in ``out_dir`` and the one to continue from
     (:func:`~ptq.pipeline.calib_run.find_checkpoint`, decided on rank 0)."""
     payload = {"adapter": adapter.name, "model": str(adapter.root.resolve()), "weights": adapter.fingerprint(),
                "targets": sorted(adapter.targets()),
-               "prompts": ps.prompts, "specs": [asdict(s) for s in ps.specs], "needs": asdict(recipe.needs()),
-               "format": recipe.format, "layers": asdict(recipe.layers),
-               "samples_per_call": calib.samples_per_call, "seed": calib.seed,
+               "prompts": ps.prompts, "specs": [asdict(s) for s in ps.specs],
+               "needs": asdict(calibration_needs(recipe, calib.samples_per_call)),
+               "format": recipe.format, "layers": asdict(recipe.layers), "seed": calib.seed,
                "negative_prompt": calib.negative_prompt, "images": list(calib.images), **settings}
     fingerprint = calibration_fingerprint(payload)
     resume_from = None

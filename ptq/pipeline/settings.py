@@ -75,7 +75,9 @@ class SamplingConfig:
 class CalibConfig(SamplingConfig):
     """Calibration run: hooks on every Linear over the whole denoising schedule, cond + uncond (CFG)."""
 
-    samples_per_call: int = 0  # >0 keeps random |x| samples (needed for activation=percentile/mse)
+    # |x| samples kept per Linear call for activation=percentile/mse: 0 = what the method asks for
+    # (SampledActivation.samples_per_call, 4096); > 0 overrides it
+    samples_per_call: int = 0
     # two-expert models: "quantized" = calibrate each expert after the earlier ones are quantized (on the trajectory
     # the quantized model produces), "bf16" = all experts in one pass on the bf16 trajectory
     expert_trajectory: str = "quantized"

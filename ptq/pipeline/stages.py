@@ -14,7 +14,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,9 @@ import torch
 
 from ptq.algorithms.layers import LayerPlanner
 from ptq.algorithms.mixed_precision import analyse_and_plan
-from ptq.algorithms.quantize import LayerRecord, gptq_act_aware_, gptq_sequential_, quantize_
-from ptq.algorithms.recipe import GPTQWeight, QuantRecipe
+from ptq.algorithms.quantize import LayerRecord
+from ptq.algorithms.recipe import QuantRecipe
+from ptq.algorithms.strategies import calibration_needs, strategy_for
 from ptq.calibration.needs import CalibrationNeeds
 from ptq.calibration.observers import LinearInputObserver, LinearInputStats
 from ptq.calibration.recorder import ForwardInputRecorder
@@ -35,10 +36,6 @@ from ptq.pipeline.sampling import PromptSet, sample_prompts
 from ptq.targets import TARGETS, ExportResult, export_model
 
 log = logging.getLogger("ptq")
-
-#: Inputs per NVFP4 runtime block: activation samples are taken in aligned runs of this many elements.
-SAMPLE_BLOCK = 16
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # encode
@@ -114,21 +111,14 @@ def bf16_baseline(adapter: ModelAdapter, ps: PromptSet, cache_file: Path | None,
 class Calibration:
     """What calibration collected, per target: ``stats[target][layer]``, ``hessians[target][layer]`` (one-pass
     GPTQ), ``inputs[target]`` (recorded forwards for the sensitivity analysis). ``rerun(target, observer)`` runs
-    the calibration forwards again with ``observer`` attached (sequential GPTQ passes)."""
+    the calibration forwards again with ``observer`` attached (strategies with ``rerun``: sequential or
+    activation-aware GPTQ passes)."""
 
     needs: CalibrationNeeds
     stats: dict[str, dict[str, LinearInputStats]] = field(default_factory=dict)
     hessians: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     inputs: dict[str, list[tuple[tuple, dict]]] = field(default_factory=dict)
     rerun: Callable[[str, LinearInputObserver], None] | None = None
-
-
-def calibration_needs(recipe: QuantRecipe) -> CalibrationNeeds:
-    """The recipe's needs, with the Hessians left to the later passes of sequential GPTQ."""
-    needs = recipe.needs()
-    if isinstance(recipe.weight, GPTQWeight) and recipe.weight.blocks_per_pass > 0:
-        needs = replace(needs, hessians=False)
-    return needs
 
 
 def rows_per_call(rows: int, ps: PromptSet) -> int:
@@ -140,14 +130,15 @@ def rows_per_call(rows: int, ps: PromptSet) -> int:
     return max(1, -(-rows // max(calls, 1)))
 
 
-def calibrate(adapter: ModelAdapter, recipe: QuantRecipe, ps: PromptSet, *, samples_per_call: int, seed: int,
+def calibrate(adapter: ModelAdapter, recipe: QuantRecipe, ps: PromptSet, *, samples_per_call: int = 0, seed: int,
               progress: bool, cuda_graphs: bool, needs: CalibrationNeeds | None = None,
               session: CalibrationSession | None = None) -> Calibration:
     """Run the calibration prompts through the unquantized model with observers on the Linears the recipe
     quantizes, collecting what the recipe needs (nothing at all for weight-only round-to-nearest); ``needs``
-    overrides that (e.g. one calibration serving several recipes). ``session``: prompt by prompt, sharded over
-    processes, checkpointed and resumable (``ptq.pipeline.calib_run``); only its rank 0 gets the statistics."""
-    needs = calibration_needs(recipe) if needs is None else needs
+    overrides that (e.g. one calibration serving several recipes); ``samples_per_call`` > 0 the number of |x|
+    samples per call. ``session``: prompt by prompt, sharded over processes, checkpointed and resumable
+    (``ptq.pipeline.calib_run``); only its rank 0 gets the statistics."""
+    needs = (calibration_needs(recipe) if needs is None else needs).with_samples_per_call(samples_per_call)
     cal = Calibration(needs)
 
     def run(observers: dict[str, LinearInputObserver], recorders: dict[str, ForwardInputRecorder]) -> None:
@@ -169,8 +160,8 @@ def calibrate(adapter: ModelAdapter, recipe: QuantRecipe, ps: PromptSet, *, samp
     for name, target in targets.items():
         layers = LayerPlanner.for_model(target.module, recipe, adapter.layer_rules).targets(target.module)
         observers[name] = LinearInputObserver(target.module, layers, num_steps=ps.specs[0].num_steps,
-                                              samples_per_call=samples_per_call if needs.samples else 0, seed=seed,
-                                              sample_block=SAMPLE_BLOCK, hessian=needs.hessians,
+                                              samples_per_call=needs.samples, seed=seed,
+                                              sample_block=needs.sample_block, hessian=needs.hessians,
                                               hessian_storage=session.hessian_storage if session else "device",
                                               rows_per_call=rows_per_call(needs.rows, ps))
         if needs.inputs:
@@ -203,8 +194,9 @@ def analyse(adapter: ModelAdapter, recipe: QuantRecipe, cal: Calibration, *, pro
             ) -> tuple[dict[str, QuantRecipe], dict[str, dict[str, Any]]]:
     """Sensitivity analysis (and mixed-precision planning) per target: (recipe per target, analysis per target)."""
     recipes, analyses = {}, {}
+    first_pass = strategy_for(recipe).calibration_needs(recipe)
     for name, target in adapter.targets().items():
-        hessians = cal.hessians.get(name) if recipe.needs().hessians else None
+        hessians = cal.hessians.get(name) if first_pass.hessians else None
         recipes[name], analyses[name] = analyse_and_plan(
             target.module, recipe, cal.stats.get(name, {}), cal.inputs.get(name, []), hessians,
             rules=adapter.layer_rules, progress=progress)
@@ -213,25 +205,15 @@ def analyse(adapter: ModelAdapter, recipe: QuantRecipe, cal: Calibration, *, pro
 
 def quantize(adapter: ModelAdapter, recipes: dict[str, QuantRecipe], cal: Calibration, *, progress: bool
              ) -> dict[str, list[LayerRecord]]:
-    """Quantize every target in place with its recipe; returns its layer records (model order). Hessians are used
-    only by recipes that need them."""
+    """Quantize every target in place with its recipe's strategy (``ptq.algorithms.strategies``); returns its layer
+    records (model order)."""
     records = {}
     for name, target in adapter.targets().items():
         recipe = recipes[name]
-        stats = cal.stats.get(name, {})
-        hessians = cal.hessians.get(name) if recipe.needs().hessians else None
-        if isinstance(recipe.weight, GPTQWeight) and recipe.weight.act_aware:
-            assert cal.rerun is not None
-            records[name] = gptq_act_aware_(target.module, recipe, stats, lambda obs, _n=name: cal.rerun(_n, obs),
-                                            rules=adapter.layer_rules, progress=progress)
-        elif isinstance(recipe.weight, GPTQWeight) and recipe.weight.blocks_per_pass > 0:
-            assert cal.rerun is not None
-            records[name] = gptq_sequential_(target.module, recipe, stats,
-                                              lambda obs, _n=name: cal.rerun(_n, obs),
-                                              rules=adapter.layer_rules, progress=progress)
-        else:
-            records[name] = quantize_(target.module, recipe, stats, hessians=hessians,
-                                      rules=adapter.layer_rules, progress=progress, device=adapter.compute_device)
+        rerun = None if cal.rerun is None else (lambda obs, _n=name: cal.rerun(_n, obs))
+        records[name] = strategy_for(recipe).quantize(
+            target.module, recipe, cal.stats.get(name, {}), hessians=cal.hessians.get(name), rerun=rerun,
+            rules=adapter.layer_rules, progress=progress, device=adapter.compute_device)
     return records
 
 
