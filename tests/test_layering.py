@@ -106,3 +106,24 @@ def test_no_import_circle() -> None:
     for m in sorted(graph):
         if m not in state:
             visit(m, [m])
+
+
+@pytest.mark.parametrize("layer", ["targets", "tools"])
+def test_targets_and_tools_reach_model_families_through_the_adapters(layer: str) -> None:
+    """File targets and the file tools know no model family: they import ``ptq.models`` (the registry) and its
+    generic modules, never a family's package."""
+    generic = {"ptq.models", "ptq.models.base", "ptq.models.files"}
+    bad = [f"{p.relative_to(PKG.parent)} imports {m}" for p in sorted((PKG / layer).rglob("*.py"))
+           for m in _imports(p) if m.startswith("ptq.models") and m not in generic]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_file_tools_decide_nothing_by_format_name() -> None:
+    """``ptq/tools`` compares no layer format against a literal format name (the formats and targets say it)."""
+    from ptq.formats import FORMATS
+
+    names = "|".join(sorted(FORMATS, key=len, reverse=True))
+    literal = re.compile(rf"""(==|!=|\bin)\s*\(?\s*["'](?:{names})["']|["'](?:{names})["']\s*(==|!=)""")
+    bad = [f"{p.relative_to(PKG.parent)}:{i}: {line.strip()}" for p in sorted((PKG / "tools").rglob("*.py"))
+           for i, line in enumerate(p.read_text().splitlines(), 1) if literal.search(line)]
+    assert not bad, "\n".join(bad)
