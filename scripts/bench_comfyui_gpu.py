@@ -125,7 +125,7 @@ def _simulated(model: torch.nn.Module, runtime: str, sizes: dict, device: str) -
     return out
 
 
-def make(work: Path, device: str, runtime: str, smoke: bool) -> None:
+def make(work: Path, device: str, runtime: str, smoke: bool, variants: list[str] | None = None) -> None:
     from ptq.algorithms.quantize import quantize_
     from ptq.models.wan import build_random_transformer
     from ptq.targets import export_model
@@ -138,12 +138,13 @@ def make(work: Path, device: str, runtime: str, smoke: bool) -> None:
     base = build_random_transformer(config, seed=0, device=device)
     log(f"random model built ({sum(p.numel() for p in base.parameters()) / 1e9:.2f}B params, "
         f"{time.perf_counter() - t0:.0f} s)")
-    recipes = {name: _recipe(spec) for name, spec in VARIANTS.items() if spec is not None}
+    chosen = {name: spec for name, spec in VARIANTS.items() if variants is None or name in variants}
+    recipes = {name: _recipe(spec) for name, spec in chosen.items() if spec is not None}
     stats = _calibrate(base, list(recipes.values()), sizes, device)
     refs: dict[str, dict[int, torch.Tensor]] = {"unquantized": _simulated(base, runtime, sizes, device)}
     files = {}
     cfg = SimpleNamespace(targets=["comfyui"], unquantized_dtype="bfloat16", verify=True)
-    for name, spec in VARIANTS.items():
+    for name, spec in chosen.items():
         t0 = time.perf_counter()
         model = base if spec is None else copy.deepcopy(base)
         if spec is not None:
@@ -381,7 +382,7 @@ def run_all(args: argparse.Namespace) -> None:
     work.mkdir(parents=True, exist_ok=True)
     device = "cpu" if args.smoke and not torch.cuda.is_available() else "cuda"
     if not (work / "files.json").exists():
-        make(work, device, args.runtime, args.smoke)
+        make(work, device, args.runtime, args.smoke, args.variants)
     gc.collect()
     files = json.loads((work / "files.json").read_text())
     modes = [False] if device == "cpu" else [True, False]
@@ -422,6 +423,8 @@ def main() -> None:
         p.add_argument("--runtime", default=None, help="ptq runtime the references simulate (default: hopper; "
                        "cpu with --smoke on a machine without a GPU)")
         p.add_argument("--smoke", action="store_true", help="the tiny model's config on the CPU (checks the flow)")
+        p.add_argument("--variants", nargs="*", default=None, choices=list(VARIANTS),
+                       help="files to write and run (default: all)")
         p.add_argument("--off-variants", nargs="*", default=None,
                        help="variants also run with DynamicVRAM off (default: all)")
     args = ap.parse_args()
@@ -431,7 +434,7 @@ def main() -> None:
         run_all(args)
     elif args.cmd == "make":
         Path(args.work).mkdir(parents=True, exist_ok=True)
-        make(Path(args.work), "cpu" if args.smoke else "cuda", args.runtime, args.smoke)
+        make(Path(args.work), "cpu" if args.smoke else "cuda", args.runtime, args.smoke, args.variants)
     else:
         comfy_run(args)
 
