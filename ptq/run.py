@@ -230,6 +230,26 @@ def _task(dcfg: Any) -> None:
     except (JobError, PromptError, ModelLoadError) as exc:
         print(f"ptq run: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(f"\nptq run: {interrupted_message(out_dir, list(hc.overrides.task))}", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def interrupted_message(out_dir: Path, overrides: list[str]) -> str:
+    """What an interrupted run left and the command that continues it (the same overrides into the same run folder:
+    calibration resumes after its last checkpointed prompt)."""
+    import shlex
+
+    from ptq.pipeline.calib_run import CHECKPOINT_NAME, read_checkpoint_header
+
+    ckpt = out_dir / CHECKPOINT_NAME
+    head = read_checkpoint_header(ckpt) if ckpt.is_file() else None
+    keep = [o for o in overrides if not o.startswith(("hydra.run.dir=", "resume="))]
+    command = shlex.join(["python", "-m", "ptq", "run", *keep, f"hydra.run.dir={out_dir}"])
+    if head is None:
+        return f"interrupted before any calibration prompt was checkpointed; {out_dir} holds no finished export"
+    return (f"interrupted after {head['prompts_done']} of {head['num_prompts']} calibration prompts "
+            f"({ckpt}); continue with: {command}")
 
 
 def _help() -> str:

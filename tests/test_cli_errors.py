@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from ptq import cli
 from ptq.algorithms.recipe import ACTIVATION_METHODS
@@ -72,3 +73,68 @@ def test_ctrl_c_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Capt
     monkeypatch.setattr(cli, "_dispatch", interrupted)
     assert cli.main(["run"]) == 130
     assert capsys.readouterr().err.strip() == "ptq: interrupted"
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_broken_weights_are_one_line_naming_the_file(damage: str, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Transformer weights deleted or cut short (an interrupted download): one line naming the file and what is
+    wrong, exit 2, no run folder (the weights' headers are read before anything is created)."""
+    import shutil
+
+    from ptq.models.tiny_wan import TINY_WAN_PATH
+
+    model = tmp_path / "model"
+    shutil.copytree(TINY_WAN_PATH, model)
+    weights = model / "transformer" / "diffusion_pytorch_model.safetensors"
+    if damage == "deleted":
+        weights.unlink()
+    else:
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) // 3])
+    out = tmp_path / "out"
+    rc = hydra_main(["config=tiny_nvfp4", f"model.path={model}", f"hydra.run.dir={out}"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and not out.exists() and len(err.splitlines()) == 1, err
+    want = ("transformer/ has no weight files" if damage == "deleted"
+            else "transformer/diffusion_pytorch_model.safetensors is cut short")
+    assert want in err and str(model) in err
+
+
+def _fake_checkpoint(path: Path, fingerprint: str, done: int, total: int = 8) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"fingerprint": fingerprint, "prompts_done": done, "num_prompts": total}, path)
+
+
+def test_resume_true_takes_the_checkpoint_with_most_prompts_done(tmp_path: Path) -> None:
+    import os
+
+    from ptq.pipeline.calib_run import CHECKPOINT_NAME, find_checkpoint
+
+    runs = tmp_path / "outputs" / "tiny_nvfp4" / "nvfp4"
+    _fake_checkpoint(runs / "a" / CHECKPOINT_NAME, "f", 2)
+    _fake_checkpoint(runs / "b" / CHECKPOINT_NAME, "f", 1)  # newer, less progress
+    _fake_checkpoint(runs / "c" / CHECKPOINT_NAME, "other", 7)  # other settings
+    os.utime(runs / "a" / CHECKPOINT_NAME, (1, 1))
+    assert find_checkpoint(runs / "new", "f", True) == runs / "a" / CHECKPOINT_NAME
+    assert find_checkpoint(runs / "new", "f", None) is None
+
+
+def test_ctrl_c_during_a_run_prints_the_command_that_continues_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import ptq.run
+    from ptq.pipeline.calib_run import CHECKPOINT_NAME
+
+    out = tmp_path / "run"
+
+    def interrupted(cfg: object, out_dir: Path, **_: object) -> None:
+        _fake_checkpoint(out_dir / CHECKPOINT_NAME, "f", 3)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ptq.run, "run_pipeline", interrupted)
+    with pytest.raises(SystemExit) as exc:
+        hydra_main(["config=tiny_nvfp4", "eval.runtimes=[]", f"hydra.run.dir={out}"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 130 and "Traceback" not in err
+    assert "interrupted after 3 of 8 calibration prompts" in err
+    assert f"continue with: python -m ptq run config=tiny_nvfp4 'eval.runtimes=[]' hydra.run.dir={out}" in err

@@ -144,9 +144,21 @@ def test_run_exports_one_comfyui_file_per_expert_that_verify_passes(random_tiny_
         assert rep.load_detail.startswith("all 69") and len(rep.layers) == 20
         assert verify_file(tmp_path / name, str(random_tiny_moe_dir), component=component,
                            check_load=False).ok
-    # the low-noise file against the high-noise expert: its recorded source sha256 is transformer_2's
-    wrong = verify_file(tmp_path / files[1], str(random_tiny_moe_dir), component="transformer", check_load=False)
+    # the low-noise file against the high-noise expert: the file says which component it holds (issue 23: not
+    # reported as a wrong model); the diffusers file of the second expert against a one-expert folder; the file
+    # against the packaged tiny model (the default --model): the message names the model it was made from
+    from ptq.models.base import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="--component transformer: tiny_wan_moe_low_noise_nvfp4_comfyui"
+                                             ".safetensors holds transformer_2"):
+        verify_file(tmp_path / files[1], str(random_tiny_moe_dir), component="transformer", check_load=False)
+    second = folder / "transformer_2" / "diffusion_pytorch_model_bfl.safetensors"
+    with pytest.raises(ModelLoadError, match=r"has no transformer_2/config.json, the component "
+                                             r"diffusion_pytorch_model_bfl.safetensors holds \(its ptq_component"):
+        verify_file(second, None)
+    wrong = verify_file(tmp_path / files[0], None, check_load=False)
     assert not wrong.ok and "wrong model" in wrong.problems[0]
+    assert wrong.problems[0].endswith(f"(--model {random_tiny_moe_dir.name})")
     with safe_open(str(tmp_path / files[1]), "pt") as f:
         meta = f.metadata()
     assert (meta["ptq_expert"], meta["ptq_component"]) == ("low_noise", "transformer_2")

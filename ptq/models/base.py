@@ -131,6 +131,12 @@ class ModelAdapter(ABC):
         """Parts (sub-folders, files) a usable model folder needs that ``root`` lacks."""
         return []
 
+    @classmethod
+    def weight_problems(cls, root: Path) -> list[str]:
+        """Weight files of ``root`` that are missing, cut short or unreadable, one line each naming the file
+        (read from headers only)."""
+        return []
+
     # -- identity -------------------------------------------------------------------------------------------
     @property
     @abstractmethod

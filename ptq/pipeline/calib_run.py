@@ -74,8 +74,9 @@ def read_checkpoint_header(path: Path) -> dict[str, Any] | None:
 def find_checkpoint(out_dir: Path, fingerprint: str, resume: bool | None, name: str = CHECKPOINT_NAME
                     ) -> Path | None:
     """The checkpoint a run in ``out_dir`` continues from. ``resume``: None = the one in ``out_dir`` if it matches
-    (re-running into the same run folder), an error if it was written for other settings; True = also the newest
-    matching one in a sibling run folder (``outputs/<preset>/*``); False = none."""
+    (re-running into the same run folder), an error if it was written for other settings; True = also the matching
+    one with the most prompts done (the newest of those) in a sibling run folder (``outputs/<preset>/<recipe>/*``);
+    False = none."""
     if resume is False:
         return None
     own = out_dir / name
@@ -89,12 +90,13 @@ def find_checkpoint(out_dir: Path, fingerprint: str, resume: bool | None, name: 
                              "hydra.run.dir")
     if not resume or not out_dir.parent.is_dir():
         return None
-    candidates = sorted(out_dir.parent.glob(f"*/{name}"), key=lambda p: p.stat().st_mtime,
-                        reverse=True)
-    for path in candidates:
+    matching = []
+    for path in out_dir.parent.glob(f"*/{name}"):
         head = read_checkpoint_header(path)
         if head is not None and head["fingerprint"] == fingerprint:
-            return path
+            matching.append((int(head.get("prompts_done") or 0), path.stat().st_mtime, path))
+    if matching:
+        return max(matching)[2]
     log.warning("resume=true: no calibration checkpoint with these settings under %s; starting over", out_dir.parent)
     return None
 

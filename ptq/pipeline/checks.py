@@ -37,6 +37,10 @@ def check_job(cfg: RunConfig) -> None:
     if missing:
         raise JobError(f"model.path={cfg.model.path!r} ({root}) is not a complete {cls.name} model folder: missing "
                        + ", ".join(missing))
+    broken = cls.weight_problems(root)
+    if broken:
+        more = f" (and {len(broken) - 1} more)" if len(broken) > 1 else ""
+        raise JobError(f"model.path={cfg.model.path!r} ({root}): {broken[0]}{more}")
     try:
         adapter = cls(cfg.model.path)
     except (ModelLoadError, OSError, ValueError) as exc:

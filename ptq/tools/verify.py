@@ -143,9 +143,10 @@ def _wrong_model(ref: ReferenceCheckpoint, metadata: Mapping[str, str], model_pa
     actual = ref.content_hash(_cache_dir())
     if actual == recorded:
         return None
-    return (f"wrong model: the file was made from {metadata.get('ptq_source_model', '?')!r} (transformer sha256 "
-            f"{recorded[:12]}), --model {str(model_path) if model_path else 'tiny_wan'} has sha256 {actual[:12]}; "
-            "pass the bf16 model the file was quantized from")
+    source = metadata.get("ptq_source_model", "?")
+    return (f"wrong model: the file was made from {source!r} (transformer sha256 {recorded[:12]}), --model "
+            f"{str(model_path) if model_path else 'tiny_wan'} has sha256 {actual[:12]}; pass the bf16 model the file "
+            f"was quantized from (--model {source})")
 
 
 def _compare(chk: LayerCheck, layer: FileLayer, w_ref: torch.Tensor, x: torch.Tensor | None,

@@ -81,6 +81,16 @@ class WanAdapter(ModelAdapter):
         need = ["transformer/config.json", "scheduler/scheduler_config.json", "text_encoder", "tokenizer"]
         return [p for p in need if not (root / p).exists()]
 
+    @classmethod
+    def weight_problems(cls, root: Path) -> list[str]:
+        """The transformer(s), text encoder and (when present) VAE and image encoder weights."""
+        from ptq.models.weight_files import component_problems
+
+        parts = ["transformer", "transformer_2", "text_encoder", "vae", "image_encoder"]
+        required = {"transformer", "text_encoder"}
+        return [p for part in parts if part in required or (root / part).is_dir()
+                for p in component_problems(root / part, required=part != "vae")]
+
     # -- identity -------------------------------------------------------------------------------------------
     @property
     def display_name(self) -> str:

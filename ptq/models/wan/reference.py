@@ -18,17 +18,22 @@ from ptq.models.base import ModelLoadError, ReferenceCheckpoint
 def model_component(path: str | Path, metadata: Mapping[str, str], root: Path, component: str | None) -> str:
     """Which component of the model folder a file holds: ``component`` if given, else the file's ``ptq_component``
     header entry, else ``transformer_2`` for a ``*low_noise*`` file of a two-expert folder, else ``transformer``."""
+    recorded = metadata.get("ptq_component")
+    if component and recorded and component != recorded:
+        raise ModelLoadError(f"--component {component}: {Path(path).name} holds {recorded} (its ptq_component "
+                             f"header entry); drop --component or pass --component {recorded}")
     if component:
-        chosen = component
-    elif metadata.get("ptq_component"):
-        chosen = metadata["ptq_component"]
+        chosen, why = component, "--component"
+    elif recorded:
+        chosen, why = recorded, "its ptq_component header entry"
     elif "low_noise" in Path(path).name and (root / "transformer_2").is_dir():
-        chosen = "transformer_2"
+        chosen, why = "transformer_2", "a low_noise file of a two-expert folder"
     else:
-        chosen = "transformer"
+        chosen, why = "transformer", "the default"
     if not (root / chosen / "config.json").is_file():
-        raise ModelLoadError(f"--model: {root} has no {chosen}/config.json (the component {Path(path).name} holds; "
-                             "--component names another)")
+        raise ModelLoadError(f"--model {root} has no {chosen}/config.json, the component {Path(path).name} holds "
+                             f"({why}): pass the model folder the file was made from"
+                             + ("" if chosen == "transformer" else " (a two-expert model's folder)"))
     return chosen
 
 
@@ -103,8 +108,14 @@ class WanReference(ReferenceCheckpoint):
 
 def wan_reference(model_path: Any, *, file_name: str, metadata: Mapping[str, str],
                   component: str | None = None) -> WanReference:
-    """:meth:`ptq.models.base.ModelAdapter.reference` of the WAN adapters."""
-    return WanReference(transformer_folder(model_path, file=file_name, metadata=metadata, component=component))
+    """:meth:`ptq.models.base.ModelAdapter.reference` of the WAN adapters (ModelLoadError for broken weights)."""
+    from ptq.models.weight_files import component_problems
+
+    folder = transformer_folder(model_path, file=file_name, metadata=metadata, component=component)
+    problems = component_problems(folder)
+    if problems:
+        raise ModelLoadError(f"--model {folder.parent}: {problems[0]}")
+    return WanReference(folder)
 
 
 __all__ = ["WanReference", "model_component", "transformer_folder", "wan_reference"]
