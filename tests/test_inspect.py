@@ -683,3 +683,14 @@ def test_inspect_never_crashes(entries: list, meta: dict | None) -> None:
         assert p.code in PROBLEM_CODES
     json.dumps(to_dict(report))
     inspect_cli.format_report(report)
+
+
+def test_heads_are_the_ones_comfyui_builds(good_nvfp4: Path) -> None:
+    """The architecture line reports the head count ComfyUI builds: the header config override's (here 1 head of
+    64) and, beside it, what ComfyUI's shape rule (dim // 128) alone gives; without an override, the rule's."""
+    arch = inspect_file(good_nvfp4).architecture
+    assert arch.num_heads == 1 and "heads=1 (header config; ComfyUI's shape rule alone: 0)" in arch.description
+    layout = wan_layout(**WAN5B)
+    infos = tensor_infos_from_state_dict({k: torch.empty(s, device="meta") for k, (_, s) in layout.items()})
+    rule = detect_architecture(infos)
+    assert rule.num_heads == 24 and "heads=24," in rule.description and "header config" not in rule.description

@@ -111,9 +111,11 @@ class FileFamily:
         """``key`` without the prefix, in the family's canonical naming (what its loaders' files use)."""
         return strip_prefix(key, naming.prefix)
 
-    def architecture(self, layers: Mapping[str, Mapping[str, list[int]]], params: int) -> Architecture:
+    def architecture(self, layers: Mapping[str, Mapping[str, list[int]]], params: int,
+                     metadata: Mapping[str, str] | None = None) -> Architecture:
         """The architecture of a file whose model parameters are ``layers`` (canonical layer name -> suffix ->
-        logical shape; root-level keys under ""), ``params`` logical parameters in all."""
+        logical shape; root-level keys under ""), ``params`` logical parameters in all, ``metadata`` its header
+        (sizes a loader reads from it rather than from shapes)."""
         return Architecture("unknown", "unknown architecture", params=params)
 
     def sensitive_layer_kind(self, canonical: str, arch: Architecture) -> str | None:

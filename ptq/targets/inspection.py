@@ -207,7 +207,7 @@ class FileView:
         self.declared, self.confs, self.layer_formats = declared, confs, layer_formats
         known = {k: v for k, v in layer_formats.items() if v != "?"}  # "?": comfy_quant not read (header only)
         layers, params = canonical_layers(self.groups, self.family, self.naming, known)
-        self.arch = self.family.architecture(layers, params)
+        self.arch = self.family.architecture(layers, params, self.metadata)
         self.layers = layer_table(self.groups, self.family, self.naming, layer_formats)
 
     # -- reporting ----------------------------------------------------------------------------------------------

@@ -91,9 +91,11 @@ def _shape(layers: Mapping[str, Mapping[str, list[int]]], name: str) -> list[int
     return list(layers.get(name, {}).get("weight", []))
 
 
-def detect_architecture(layers: Mapping[str, Mapping[str, list[int]]], params: int) -> Architecture:
+def detect_architecture(layers: Mapping[str, Mapping[str, list[int]]], params: int,
+                        heads: int | None = None) -> Architecture:
     """WAN's sizes from its parameter shapes (``layers``: canonical layer -> suffix -> logical shape; see
-    :meth:`ptq.models.files.FileFamily.architecture`); family "unknown" without patch_embedding + modulation."""
+    :meth:`ptq.models.files.FileFamily.architecture`); family "unknown" without patch_embedding + modulation.
+    ``heads``: the head count a header override sets (shapes cannot tell it; ComfyUI's rule is dim // 128)."""
     root, head = layers.get("", {}), layers.get("head", {})
     block_ids = sorted({int(m.group(1)) for name in layers if (m := _BLOCK_RE.match(name + "."))})
     patch = _shape(layers, "patch_embedding")
@@ -109,12 +111,15 @@ def detect_architecture(layers: Mapping[str, Mapping[str, list[int]]], params: i
     out_dim = head_w[0] // math.prod(psize) if head_w and psize and math.prod(psize) else None
     missing = sorted(set(range(block_ids[-1] + 1)) - set(block_ids)) if block_ids else []
     arch = Architecture("wan", "", dim=dim, in_dim=in_dim, out_dim=out_dim, ffn_dim=ffn[0] if ffn else None,
-                        num_layers=len(block_ids), num_heads=dim // 128 if dim % 128 == 0 else None,
+                        num_layers=len(block_ids),
+                        num_heads=heads or (dim // COMFYUI_WAN_HEAD_DIM if dim % COMFYUI_WAN_HEAD_DIM == 0 else None),
                         text_dim=text[1] if len(text) > 1 else None, freq_dim=freq[1] if len(freq) > 1 else None,
                         patch_size=list(psize) if psize else None, params=params, missing_blocks=missing)
     arch.known_model = _KNOWN_WAN.get((dim, len(block_ids), in_dim or 0, arch.ffn_dim or 0))
-    heads = f", heads={arch.num_heads}" if arch.num_heads else ""
-    sizes = f"dim={dim}, layers={len(block_ids)}{heads}, in_dim={in_dim}, ffn_dim={arch.ffn_dim}"
+    heads_s = f", heads={arch.num_heads}" if arch.num_heads else ""
+    if heads:
+        heads_s += f" (header config; ComfyUI's shape rule alone: {dim // COMFYUI_WAN_HEAD_DIM})"
+    sizes = f"dim={dim}, layers={len(block_ids)}{heads_s}, in_dim={in_dim}, ffn_dim={arch.ffn_dim}"
     arch.description = f"{arch.known_model} ({sizes})" if arch.known_model else f"WAN-architecture, {sizes}"
     return arch
 
@@ -200,8 +205,12 @@ class WanFileFamily(FileFamily):
         bare = strip_prefix(key, naming.prefix)
         return to_original_name(bare) if naming.style in ("diffusers", "mixed") else bare
 
-    def architecture(self, layers: Mapping[str, Mapping[str, list[int]]], params: int) -> Architecture:
-        return detect_architecture(layers, params)
+    def architecture(self, layers: Mapping[str, Mapping[str, list[int]]], params: int,
+                     metadata: Mapping[str, str] | None = None) -> Architecture:
+        """WAN's sizes from shapes; the head count is the one ComfyUI builds: the header ``config`` override's
+        when the file has one (the description then also says what ComfyUI's shape rule alone gives)."""
+        heads = config_override(metadata or {}, lambda *a: None).get("num_heads")
+        return detect_architecture(layers, params, heads if isinstance(heads, int) and heads > 0 else None)
 
     def sensitive_layer_kind(self, canonical: str, arch: Architecture) -> str | None:
         return sensitive_layer_kind(canonical, arch.num_layers) if arch.family == "wan" else None
