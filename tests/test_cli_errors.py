@@ -138,3 +138,21 @@ def test_ctrl_c_during_a_run_prints_the_command_that_continues_it(tmp_path: Path
     assert exc.value.code == 130 and "Traceback" not in err
     assert "interrupted after 3 of 8 calibration prompts" in err
     assert f"continue with: python -m ptq run config=tiny_nvfp4 'eval.runtimes=[]' hydra.run.dir={out}" in err
+
+
+def test_a_model_folder_without_its_vae_is_an_error_not_another_problem(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """A copy of the tiny model without vae/: its scale factors (4 pixels, 1 frame per latent) cannot be known, and
+    the 5B's (16, 4) must not silently take their place: one line, exit 2, no run folder."""
+    import shutil
+
+    from ptq.models.tiny_wan import TINY_WAN_PATH
+
+    model = tmp_path / "model"
+    shutil.copytree(TINY_WAN_PATH, model)
+    shutil.rmtree(model / "vae")
+    out = tmp_path / "out"
+    rc = hydra_main(["config=tiny_nvfp4", "eval.runtimes=[]", f"model.path={model}", f"hydra.run.dir={out}"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and not out.exists() and len(err.splitlines()) == 1, err
+    assert "no vae/config.json" in err and "scale factors" in err

@@ -135,8 +135,8 @@ class WanAdapter(ModelAdapter):
 
     def check_spec(self, spec: SampleSpec) -> dict[str, str]:
         d = self._defaults
-        return sampling.spec_problems(spec, spatial=int(d.get("vae_scale_factor_spatial", 16)),
-                                      temporal=int(d.get("vae_scale_factor_temporal", 4)), patch=self._patch())
+        return sampling.spec_problems(spec, spatial=int(d["vae_scale_factor_spatial"]),
+                                      temporal=int(d["vae_scale_factor_temporal"]), patch=self._patch())
 
     # -- components -----------------------------------------------------------------------------------------
     @property

@@ -68,11 +68,11 @@ class WanComponents:
 
     @property
     def vae_scale_spatial(self) -> int:
-        return int(self.defaults.get("vae_scale_factor_spatial", 16))
+        return int(self.defaults["vae_scale_factor_spatial"])
 
     @property
     def vae_scale_temporal(self) -> int:
-        return int(self.defaults.get("vae_scale_factor_temporal", 4))
+        return int(self.defaults["vae_scale_factor_temporal"])
 
     def free_text_encoder(self) -> None:
         """Drop the text encoder (11.4 GB for UMT5-XXL) once all prompts are encoded."""
@@ -222,18 +222,32 @@ def _component_class(root: Path, component: str, default: str) -> Any:
 SAMPLE_KEYS = (*WAN22_TI2V_5B_SAMPLE_DEFAULTS, "guidance_scale_2", "negative_prompt", "fps")
 
 
+#: The sampling values that shape the problem and have no safe default: the latent size per pixel and per frame.
+VAE_FACTORS = ("vae_scale_factor_spatial", "vae_scale_factor_temporal")
+
+
 def read_sample_defaults(root: Path, spec_defaults: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The model's sampling defaults (``spec_defaults``, else the 5B's), overridden by the folder's
-    ``model_index.json``, with the VAE factors of its ``vae/config.json``."""
+    """The model's sampling defaults (``spec_defaults`` of the published model the folder is, else the 5B's sizes
+    and steps), overridden by the folder's ``model_index.json``, with the VAE factors of its ``vae/config.json``
+    (diffusers' ``AutoencoderKLWan`` names them ``scale_factor_*``). A folder of no published model without them is
+    an error (:class:`ModelLoadError`): a wrong factor silently changes every latent's shape."""
     index = _read_json(root / "model_index.json") if (root / "model_index.json").exists() else {}
     defaults = dict(WAN22_TI2V_5B_SAMPLE_DEFAULTS if spec_defaults is None else spec_defaults)
+    if spec_defaults is None:
+        for key in VAE_FACTORS:
+            defaults.pop(key, None)
     defaults.update({k: index[k] for k in SAMPLE_KEYS if k in index})
     vae_cfg = root / "vae" / "config.json"
-    if vae_cfg.exists():
-        cfg = _read_json(vae_cfg)
-        if "scale_factor_spatial" in cfg:
-            defaults["vae_scale_factor_spatial"] = int(cfg["scale_factor_spatial"])
-            defaults["vae_scale_factor_temporal"] = int(cfg["scale_factor_temporal"])
+    cfg = _read_json(vae_cfg) if vae_cfg.exists() else {}
+    if "scale_factor_spatial" in cfg:
+        defaults["vae_scale_factor_spatial"] = int(cfg["scale_factor_spatial"])
+        defaults["vae_scale_factor_temporal"] = int(cfg["scale_factor_temporal"])
+    missing = [k for k in VAE_FACTORS if k not in defaults]
+    if missing:
+        raise ModelLoadError(
+            f"{root}: {'vae/config.json has no scale_factor_spatial' if vae_cfg.exists() else 'no vae/config.json'}, "
+            "and the transformer is not a published WAN model's: the VAE's scale factors (pixels and frames per "
+            "latent) cannot be known; add the model's vae/ folder (its config.json is enough)")
     defaults["_ptq_model"] = index.get("_ptq_model")
     return defaults
 
