@@ -177,3 +177,35 @@ def test_same_tensors_give_the_same_bytes(tmp_path: Path) -> None:
     live.write_bytes(b"x")
     assert remove_stale_temp_files(tmp_path) == [dead]
     assert live.exists() and not dead.exists()
+
+
+@pytest.mark.parametrize("end", ["killed", "failed"])
+def test_only_verified_exports_carry_their_final_names(random_tiny_dir: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch, end: str) -> None:
+    """Files are written into a hidden staging folder and moved to their final names after verification: a run
+    killed between writing and verifying (here: interrupted in the verification) or failing verification leaves no
+    file under a final name; a later export into the folder removes a dead process's staging folder."""
+    import ptq.targets.roundtrip as roundtrip
+
+    model = _quantized_tiny(random_tiny_dir, QuantRecipe(format="nvfp4"))
+
+    def stop(files, plain, quant, **kw):  # noqa: ANN001, ANN003, ANN202
+        assert all(Path(p).is_file() and ".unverified." in str(p) for _, p, _ in files)
+        if end == "killed":
+            raise KeyboardInterrupt
+        return [(False, "bad bytes")] * len(files)
+
+    monkeypatch.setattr(roundtrip, "verify_exports", stop)
+    cfg = SimpleNamespace(targets=["comfyui", "diffusers"], unquantized_dtype="bfloat16", filename="m", verify=True)
+    with pytest.raises(KeyboardInterrupt if end == "killed" else RuntimeError):
+        export_model(model, cfg, tmp_path, progress=False)
+    visible = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))
+    assert visible == [] and not list(tmp_path.glob("*.safetensors")) and not (tmp_path / "m_diffusers").exists()
+    monkeypatch.undo()
+    staging = next(tmp_path.glob(".unverified.*.tmp"))
+    dead = staging.with_name(".unverified.999999999.tmp")  # as a killed process leaves it
+    staging.rename(dead)
+    results = export_model(model, cfg, tmp_path, progress=False)
+    assert all(r.verified for r in results) and not dead.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m_comfyui.safetensors", "m_diffusers"]
+    assert (tmp_path / "m_diffusers" / "transformer" / "config.json").is_file()
