@@ -40,11 +40,14 @@ activation methods:  quant/activation={activations}
 main keys (see README.md for all):
   model.path=DIR|HUB_ID      diffusers folder or hub id in the HF cache (tiny presets: the packaged model)
   model.device=auto|cpu|cuda, model.dtype=bfloat16
-  quant.format=nvfp4|fp8     quant.layers.exclude=[...]  quant.layers.keep_first_blocks=N
+  quant.format={formats}
+  quant.layers.exclude=[...]  quant.layers.keep_first_blocks=N
   quant.weight.damp=0.01     quant.weight.blocks_per_pass=N (GPTQ)   quant.mixed.enabled=true
   calib.num_prompts=N  calib.num_steps=N  calib.height/width/num_frames  calib.prompts_file=FILE
   calib.samples_per_call=N (|x| samples per call for quant/activation=mse, percentile; 0 = as they ask)
   eval.num_prompts=N  eval.enabled=false  eval.decode=false  eval.cache_dir=DIR
+  eval.runtimes=[{runtimes}]  (ComfyUI per GPU in the report; NAME+eager: kitchen's
+                             eager arithmetic; [] = none)
   export.targets=[comfyui,diffusers]  export.unquantized_dtype=bfloat16|float32
   hydra.run.dir=DIR (output folder; default outputs/PRESET/RECIPE/DATE)   -m: sweep comma-separated values
 
@@ -254,9 +257,12 @@ def interrupted_message(out_dir: Path, overrides: list[str]) -> str:
 
 def _help() -> str:
     from ptq.algorithms.recipe import ACTIVATION_METHODS, WEIGHT_METHODS
+    from ptq.formats import FORMATS
+    from ptq.targets.comfyui.runtime import RUNTIMES
 
     return RUN_HELP.format(presets=", ".join(_options("config")), recipes=", ".join(_options("quant")),
-                           weights="|".join(WEIGHT_METHODS), activations="|".join(ACTIVATION_METHODS))
+                           weights="|".join(WEIGHT_METHODS), activations="|".join(ACTIVATION_METHODS),
+                           formats="|".join(FORMATS), runtimes=",".join(RUNTIMES))
 
 
 #: Overrides for ranks > 0 of a multi-process run (torchrun / accelerate): rank 0 owns the run folder (its path

@@ -222,7 +222,8 @@ def part_dist(out_root: Path) -> dict[str, Any]:
     model_dir = out_root / "tiny_random"
     if not model_dir.exists():
         save_tiny_wan(build_random_tiny_wan(seed=0), model_dir)
-    args = ["config=tiny_nvfp4", "quant=nvfp4_gptq_4o6_act_mse", f"model.path={model_dir}", "calib.num_prompts=5",
+    args = ["config=tiny_nvfp4", "quant=nvfp4_gptq_4o6_act_mse", "export.filename=model", f"model.path={model_dir}",
+            "calib.num_prompts=5",
             "calib.num_steps=4", "eval.num_prompts=3", "eval.num_steps=4", "eval.decode=false"]
     gpus = torch.cuda.device_count()
     env = {} if gpus >= 2 else {"PTQ_DIST_BACKEND": "gloo"}

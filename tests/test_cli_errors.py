@@ -64,6 +64,10 @@ def test_help_lists_presets_recipes_and_main_keys(capsys: pytest.CaptureFixture[
     for word in ("tiny_nvfp4", "nvfp4_gptq_4o6_act_mse", "quant/weight=", "model.path", "calib.num_prompts",
                  "export.targets"):
         assert word in out
+    from ptq.formats import FORMATS
+
+    assert f"quant.format={'|'.join(FORMATS)}" in out  # every registered format, not two
+    assert "eval.runtimes=[blackwell,hopper,ada,ampere,cpu]" in out
 
 
 def test_ctrl_c_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

@@ -156,7 +156,8 @@ def test_same_seed_same_bytes_and_no_local_paths(run_dir: Path, random_tiny_dir:
     proc = _run(["run", "config=tiny_nvfp4", f"model.path={random_tiny_dir}", f"hydra.run.dir={tmp_path}",
                  f"eval.cache_dir={run_dir / 'cache'}", *FAST], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    files = ["model_comfyui.safetensors", "model_diffusers/transformer/diffusion_pytorch_model_bfl.safetensors"]
+    stem = f"{random_tiny_dir.name}_nvfp4"  # export.filename: {model}_{recipe}
+    files = [f"{stem}_comfyui.safetensors", f"{stem}_diffusers/transformer/diffusion_pytorch_model_bfl.safetensors"]
     for name in files:
         a, b = (hashlib.sha256((d / name).read_bytes()).hexdigest() for d in (run_dir, tmp_path))
         assert a == b, name

@@ -27,7 +27,8 @@ RECIPE = ["config=tiny_nvfp4", "quant=nvfp4_gptq_4o6_act_mse", "quant/weight=gpt
           "calib.samples_per_call=512", "calib.num_prompts=3", "calib.num_steps=2", "eval.num_prompts=2",
           "eval.num_steps=2", "eval.decode=false", "progress=false",
           # a 3-point smoothing search on 512 rows and no runtime evaluations: what is collected stays the same
-          "quant.smoothing.alphas=[0.0,0.5,1.0]", "quant.smoothing.rows=512", "eval.runtimes=[]"]
+          "quant.smoothing.alphas=[0.0,0.5,1.0]", "quant.smoothing.rows=512", "eval.runtimes=[]",
+          "export.filename=model"]
 EXPORTS = ("model_comfyui.safetensors",)  # smoothed NVFP4: ComfyUI only (diffusers does not read pre_quant_scale)
 
 

@@ -218,7 +218,7 @@ class ToyFiles(FileFamily):
         n = sum(k.startswith("toy.") for k in keys)
         return Naming("original" if n else "unknown", "", len(keys), 0, 0, n, {}, {"original": "toy.* names"})
 
-    def architecture(self, layers: Any, params: int) -> Architecture:
+    def architecture(self, layers: Any, params: int, metadata: Any = None) -> Architecture:
         blocks = {k.split(".")[2] for k in layers if k.startswith("toy.layers.")}
         return Architecture("toy", f"toy denoiser, {len(blocks)} blocks", num_layers=len(blocks), params=params)
 
@@ -324,14 +324,14 @@ def test_a_new_model_family_runs_the_whole_job(tmp_path: Path, monkeypatch: pyte
     assert formats == {"embed": "bf16", "layers.0.up": "nvfp4", "layers.0.down": "nvfp4", "layers.1.up": "bf16",
                        "layers.1.down": "bf16", "head": "nvfp4"}
     assert all(e["verified"] for e in report["exports"])
-    with safe_open(str(tmp_path / "run" / "model_comfyui.safetensors"), "pt") as f:
+    (path,) = (tmp_path / "run").glob("toy_*_comfyui.safetensors")  # export.filename: {model}_{recipe}
+    with safe_open(str(path), "pt") as f:
         assert "toy.layers.0.up.weight_scale" in set(f.keys()) and f.metadata()["ptq_source_model"] == "toy"
     assert 0 < report["accuracy"]["mean_final"]["rel_l2"] < 0.5
     # ptq inspect and ptq verify read the family's file through its adapter (names, architecture, reference model)
     from ptq.tools.inspect import inspect_file
     from ptq.tools.verify import verify_file
 
-    path = tmp_path / "run" / "model_comfyui.safetensors"
     found = inspect_file(path)
     assert (found.architecture.family, found.architecture.num_layers, found.naming.style) == ("toy", 2, "original")
     assert not found.errors and {li.format for li in found.layers if li.quantized} == {"nvfp4"}

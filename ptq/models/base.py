@@ -9,6 +9,7 @@ map from its module names to the key names of each export target.
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -142,6 +143,12 @@ class ModelAdapter(ABC):
     @abstractmethod
     def display_name(self) -> str:
         """What files record as their source model: a hub id or a folder name, never an absolute path."""
+
+    @property
+    def file_stem(self) -> str:
+        """The model's part of export file names (``export.filename``'s ``{model}``): its display name, made a
+        file name."""
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", self.display_name.rstrip("/").split("/")[-1]).strip("_") or "model"
 
     @abstractmethod
     def content_hash(self, cache_dir: Path | None = None) -> str:

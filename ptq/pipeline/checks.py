@@ -45,9 +45,12 @@ def check_job(cfg: RunConfig) -> None:
         adapter = cls(cfg.model.path)
     except (ModelLoadError, OSError, ValueError) as exc:
         raise JobError(f"model.path={cfg.model.path!r}: {exc}") from None
-    _check_sampling(adapter, cfg.calib, "calib")
-    if cfg.eval.enabled:
-        _check_sampling(adapter, cfg.eval, "eval")
+    try:
+        _check_sampling(adapter, cfg.calib, "calib")
+        if cfg.eval.enabled:
+            _check_sampling(adapter, cfg.eval, "eval")
+    except ModelLoadError as exc:
+        raise JobError(f"model.path={cfg.model.path!r}: {exc}") from None
     try:
         load_prompts(cfg.calib, "calib")
         if cfg.eval.enabled:

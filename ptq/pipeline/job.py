@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ptq.algorithms.recipe import QuantRecipe
 from ptq.eval.experts import expert_records, expert_sections
 from ptq.eval.report import write_report
 from ptq.eval.summary import run_summary
@@ -100,6 +102,17 @@ def negative_prompt(adapter: ModelAdapter, cfg: SamplingConfig) -> str:
     if cfg.negative_prompt is not None:
         return cfg.negative_prompt
     return str(adapter.sample_defaults.get("negative_prompt") or "")
+
+
+def recipe_slug(recipe: QuantRecipe) -> str:
+    """A file-name-safe name of a recipe given by settings rather than a ``quant=`` name (its title:
+    ``nvfp4 gptq_four_over_six act=mse`` -> ``nvfp4_gptq_four_over_six_act-mse``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", recipe.title().replace("=", "-").replace("<=", "-")).strip("_")
+
+
+def export_filename(pattern: str, model: str, recipe: str) -> str:
+    """``export.filename`` with ``{model}`` and ``{recipe}`` filled in (``{expert}`` is left to the export)."""
+    return pattern.replace("{model}", model).replace("{recipe}", recipe)
 
 
 def run_job(cfg: RunConfig, out_dir: Path, *, recipe_name: str | None = None) -> dict[str, Any]:
@@ -255,7 +268,9 @@ def _run_ranked(cfg: RunConfig, out_dir: Path, ctx: DistContext, recipe_name: st
     with timer("export"):
         source = {"ptq_source_model": adapter.display_name, "ptq_source_sha256": source_hash.result(),
                   **adapter.export_info()}
-        exports = stages.export(adapter, cfg.export, out_dir, metadata=source, progress=cfg.progress)
+        named = replace(cfg.export, filename=export_filename(cfg.export.filename, adapter.file_stem,
+                                                             recipe_name or recipe_slug(cfg.quant)))
+        exports = stages.export(adapter, named, out_dir, metadata=source, progress=cfg.progress)
 
     target = next(iter(adapter.targets()))
     used = recipes[target]

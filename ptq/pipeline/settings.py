@@ -107,11 +107,14 @@ class EvalConfig(SamplingConfig):
 
 @dataclass
 class ExportConfig:
-    """targets: exporter names (see ptq.targets.TARGETS). unquantized_dtype: bfloat16 or float32."""
+    """targets: file target names (see ptq.targets.TARGETS). unquantized_dtype: bfloat16 or float32. filename:
+    the stem of every export, then ``_<target>`` (``_comfyui.safetensors``, ``_diffusers/``): ``{model}`` = the
+    model's file stem (``ModelAdapter.file_stem``), ``{recipe}`` = the recipe (its ``quant=`` name, else a slug of
+    its settings), ``{expert}`` = the expert of a two-expert model (``high_noise``, ``low_noise``)."""
 
     targets: list[str] = field(default_factory=lambda: ["comfyui", "diffusers"])
     unquantized_dtype: str = "bfloat16"
-    filename: str = "model"
+    filename: str = "{model}_{recipe}"
     verify: bool = True
 
 

@@ -135,8 +135,8 @@ class WanAdapter(ModelAdapter):
 
     def check_spec(self, spec: SampleSpec) -> dict[str, str]:
         d = self._defaults
-        return sampling.spec_problems(spec, spatial=int(d["vae_scale_factor_spatial"]),
-                                      temporal=int(d["vae_scale_factor_temporal"]), patch=self._patch())
+        spatial, temporal = loading.vae_factors(self.root, d)
+        return sampling.spec_problems(spec, spatial=spatial, temporal=temporal, patch=self._patch())
 
     # -- components -----------------------------------------------------------------------------------------
     @property

@@ -230,7 +230,7 @@ def read_sample_defaults(root: Path, spec_defaults: dict[str, Any] | None = None
     """The model's sampling defaults (``spec_defaults`` of the published model the folder is, else the 5B's sizes
     and steps), overridden by the folder's ``model_index.json``, with the VAE factors of its ``vae/config.json``
     (diffusers' ``AutoencoderKLWan`` names them ``scale_factor_*``). A folder of no published model without them is
-    an error (:class:`ModelLoadError`): a wrong factor silently changes every latent's shape."""
+    an error when they are needed (:func:`vae_factors`): a wrong factor silently changes every latent's shape."""
     index = _read_json(root / "model_index.json") if (root / "model_index.json").exists() else {}
     defaults = dict(WAN22_TI2V_5B_SAMPLE_DEFAULTS if spec_defaults is None else spec_defaults)
     if spec_defaults is None:
@@ -242,14 +242,20 @@ def read_sample_defaults(root: Path, spec_defaults: dict[str, Any] | None = None
     if "scale_factor_spatial" in cfg:
         defaults["vae_scale_factor_spatial"] = int(cfg["scale_factor_spatial"])
         defaults["vae_scale_factor_temporal"] = int(cfg["scale_factor_temporal"])
-    missing = [k for k in VAE_FACTORS if k not in defaults]
-    if missing:
-        raise ModelLoadError(
-            f"{root}: {'vae/config.json has no scale_factor_spatial' if vae_cfg.exists() else 'no vae/config.json'}, "
-            "and the transformer is not a published WAN model's: the VAE's scale factors (pixels and frames per "
-            "latent) cannot be known; add the model's vae/ folder (its config.json is enough)")
     defaults["_ptq_model"] = index.get("_ptq_model")
     return defaults
+
+
+def vae_factors(root: Path, defaults: dict[str, Any]) -> tuple[int, int]:
+    """(spatial, temporal) VAE scale factors of :func:`read_sample_defaults`; :class:`ModelLoadError` naming what is
+    missing when the folder gives none."""
+    if all(k in defaults for k in VAE_FACTORS):
+        return int(defaults[VAE_FACTORS[0]]), int(defaults[VAE_FACTORS[1]])
+    why = "vae/config.json has no scale_factor_spatial" if (root / "vae" / "config.json").exists() else \
+        "no vae/config.json"
+    raise ModelLoadError(f"{root}: {why}, and the transformer is not a published WAN model's: the VAE's scale "
+                         "factors (pixels and frames per latent) cannot be known; add the model's vae/ folder (its "
+                         "config.json is enough)")
 
 
 def read_pipeline_config(root: Path) -> dict[str, Any]:
