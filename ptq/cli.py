@@ -6,6 +6,7 @@ the other subcommands are plain argparse tools. Subcommand modules are imported 
 
 from __future__ import annotations
 
+import os
 import sys
 
 USAGE = """usage: python -m ptq <command> [args]
@@ -25,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nptq: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (``ptq --help | head``): not an error of ptq's
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _dispatch(argv: list[str]) -> int:

@@ -142,6 +142,20 @@ def _known_keys(dotted: str) -> list[str]:
     return _schema_keys(node)
 
 
+def _did_you_mean(dotted: str, cfg: Any) -> str:
+    """`` (did you mean <the closest declared key>?)`` for a key added with ``+`` (empty when none is close)."""
+    import difflib
+
+    from omegaconf import OmegaConf
+
+    parent, _, leaf = dotted.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    schema = OmegaConf.get_type(node) if node is not None else None
+    known = _schema_keys(schema) if schema is not None and is_dataclass(schema) else []
+    hint = difflib.get_close_matches(leaf, known, n=1)
+    return f" (did you mean {parent + '.' if parent else ''}{hint[0]}?)" if hint else ""
+
+
 def _unknown_keys(cfg: Any, prefix: str = "") -> list[str]:
     """Keys of the composed config that its structured schema does not declare (added with ``+key=...``)."""
     from omegaconf import DictConfig, OmegaConf
@@ -199,8 +213,8 @@ def check_command_line(argv: list[str]) -> None:
             raise UserError(_explain(exc, job)) from None
         extra = _unknown_keys(dcfg)
         if extra:
-            raise UserError(f"{extra[0]}: no such key (a '+' does not add keys to ptq's settings)"
-                            + (f"; also {', '.join(extra[1:])}" if extra[1:] else ""))
+            raise UserError(f"{extra[0]}: no such key{_did_you_mean(extra[0], dcfg)} (a '+' does not add keys "
+                            "to ptq's settings)" + (f"; also {', '.join(extra[1:])}" if extra[1:] else ""))
         try:
             cfg: RunConfig = OmegaConf.to_object(dcfg)
             validate_config(cfg)

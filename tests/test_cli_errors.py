@@ -160,3 +160,22 @@ def test_a_model_folder_without_its_vae_is_an_error_not_another_problem(tmp_path
     err = capsys.readouterr().err.strip()
     assert rc == 2 and not out.exists() and len(err.splitlines()) == 1, err
     assert "no vae/config.json" in err and "scale factors" in err
+
+
+def test_a_misspelt_added_key_gets_a_did_you_mean(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = hydra_main(["config=tiny_nvfp4", "+quant.activaton=max", f"hydra.run.dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "quant.activaton: no such key (did you mean quant.activation?)" in err
+
+
+@pytest.mark.parametrize("command", [["--help"], ["run", "--help"]])
+def test_help_into_a_closed_pipe_is_quiet(command: list[str]) -> None:
+    """``ptq --help | head -1``: the reader closes the pipe early; no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "ptq", *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.read(10)
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()[-500:]

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ptq.eval.plotting import pyplot
+
 COLUMNS = ["run", "format", "weight_only", "activation", "weight", "bits_per_weight", "size_mb", "rel_l2", "cosine",
            "psnr_db", "frame_psnr_db", "time_s"]
 
@@ -101,10 +103,7 @@ def write_leaderboard(rows: list[dict[str, Any]], out: Path) -> None:
         lines.append(f"| {i} | " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
     lines += ["", "![size vs error](size_vs_error.png)", ""]
     (out / "leaderboard.md").write_text("\n".join(lines))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     pts = [r for r in rows if r["rel_l2"] is not None]
     fig, ax = plt.subplots(figsize=(8, 5))

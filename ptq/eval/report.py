@@ -15,6 +15,7 @@ from ptq.algorithms.recipe import KEEP
 from ptq.eval.anchors import meaning_markdown
 from ptq.eval.experts import experts_markdown
 from ptq.eval.metrics import latent_metrics, psnr, ssim
+from ptq.eval.plotting import pyplot
 from ptq.eval.runtimes import runtime_markdown
 
 #: How a kept layer's dtype is shown.
@@ -48,10 +49,7 @@ def bits_per_weight(records: list[Any]) -> float:
 
 
 def _plot_steps(path: Path, cmp: dict[str, Any], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for i, p in enumerate(cmp["prompts"]):
@@ -68,10 +66,7 @@ def _plot_steps(path: Path, cmp: dict[str, Any], title: str) -> None:
 
 
 def _plot_layers(path: Path, records: list[Any]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     q = [r for r in records if r.weight_rel_error is not None]
     if not q:
@@ -90,10 +85,7 @@ def _frames_png(path: Path, ref: torch.Tensor, test: torch.Tensor, *, prompt: st
                 max_frames: int = 5) -> None:
     """A labelled grid: top row the bf16 frames, bottom row the quantized ones (``[F, H, W, 3]`` in [0, 1]), the
     frame index above each column and the prompt as title."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     idx = torch.linspace(0, ref.shape[0] - 1, min(max_frames, ref.shape[0])).round().long().tolist()
     fig, axes = plt.subplots(2, len(idx), figsize=(1.9 * len(idx) + 0.8, 4.3), squeeze=False)
