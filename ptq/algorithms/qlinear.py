@@ -193,7 +193,22 @@ class QuantLinear(nn.Module):
 
     def refresh_cache(self) -> None:
         """Recompute the fast path's constants after the quantization buffers were changed in place."""
+        self.__dict__.pop("_loader_weight_cache", None)
         self._init_fast_path()
+
+    def _loader_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight a loader without the format's kernel computes, ``[out, in]`` in ``dtype``: dequantized in
+        float32 and rounded once (``dequant_float32``) or in ``dtype``. Kept between calls for a layer on the CPU
+        (each call would decode it again: the slow part of the dequantized runtimes' CPU simulation)."""
+        key = (dtype, self.dequant_float32, self.weight_q._version, self.weight_scale._version)
+        cached = self.__dict__.get("_loader_weight_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        w = self.dequantized_weight(torch.float32).to(dtype) if self.dequant_float32 else \
+            self.dequantized_weight(dtype)
+        if self.weight_q.device.type == "cpu":
+            self.__dict__["_loader_weight_cache"] = (key, w)
+        return w
 
     def _qweight(self) -> QuantizedWeight:
         return QuantizedWeight(self.weight_q, self.weight_scale, self.weight_scale_2)
@@ -284,8 +299,7 @@ class QuantLinear(nn.Module):
             return self._forward_fast(x)
         out_dtype = x.dtype
         if self.weight_only or self.run_dequantized:
-            w = self.dequantized_weight(torch.float32).to(out_dtype) if self.dequant_float32 else \
-                self.dequantized_weight(out_dtype)
+            w = self._loader_weight(out_dtype)
             return F.linear(x, w, None if self.bias is None else self.bias.to(out_dtype))
         if self.dynamic_activations:  # the format's runtime kernel: activation scales from x itself
             return self.fmt.dynamic_linear(x, self._qweight(), self.bias, mode=self.fp8_act_mode)
