@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptq.formats import NumberFormat, QuantizedWeight, get_format, triton_quant
+from ptq.formats.fp8 import FP8_MODES
 from ptq.formats.nvfp4_format import MEMORY_NIBBLE_ORDER
 
 # Order of the packed NVFP4 nibbles held in memory (exporters convert to their target's order).
@@ -208,7 +209,8 @@ class QuantLinear(nn.Module):
 
     def _use_fast_path(self, x: torch.Tensor) -> bool:
         return (self.fast_path and (x.is_cuda or self.fast_path_any_device) and x.dtype == torch.bfloat16
-                and not self.weight_only and not self.run_dequantized and self._act_key is not None and triton_quant.triton_available(x.device))
+                and not self.weight_only and not self.run_dequantized and self._act_key is not None
+                and triton_quant.triton_available(x.device))
 
     def _native_gemm(self) -> bool:
         return QuantLinear.fp8_gemm == "scaled_mm" and hasattr(self.fmt, "native_gemm") and not self.native_gemm_failed
@@ -339,8 +341,6 @@ def kernel_options(*, fast_path: bool | None = None, fp8_gemm: str | None = None
     and restore the previous values on exit; None leaves an option as it is. The shared activation cache is cleared
     on entry and on exit. ``fp8_act_mode`` is read when a layer is built (its fast-path constants) and by every
     reference-path forward: build the layers inside the block for the fast path to use it too."""
-    from ptq.formats.fp8 import FP8_MODES
-
     if fp8_gemm is not None and fp8_gemm not in FP8_GEMMS:
         raise ValueError(f"fp8_gemm={fp8_gemm!r}; expected one of {', '.join(FP8_GEMMS)}")
     if fp8_act_mode is not None and fp8_act_mode not in FP8_MODES:
