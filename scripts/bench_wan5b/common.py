@@ -164,9 +164,9 @@ class Graphed:
                     self.static[k].copy_(v)
         self.graph.replay()
 
-    def timed_replay(self, rounds_: InputRounds) -> Callable[[], float]:
+    def timed_replay(self, rr: InputRounds) -> Callable[[], float]:
         """A :func:`rounds` variant: the replay on the round's input, timed."""
-        return lambda: timed(lambda: self.replay(rounds_.current()))
+        return lambda: timed(lambda: self.replay(rr.current()))
 
 
 def make_inputs(tokens: int, device: str, seed: int) -> dict[str, Any]:
