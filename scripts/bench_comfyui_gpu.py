@@ -172,9 +172,9 @@ def _import_comfyui(root: str, dynamic_vram: bool, cpu: bool) -> None:
 
     if importlib.util.find_spec("torchvision") is None:  # ComfyUI imports it for other models; WAN needs none
         sys.path.insert(0, str(REPO / "scripts"))
-        from comfyui_crosscheck import _StubFinder
+        from comfyui_crosscheck import StubFinder
 
-        sys.meta_path.insert(0, _StubFinder())
+        sys.meta_path.insert(0, StubFinder())
     sys.argv = [sys.argv[0]] + (["--cpu"] if cpu else []) + ([] if dynamic_vram else ["--disable-dynamic-vram"])
     sys.path.insert(0, root)
     import comfy.options

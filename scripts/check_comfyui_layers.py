@@ -19,12 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
+from typing import Any
 
 import torch
 from safetensors import safe_open
 
 
-def comfy_ops(comfyui: str, device: str, compute_dtype: torch.dtype):
+def comfy_ops(comfyui: str, device: str, compute_dtype: torch.dtype) -> tuple[Any, set[str]]:
+    """ComfyUI's mixed-precision ops for ``device`` and the formats it runs dequantized there."""
     sys.path.insert(0, comfyui)
     sys.argv = [sys.argv[0], "--cpu"] if device == "cpu" else [sys.argv[0]]
     import comfy.options
@@ -44,7 +47,55 @@ def comfy_ops(comfyui: str, device: str, compute_dtype: torch.dtype):
     return comfy.ops.mixed_precision_ops({}, compute_dtype, disabled=disabled), disabled
 
 
+def weight_only(state: Any) -> Any:
+    """``state`` (a ``QuantizedLinearState``) with high-precision activations, as ComfyUI runs a disabled format."""
+    return replace(state, input_scale=None, dynamic_activations=False)
+
+
+def check_layer(layer: str, raw: dict[str, torch.Tensor], metadata: dict[str, str], ops: Any, disabled: set[str],
+                args: argparse.Namespace) -> tuple[int, float] | None:
+    """Compare one layer (``raw``: its tensors by file key): (weight mismatches, output rel. difference), or None
+    when it is skipped."""
+    from ptq.algorithms.qlinear import QuantLinear, kernel_options
+    from ptq.formats import FORMATS
+    from ptq.targets.file_decoders import FILE_DECODERS
+    from ptq.targets.registry import get_target
+
+    target = get_target("comfyui")
+    sd = {k.removeprefix(layer + "."): t for k, t in raw.items()}
+    conf = target.layer_declaration(raw, layer, metadata)
+    fmt = target.file_layer_format(sd, conf)
+    runtime_scaled = sorted(f for f in FILE_DECODERS if FORMATS[f].dynamic_activations)
+    if fmt not in runtime_scaled:
+        print(f"{layer}: {conf['format']} skipped (this script checks {', '.join(runtime_scaled)})")
+        return None
+    dtype = getattr(torch, args.dtype)
+    out_f, in_f = sd["weight"].shape
+    lin = ops.Linear(in_f, out_f, bias="bias" in sd, device=args.device)
+    lin.load_state_dict(dict(sd), strict=False)
+    # no unquantized reference here: the decoders of run-time-scaled formats do not read it
+    decoded = FILE_DECODERS[fmt](sd, conf, out_f, in_f, torch.empty(0), target.nvfp4_packing, "cpu")
+    if not decoded.readable:
+        print(f"{layer}: {conf} not decodable: {'; '.join(decoded.problems)}")
+        return None
+    w_comfy = lin.weight.dequantize().float() if hasattr(lin.weight, "dequantize") else lin.weight.float()
+    mismatch = int((w_comfy != decoded.weight.to(dtype).float()).sum())
+    x = torch.randn(args.tokens, in_f, generator=torch.Generator().manual_seed(0)).to(dtype) * 3
+    native = conf["format"] not in disabled and not conf.get("full_precision_matrix_mult")
+    with torch.no_grad(), kernel_options(fp8_act_mode="ck_eager"):
+        y_comfy = lin(x).float()
+        ql = QuantLinear(decoded.state if native else weight_only(decoded.state), compute_dtype=dtype)
+        y_ptq = ql(x).float()
+    rel = float((y_comfy - y_ptq).norm() / y_comfy.norm().clamp_min(1e-30))
+    exact = bool(torch.equal(y_comfy, y_ptq))
+    print(f"{layer}: {conf} weight mismatches {mismatch}, output {'bit-exact' if exact else f'rel {rel:.2e}'}"
+          f"{'' if native else ' (ComfyUI runs it dequantized here)'}")
+    return mismatch, rel
+
+
 def main() -> None:
+    from ptq.targets.comfyui.layout import METADATA_KEY
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("file")
     ap.add_argument("--comfyui", required=True, help="ComfyUI source folder")
@@ -52,50 +103,19 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--tokens", type=int, default=64)
     args = ap.parse_args()
-    dtype = getattr(torch, args.dtype)
-    ops, disabled = comfy_ops(args.comfyui, args.device, dtype)
-
-    from ptq.algorithms.qlinear import QuantLinear
-    from ptq.targets.comfyui.target import ComfyUITarget
-    from ptq.tools.verify import DYNAMIC_FORMATS, _layer_format, file_layer_state  # TODO
-
-    readers = ComfyUITarget.readers
+    ops, disabled = comfy_ops(args.comfyui, args.device, getattr(torch, args.dtype))
     worst = {"weight_mismatch": 0, "max_output_rel_diff": 0.0, "layers": 0}
     with safe_open(args.file, framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("_quantization_metadata", "{}")).get("layers", {})
-        for layer, conf in meta.items():
-            sd = {k.removeprefix(layer + "."): f.get_tensor(k) for k in f.keys() if k.startswith(layer + ".")}
-            if _layer_format(sd, conf) not in DYNAMIC_FORMATS:
-                print(f"{layer}: {conf['format']} skipped (this script checks {', '.join(DYNAMIC_FORMATS)})")
+        metadata = f.metadata() or {}
+        for layer in json.loads(metadata.get(METADATA_KEY, "{}")).get("layers", {}):
+            raw = {k: f.get_tensor(k) for k in f.keys() if k.startswith(layer + ".")}
+            res = check_layer(layer, raw, metadata, ops, disabled, args)
+            if res is None:
                 continue
-            out_f, in_f = sd["weight"].shape
-            lin = ops.Linear(in_f, out_f, bias="bias" in sd, device=args.device)
-            lin.load_state_dict(dict(sd), strict=False)
-            state = file_layer_state(sd, conf, in_f, out_f, sd.get("bias"))
-            w_ptq, _ = readers[state.format](lambda k, _sd=sd, _l=layer: _sd[k.removeprefix(_l + ".")], layer, state)
-            w_comfy = lin.weight.dequantize().float() if hasattr(lin.weight, "dequantize") else lin.weight.float()
-            mismatch = int((w_comfy != w_ptq.to(dtype).float()).sum())
-            x = torch.randn(args.tokens, in_f, generator=torch.Generator().manual_seed(0)).to(dtype) * 3
-            with torch.no_grad():
-                y_comfy = lin(x).float()
-                QuantLinear.fp8_act_mode = "ck_eager"
-                native = conf["format"] not in disabled and not conf.get("full_precision_matrix_mult")
-                ql = QuantLinear(state if native else _weight_only(state), compute_dtype=dtype)
-                y_ptq = ql(x).float()
-            rel = float((y_comfy - y_ptq).norm() / y_comfy.norm().clamp_min(1e-30))
-            exact = bool(torch.equal(y_comfy, y_ptq))
-            print(f"{layer}: {conf} weight mismatches {mismatch}, output {'bit-exact' if exact else f'rel {rel:.2e}'}"
-                  f"{'' if native else ' (ComfyUI runs it dequantized here)'}")
-            worst["weight_mismatch"] += mismatch
-            worst["max_output_rel_diff"] = max(worst["max_output_rel_diff"], rel)
+            worst["weight_mismatch"] += res[0]
+            worst["max_output_rel_diff"] = max(worst["max_output_rel_diff"], res[1])
             worst["layers"] += 1
     print(json.dumps(worst))
-
-
-def _weight_only(state):
-    from dataclasses import replace
-
-    return replace(state, input_scale=None, dynamic_activations=False)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@ from ptq.models.wan.names import convert_state_dict_keys, original_to_diffusers 
 
 
 class _Stub(types.ModuleType):
+    """An importable stand-in module: every attribute is a class that accepts and does anything."""
+
     __path__: list[str] = []
 
     def __getattr__(self, key: str):
@@ -49,7 +51,10 @@ class _Stub(types.ModuleType):
         return type(key, (), {"__init__": lambda *a, **k: None, "__call__": lambda *a, **k: None})
 
 
-class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+class StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """``sys.meta_path`` finder that stubs torchvision and torchaudio (ComfyUI imports them at top level for other
+    models; WAN needs neither)."""
+
     def find_spec(self, name, path, target=None):  # noqa: ANN001
         return importlib.machinery.ModuleSpec(name, self) if name.split(".")[0] in ("torchvision", "torchaudio") \
             else None
@@ -62,7 +67,7 @@ class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 def import_comfy(root: str) -> None:
-    sys.meta_path.insert(0, _StubFinder())
+    sys.meta_path.insert(0, StubFinder())
     sys.path.insert(0, root)
     import comfy.cli_args
 

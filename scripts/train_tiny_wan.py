@@ -44,6 +44,7 @@ from ptq.models.tiny_wan import (  # noqa: E402
     TinyWanComponents,
     build_random_tiny_wan,
     encode_prompts,
+    encode_text,
     expand_timestep,
     flow_matching_loss,
     generate_latents,
@@ -58,7 +59,6 @@ from ptq.models.tiny_wan import (  # noqa: E402
     scene_to_prompt,
     video_to_uint8,
 )
-from ptq.models.tiny_wan.model import _encode  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -166,7 +166,7 @@ def train(args: argparse.Namespace) -> None:
         transformer.eval()
         text_encoder.eval()
         with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
-            emb = _encode(text_encoder, tok, ev_prompts, TINY_MAX_SEQUENCE_LENGTH)
+            emb = encode_text(text_encoder, tok, ev_prompts, TINY_MAX_SEQUENCE_LENGTH)
             loss = float(flow_matching_loss(transformer, ev_x0, emb, ev_sig, ev_noise))
         transformer.train(was[0])
         text_encoder.train(was[1])
@@ -209,7 +209,7 @@ def train(args: argparse.Namespace) -> None:
             noise = torch.randn(x0.shape, generator=dev_gen, device=device)
             sig = sample_sigmas(args.batch, gen).to(device)
         with torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
-            emb = _encode(te, tok, prompts, TINY_MAX_SEQUENCE_LENGTH)
+            emb = encode_text(te, tok, prompts, TINY_MAX_SEQUENCE_LENGTH)
             loss = flow_matching_loss(tr, x0, emb, sig, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -304,7 +304,7 @@ def train_moe(args: argparse.Namespace) -> None:
     ev_gen = torch.Generator().manual_seed(4321)
     ev_sig = {n: expert_sigmas(len(ev_prompts), ev_gen, n == "high_noise", boundary) for n in experts}
     with torch.no_grad():
-        ev_emb = _encode(te, tok, ev_prompts, TINY_MAX_SEQUENCE_LENGTH).to(device)
+        ev_emb = encode_text(te, tok, ev_prompts, TINY_MAX_SEQUENCE_LENGTH).to(device)
 
     def eval_loss(model, name: str) -> float:
         was = model.training
@@ -335,7 +335,7 @@ def train_moe(args: argparse.Namespace) -> None:
         prompts = [scene_to_prompt(sc) if rng.random() >= args.cfg_drop else "" for sc in scenes]
         with torch.no_grad():
             x0 = moe.base.vae.encode(render_scenes(scenes, gen, device=device))
-            emb = _encode(te, tok, prompts, TINY_MAX_SEQUENCE_LENGTH)
+            emb = encode_text(te, tok, prompts, TINY_MAX_SEQUENCE_LENGTH)
         rec = {"step": step + 1, "time": round(time.time() - t0, 2), "lr": lr}
         for name, model in experts.items():
             for g in opts[name].param_groups:

@@ -19,11 +19,16 @@ values of the FP8 operands (``QuantLinear.fp8_gemm = "bf16"``, the default: the 
 values directly) or ``torch._scaled_mm`` on the real FP8 operands (``"scaled_mm"``). Sibling layers reading the
 same input with the same input scale (attention q/k/v) reuse one quantized activation. The CPU path (fp32 matmul)
 and non-bf16 inputs keep the reference arithmetic below.
+
+The class-level options (``fast_path``, ``fp8_gemm``, ``fp8_act_mode``, ``fast_path_any_device``) are set for a block
+of code with :func:`kernel_options`, which restores them afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -32,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptq.formats import NumberFormat, QuantizedWeight, get_format, triton_quant
+from ptq.formats.fp8 import FP8_MODES
 from ptq.formats.nvfp4_format import MEMORY_NIBBLE_ORDER
 
 # Order of the packed NVFP4 nibbles held in memory (exporters convert to their target's order).
@@ -163,6 +169,9 @@ class QuantLinear(nn.Module):
     fp8_act_mode: ClassVar[str] = "float32"
     #: Use the fused CUDA path for bf16 activations (False: the reference path on CUDA too, for debugging).
     fast_path: ClassVar[bool] = True
+    #: Run the fused path on any device Triton runs on, not only CUDA (CPU under ``TRITON_INTERPRET=1``: debugging
+    #: the fused path without a GPU).
+    fast_path_any_device: ClassVar[bool] = False
     #: Runtime overrides, per instance (``ptq.eval.runtimes`` sets them to simulate one GPU's ComfyUI):
     #: ``run_dequantized`` computes as a loader without the format's kernel does (dequantized weight, matmul in the
     #: input dtype, ``input_scale`` unused); ``dequant_float32`` dequantizes in float32 and rounds once to the input
@@ -214,12 +223,12 @@ class QuantLinear(nn.Module):
         return QuantizedWeight(self.weight_q, self.weight_scale, self.weight_scale_2)
 
     def _use_fast_path(self, x: torch.Tensor) -> bool:
-        return (self.fast_path and x.is_cuda and x.dtype == torch.bfloat16 and not self.weight_only
-                and not self.run_dequantized and self._act_key is not None and triton_quant.triton_available(x.device))
+        return (self.fast_path and (x.is_cuda or self.fast_path_any_device) and x.dtype == torch.bfloat16
+                and not self.weight_only and not self.run_dequantized and self._act_key is not None
+                and triton_quant.triton_available(x.device))
 
     def _native_gemm(self) -> bool:
-        return (QuantLinear.fp8_gemm == "scaled_mm" and hasattr(self.fmt, "native_gemm")
-                and not getattr(self, "_no_scaled_mm", False))
+        return QuantLinear.fp8_gemm == "scaled_mm" and hasattr(self.fmt, "native_gemm") and not self.native_gemm_failed
 
     def _quantized_input(self, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         """Quantized activation of ``x2`` = ``x`` as ``[m, in]`` (bf16 block values for NVFP4; FP8 codes for
@@ -266,6 +275,19 @@ class QuantLinear(nn.Module):
     @property
     def weight_only(self) -> bool:
         return self.input_scale is None and not self.dynamic_activations
+
+    @property
+    def epilogue_scale(self) -> float | None:
+        """The fast path's GEMM epilogue scale, ``input_scale * weight_scale_2`` (NVFP4) / ``input_scale *
+        weight_scale`` (per-tensor FP8) in float32, as a Python float; None for weight-only, dynamic or per-channel
+        layers."""
+        return self._alpha
+
+    @property
+    def native_gemm_failed(self) -> bool:
+        """True once the native low-precision GEMM (``fp8_gemm="scaled_mm"``) raised on this layer: it then runs the
+        bf16-value GEMM instead."""
+        return getattr(self, "_no_scaled_mm", False)
 
     def gemm_operand(self) -> torch.Tensor:
         """The bf16-exact weight operand of the simulated GEMM, ``[out, in]``: the resident ``weight_values``
@@ -314,3 +336,38 @@ class QuantLinear(nn.Module):
         smooth = ", pre_quant_scale" if self.pre_quant_scale is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
                 f"{mode}{smooth}")
+
+
+def clear_activation_cache() -> None:
+    """Forget the quantized activation sibling layers share, so the next fast-path layer quantizes its input afresh
+    (after changing kernel options, or to time / compare one layer on its own)."""
+    QuantLinear._act_cache = None
+
+
+#: ``fp8_gemm`` values: the bf16-value GEMM, or the native low-precision one.
+FP8_GEMMS = ("bf16", "scaled_mm")
+
+
+@contextlib.contextmanager
+def kernel_options(*, fast_path: bool | None = None, fp8_gemm: str | None = None, fp8_act_mode: str | None = None,
+                   fast_path_any_device: bool | None = None) -> Iterator[None]:
+    """Set :class:`QuantLinear`'s class-level kernel options (the attributes of the same names) inside the block
+    and restore the previous values on exit; None leaves an option as it is. The shared activation cache is cleared
+    on entry and on exit. ``fp8_act_mode`` is read when a layer is built (its fast-path constants) and by every
+    reference-path forward: build the layers inside the block for the fast path to use it too."""
+    if fp8_gemm is not None and fp8_gemm not in FP8_GEMMS:
+        raise ValueError(f"fp8_gemm={fp8_gemm!r}; expected one of {', '.join(FP8_GEMMS)}")
+    if fp8_act_mode is not None and fp8_act_mode not in FP8_MODES:
+        raise ValueError(f"fp8_act_mode={fp8_act_mode!r}; expected one of {', '.join(FP8_MODES)}")
+    new = {k: v for k, v in (("fast_path", fast_path), ("fp8_gemm", fp8_gemm), ("fp8_act_mode", fp8_act_mode),
+                             ("fast_path_any_device", fast_path_any_device)) if v is not None}
+    old = {k: QuantLinear.__dict__[k] for k in new}
+    clear_activation_cache()
+    for k, v in new.items():
+        setattr(QuantLinear, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(QuantLinear, k, v)
+        clear_activation_cache()

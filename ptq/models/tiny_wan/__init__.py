@@ -18,6 +18,7 @@ from ptq.models.tiny_wan.model import (
     build_tokenizer,
     build_transformer,
     encode_prompts,
+    encode_text,
     expand_timestep,
     generate_latents,
     load_tiny_wan,
@@ -47,7 +48,7 @@ __all__ = [
     "TINY_MAX_SEQUENCE_LENGTH", "TINY_SAMPLE_DEFAULTS", "TINY_TEXT_DIM", "TINY_TEXT_ENCODER_CONFIG",
     "TINY_TRANSFORMER_CONFIG", "TINY_VOCAB", "TINY_WAN_PATH", "WAN_5B_SCHEDULER_CONFIG", "ObjectSpec", "SceneSpec",
     "SpaceToDepthVAE", "TinyWanComponents", "build_random_tiny_wan", "build_scheduler", "build_text_encoder",
-    "build_tokenizer", "build_transformer", "encode_prompts", "expand_timestep", "flow_matching_loss",
+    "build_tokenizer", "build_transformer", "encode_prompts", "encode_text", "expand_timestep", "flow_matching_loss",
     "generate_latents", "heldout_batch", "heldout_loss", "load_tiny_wan", "parse_prompt", "read_prompts",
     "render_scenes", "sample_scene", "save_tiny_wan", "scene_to_prompt", "video_to_uint8",
 ]

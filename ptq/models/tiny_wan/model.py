@@ -404,11 +404,20 @@ def encode_prompts(
 ) -> torch.Tensor:
     """Prompts -> text embeddings ``[B, max_sequence_length, text_dim]``, zero past each prompt's length (as
     ``WanPipeline._get_t5_prompt_embeds``). The empty prompt "" is the unconditional (CFG) prompt."""
-    return _encode(components.text_encoder, components.tokenizer, prompts, max_sequence_length, dtype, device)
+    return encode_text(components.text_encoder, components.tokenizer, prompts, max_sequence_length, dtype, device)
 
 
-def _encode(text_encoder, tokenizer, prompts, max_sequence_length, dtype=None, device=None) -> torch.Tensor:
-    """Differentiable core of :func:`encode_prompts` (used in training)."""
+def encode_text(
+    text_encoder: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_sequence_length: int = TINY_MAX_SEQUENCE_LENGTH,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """:func:`encode_prompts` for a text encoder and tokenizer outside a :class:`TinyWanComponents`, with autograd
+    (training the text encoder): prompts -> ``[B, max_sequence_length, text_dim]``, zero past each prompt's length;
+    ``dtype`` / ``device`` of the result default to the encoder's."""
     enc_device = next(text_encoder.parameters()).device
     inputs = tokenizer(
         list(prompts),

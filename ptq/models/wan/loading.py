@@ -99,15 +99,25 @@ def build_random_transformer(
     torch.manual_seed(seed)
     with torch.device(device):
         model = WanTransformer3DModel(**(config or WAN22_TI2V_5B_TRANSFORMER_CONFIG))
-    # keep diffusers' fp32 modules (time_embedder, scale_shift_table, norm2) in fp32, like from_pretrained does
-    keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    return cast_parameters(model, dtype).eval().requires_grad_(False)
+
+
+def fp32_module_names(model: torch.nn.Module) -> set[str]:
+    """Names of the modules diffusers keeps in float32 when loading a model in bf16/fp16 (the model class's
+    ``_keep_in_fp32_modules``; WAN: ``time_embedder``, ``scale_shift_table``, ``norm2``): a parameter stays float32
+    when a part of its dotted name is one of them."""
+    return set(getattr(model, "_keep_in_fp32_modules", None) or [])
+
+
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast ``model``'s parameters to ``dtype`` in place, except those of :func:`fp32_module_names`, as
+    ``from_pretrained(torch_dtype=dtype)`` does; returns ``model``."""
+    keep = fp32_module_names(model)
     for name, module in model.named_modules():
-        if any(part in keep for part in name.split(".")):
-            continue
         for pname, p in module.named_parameters(recurse=False):
             if not any(part in keep for part in f"{name}.{pname}".split(".")):
                 p.data = p.data.to(dtype)
-    return model.eval().requires_grad_(False)
+    return model
 
 
 def resolve_model_path(path: str | os.PathLike[str] | None, key: str = "model.path") -> Path:

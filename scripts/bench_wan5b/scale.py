@@ -1,6 +1,6 @@
-"""Scale parts of ``scripts/bench_wan5b.py`` (issue 15): batched GPTQ vs the per-layer path on the 5B's 300 block
-Linears, the best recipes end to end on the real 5B config (peak GPU memory, host memory, export + verify time),
-export + verification time alone, and 1 vs 2 processes giving the same bytes.
+"""Parts ``gptq_batched``, ``e2e``, ``export``, ``dist`` (issue 15's scale measurements): batched vs per-layer GPTQ on
+the 5B's 300 block Linears, the best recipes end to end on the real 5B config (peak GPU memory, host memory, export +
+verify time), export + verification time alone, and 1 vs 2 processes giving the same bytes.
 
 * ``gptq_batched``: seeded random bf16 weights of the 300 block Linears (per block 8 x [3072, 3072],
   ``ffn.net.0`` [14336, 3072], ``ffn.net.2`` [3072, 14336]), one synthetic Hessian per distinct input of each block
@@ -21,13 +21,13 @@ export + verification time alone, and 1 vs 2 processes giving the same bytes.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,8 +36,21 @@ from typing import Any
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-GIB = 2**30
+from bench_wan5b.common import (
+    GIB,
+    REPO,
+    RESULTS,
+    RUN,
+    block_targets,
+    build_5b,
+    free,
+    guarded,
+    log,
+    save,
+    synthetic_stats,
+)
+from ptq.algorithms.recipe import QuantRecipe
+
 #: (layer, rows, cols, Hessian group) of one 5B block; the group names the input the layer reads.
 BLOCK_LAYERS = [("attn1.to_q", 3072, 3072, "x1"), ("attn1.to_k", 3072, 3072, "x1"), ("attn1.to_v", 3072, 3072, "x1"),
                 ("attn1.to_out.0", 3072, 3072, "o1"), ("attn2.to_q", 3072, 3072, "x2"),
@@ -46,10 +59,6 @@ BLOCK_LAYERS = [("attn1.to_q", 3072, 3072, "x1"), ("attn1.to_k", 3072, 3072, "x1
                 ("ffn.net.2", 3072, 14336, "f2")]
 GPTQ_RECIPES = {"nvfp4_mse": ("nvfp4", "mse"), "nvfp4_four_over_six": ("nvfp4", "four_over_six"),
                 "fp8_mse": ("fp8", "mse")}
-
-
-def _log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -106,7 +115,7 @@ def part_gptq_batched(device: str, *, old_blocks: int = 1, batch_gib: float = 0.
 
     blocks = 2 if smoke else 30
     t_gen, (weights, hessians) = _timed(lambda: synthetic_5b_layers(blocks, device, 16 if smoke else 1))
-    _log(f"gptq_batched: {len(weights)} Linears, {len({id(h) for h in hessians.values()})} Hessians in {t_gen:.1f}s")
+    log(f"gptq_batched: {len(weights)} Linears, {len({id(h) for h in hessians.values()})} Hessians in {t_gen:.1f}s")
     max_bytes = int(batch_gib * GIB) if batch_gib > 0 else None
     old_names = [n for n in weights if int(n.split(".")[1]) < old_blocks]
     res: dict[str, Any] = {"linears": len(weights), "blocks": blocks, "batch_gib": batch_gib or "auto",
@@ -134,7 +143,7 @@ def part_gptq_batched(device: str, *, old_blocks: int = 1, batch_gib: float = 0.
                      equal_weights_min=min(a for a, _ in agree), error_ratio_max=max(abs(r - 1) for _, r in agree) + 1,
                      bit_identical_layers=sum(a == 1.0 for a, _ in agree), compared_layers=len(agree))
         res[label] = entry
-        _log(f"gptq {label}: batched {t_new:.1f}s (peak {peak:.1f} GiB) vs per-layer ~{entry['old_path_300_s']:.0f}s"
+        log(f"gptq {label}: batched {t_new:.1f}s (peak {peak:.1f} GiB) vs per-layer ~{entry['old_path_300_s']:.0f}s"
              f"; {entry['bit_identical_layers']}/{len(agree)} layers identical, min equal "
              f"{entry['equal_weights_min']:.4f}, worst error ratio {entry['error_ratio_max']:.4f}")
         del new, old
@@ -152,13 +161,13 @@ def _ptq_run(args: list[str], out: Path, *, launcher: list[str] | None = None, e
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     full_env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", **(env or {})}
     cmd = [*(launcher or [sys.executable]), "-m", "ptq", "run", *args, f"hydra.run.dir={out}", "progress=false"]
-    _log(" ".join(cmd))
+    log(" ".join(cmd))
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=out.parent)
     wall = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB
     if proc.returncode != 0:
-        _log(f"FAILED ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
+        log(f"FAILED ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
     return proc, wall, rss
 
 
@@ -183,7 +192,7 @@ def part_e2e(wan5b_dir: str, out_root: Path, *, prompts: int, recipes: list[str]
                          timings_s=rep["timings_s"], exports=[(e["target"], e["bytes"], e["verified"])
                                                               for e in rep["exports"]],
                          accuracy=rep["accuracy"]["mean_final"])
-            _log(f"e2e {recipe}: peak GPU {entry['peak_gpu_gib']:.2f} GiB, export+verify "
+            log(f"e2e {recipe}: peak GPU {entry['peak_gpu_gib']:.2f} GiB, export+verify "
                  f"{entry['timings_s'].get('export', float('nan')):.1f}s, wall {wall:.0f}s, host RSS <= {rss:.1f} GiB")
         res[recipe] = entry
     return res
@@ -193,7 +202,6 @@ def part_export(model: torch.nn.Module, stats: dict[str, Any], out_dir: Path) ->
     """``model`` (the random 5B) quantized to NVFP4 (max, ``stats``: stand-in statistics), both exports written
     and verified, write and verify timed apart."""
     from ptq.algorithms.quantize import quantize_
-    from ptq.algorithms.recipe import QuantRecipe
     from ptq.targets import export_model
 
     quantize_(model, QuantRecipe(format="nvfp4"), stats, progress=False)
@@ -205,7 +213,7 @@ def part_export(model: torch.nn.Module, stats: dict[str, Any], out_dir: Path) ->
         out["write_and_verify_s" if verify else "write_s"] = dt
         out["files"] = [(r.target, r.bytes, r.verified) for r in results]
     out["verify_s"] = out["write_and_verify_s"] - out["write_s"]
-    _log(f"export: write {out['write_s']:.1f}s, write + verify {out['write_and_verify_s']:.1f}s ({out['files']})")
+    log(f"export: write {out['write_s']:.1f}s, write + verify {out['write_and_verify_s']:.1f}s ({out['files']})")
     for f in out_dir.rglob("*.safetensors"):
         f.unlink()
     return out
@@ -244,7 +252,7 @@ def part_dist(out_root: Path) -> dict[str, Any]:
                    identical_accuracy=ra["accuracy"] == rb["accuracy"],
                    identical_input_scales=[r["input_scale"] for r in ra["layers"]] == [r["input_scale"] for r in
                                                                                       rb["layers"]])
-    _log(f"dist: {res}")
+    log(f"dist: {res}")
     return res
 
 
@@ -274,8 +282,38 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def default_out() -> Path:
-    return Path(os.environ.get("OUT") or tempfile.mkdtemp(prefix="bench_scale_"))
+# ---------------------------------------------------------------------------------------------------------------
+# the parts from the command line
+# ---------------------------------------------------------------------------------------------------------------
+
+PARTS = {"gptq_batched", "e2e", "export", "dist"}
 
 
-__all__ = ["part_dist", "part_e2e", "part_export", "part_gptq_batched", "table"]
+def run_scale_parts(parts: set[str], args: argparse.Namespace, export_dir: Path) -> None:
+    """The selected parts, each guarded so one failure keeps the others' numbers; prints their table."""
+    assert RUN.out is not None
+    out = RUN.out
+    jobs: dict[str, Callable[[], Any]] = {
+        "gptq_batched": lambda: part_gptq_batched(RUN.device, old_blocks=args.gptq_old_blocks,
+                                                  batch_gib=args.batch_gib, smoke=RUN.smoke),
+        "export_5b": lambda: part_export(*_quantizable_5b(), export_dir),
+        "dist": lambda: part_dist(out),
+        "e2e": lambda: part_e2e(args.wan5b_dir, out, prompts=args.e2e_prompts,
+                                recipes=args.e2e_recipes.split(","), batch_gib=args.e2e_batch_gib),
+    }
+    for key, fn in jobs.items():
+        if (key if key != "export_5b" else "export") not in parts:
+            continue
+
+        def store(key: str = key, fn: Callable[[], Any] = fn) -> None:
+            RESULTS[key] = fn()
+
+        guarded(key, store)
+        free()
+        save()
+    print(table(RESULTS))
+
+
+def _quantizable_5b() -> tuple[torch.nn.Module, dict[str, Any]]:
+    model = build_5b()
+    return model, synthetic_stats(model, block_targets(model, QuantRecipe()))
