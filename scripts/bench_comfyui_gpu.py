@@ -159,8 +159,26 @@ def make(work: Path, device: str, runtime: str, smoke: bool, variants: list[str]
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
+    if "mxfp8" in files:  # the layout ptq wrote before: the same bytes with the E8M0 scales typed F8_E8M0
+        files["mxfp8_as_f8_e8m0"] = _e8m0_copy(Path(files["mxfp8"]["path"]))
+        refs["mxfp8_as_f8_e8m0"] = refs["mxfp8"]
     torch.save(refs, work / "refs.pt")
     (work / "files.json").write_text(json.dumps(files, indent=1))
+
+
+def _e8m0_copy(path: Path) -> dict[str, Any]:
+    """A copy of an MXFP8 file with its uint8 block scales stored as float8_e8m0fnu (ptq's layout before it was
+    found that ComfyUI's own reader has no F8_E8M0)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    old = {k: v.view(torch.float8_e8m0fnu) if k.endswith("weight_scale") else v for k, v in tensors.items()}
+    dest = path.with_name(path.name.replace("wan5b_mxfp8_", "wan5b_mxfp8_as_f8_e8m0_"))
+    save_file(old, str(dest), metadata=meta)
+    return {"path": str(dest), "bytes": dest.stat().st_size, "verified": None}
 
 
 # ------------------------------------------------------------------------------------------------ ComfyUI side
