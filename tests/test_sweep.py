@@ -32,7 +32,8 @@ def test_multirun_sweep_and_leaderboard(random_tiny_dir: Path, tmp_path: Path) -
     rows = list(csv.DictReader((sweep / "leaderboard.csv").open()))
     assert {r["run"] for r in rows} == {"quant=fp8", "quant=nvfp4"}
     by = {r["format"]: r for r in rows}
-    assert float(by["nvfp4"]["bits_per_weight"]) < float(by["fp8"]["bits_per_weight"])
+    assert abs(float(by["nvfp4"]["bits_quantized"]) - 4.5) < 0.01 and abs(float(by["fp8"]["bits_quantized"]) - 8) < 0.01
+    assert float(by["nvfp4"]["bits_all_linears"]) < float(by["fp8"]["bits_all_linears"])
     assert float(by["fp8"]["rel_l2"]) < float(by["nvfp4"]["rel_l2"])  # 8 bits beat 4 bits
     assert rows[0]["format"] == "fp8"  # sorted best first
     assert (sweep / "size_vs_error.png").is_file() and "| 1 | quant=fp8" in (sweep / "leaderboard.md").read_text()

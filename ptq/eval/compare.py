@@ -15,8 +15,8 @@ from typing import Any
 
 from ptq.eval.plotting import pyplot
 
-COLUMNS = ["run", "format", "weight_only", "activation", "weight", "bits_per_weight", "size_mb", "rel_l2", "cosine",
-           "psnr_db", "frame_psnr_db", "time_s"]
+COLUMNS = ["run", "format", "weight_only", "activation", "weight", "bits_quantized", "bits_all_linears", "size_mib",
+           "rel_l2", "cosine", "psnr_db", "frame_psnr_db", "time_s"]
 
 
 def _overrides(run_dir: Path) -> list[str]:
@@ -42,8 +42,9 @@ def collect_runs(root: Path) -> list[dict[str, Any]]:
             "weight_only": recipe.get("weight_only"),
             "activation": recipe.get("activation"),
             "weight": recipe.get("weight"),
-            "bits_per_weight": round(r.get("bits_per_weight", 0.0), 3),
-            "size_mb": round(any_export["bytes"] / 1e6, 3) if any_export else None,
+            "bits_quantized": round(r.get("bits_per_quantized_weight", 0.0), 3),
+            "bits_all_linears": round(r.get("bits_per_weight", 0.0), 3),
+            "size_mib": round(any_export["bytes"] / 2**20, 3) if any_export else None,
             "rel_l2": acc.get("rel_l2"),
             "cosine": acc.get("cosine"),
             "psnr_db": acc.get("psnr"),
@@ -96,7 +97,9 @@ def write_leaderboard(rows: list[dict[str, Any]], out: Path) -> None:
         w.writeheader()
         w.writerows(rows)
     lines = ["# ptq leaderboard", "", "Sorted by final-latent relative L2 error vs the bf16 baseline (lower is "
-             "better). Size is the ComfyUI export." + (" `rel_l2@<runtime>`: the same error as stock ComfyUI "
+             "better). `bits_quantized`: storage bits per weight over the quantized layers (codes + scales); "
+             "`bits_all_linears`: over every Linear layer, kept layers at their dtype's width. `size_mib`: the "
+             "ComfyUI export (MiB)." + (" `rel_l2@<runtime>`: the same error as stock ComfyUI "
              "computes it on that GPU (`eval.runtimes`)." if len(cols) > len(COLUMNS) else ""), "",
              "| rank | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
     for i, r in enumerate(rows, 1):
@@ -110,27 +113,42 @@ def write_leaderboard(rows: list[dict[str, Any]], out: Path) -> None:
     markers = {"nvfp4": "o", "fp8": "s"}
     for fmt in sorted({str(r["format"]) for r in pts}):
         sel = [r for r in pts if str(r["format"]) == fmt]
-        ax.scatter([r["bits_per_weight"] for r in sel], [r["rel_l2"] for r in sel], s=45,
+        ax.scatter([r["bits_all_linears"] for r in sel], [r["rel_l2"] for r in sel], s=45,
                    marker=markers.get(fmt, "^"), label=fmt, zorder=3)
     for r in pts:
-        ax.annotate(r["run"][:48], (r["bits_per_weight"], r["rel_l2"]), fontsize=8, xytext=(4, 4),
+        ax.annotate(r["run"][:48], (r["bits_all_linears"], r["rel_l2"]), fontsize=8, xytext=(4, 4),
                     textcoords="offset points")
     ax.set_xlabel("bits per weight over all Linear layers (quantized: codes + scales; kept: their dtype)", fontsize=10)
     ax.set_ylabel("final-latent rel. L2 vs bf16 (lower is better)", fontsize=10)
-    ax.set_yscale("log")
-    from matplotlib.ticker import FormatStrFormatter
-
-    ax.yaxis.set_major_formatter(FormatStrFormatter("%.2f"))
-    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2f"))
+    _log_error_axis(ax, [r["rel_l2"] for r in pts])
     ax.tick_params(labelsize=9)
-    ax.tick_params(which="minor", labelsize=8)
-    ax.grid(alpha=0.3, which="both")
+    ax.grid(alpha=0.3)
     if pts:
         ax.legend(title="format", fontsize=9)
     ax.set_title(f"size vs error ({len(pts)} runs)", fontsize=11)
     fig.tight_layout()
     fig.savefig(out / "size_vs_error.png", dpi=150)
     plt.close(fig)
+
+
+def error_ticks(values: list[float], n: int = 6) -> tuple[tuple[float, float], list[float]]:
+    """(y limits, tick values) of a log axis that holds every positive value of ``values`` with a margin: ``n``
+    geometrically spaced ticks rounded to 2 significant digits, all inside the limits."""
+    pos = [v for v in values if v > 0] or [1.0]
+    lo, hi = min(pos) / 1.2, max(pos) * 1.2
+    ticks = sorted({float(f"{lo * (hi / lo) ** (i / (n - 1)):.2g}") for i in range(n)})
+    return (lo, hi), [t for t in ticks if lo <= t <= hi]
+
+
+def _log_error_axis(ax: Any, values: list[float]) -> None:
+    from matplotlib.ticker import FormatStrFormatter, NullLocator
+
+    (lo, hi), ticks = error_ticks(values)
+    ax.set_yscale("log")
+    ax.set_ylim(lo, hi)
+    ax.set_yticks(ticks)
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
 
 
 def main(argv: list[str]) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -65,15 +66,22 @@ def _plot_steps(path: Path, cmp: dict[str, Any], title: str) -> None:
     plt.close(fig)
 
 
-def _plot_layers(path: Path, records: list[Any]) -> None:
+def _plot_layers(path: Path, records: list[Any], max_labels: int = 120) -> None:
+    """Bar chart of the per-layer weight error, one bar per quantized Linear in model order, named below (every
+    k-th name beyond ``max_labels`` layers)."""
     plt = pyplot()
 
     q = [r for r in records if r.weight_rel_error is not None]
     if not q:
         return
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    step = math.ceil(len(q) / max_labels)
+    fig, ax = plt.subplots(figsize=(min(max(8.0, 0.14 * len(q) / step + 2), 24.0), 5.0))
     ax.bar(range(len(q)), [r.weight_rel_error for r in q], color="tab:blue")
-    ax.set_xlabel("quantized Linear (model order)")
+    ticks = list(range(0, len(q), step))
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([q[i].name for i in ticks], rotation=90, fontsize=6)
+    ax.set_xlim(-0.6, len(q) - 0.4)
+    ax.set_xlabel("quantized Linear (model order)" + (f", every {step}th named" if step > 1 else ""))
     ax.set_ylabel("weight rel. L2 error")
     ax.set_title("per-layer weight quantization error")
     fig.tight_layout()
@@ -82,15 +90,18 @@ def _plot_layers(path: Path, records: list[Any]) -> None:
 
 
 def _frames_png(path: Path, ref: torch.Tensor, test: torch.Tensor, *, prompt: str = "", label: str = "quantized",
-                max_frames: int = 5) -> None:
-    """A labelled grid: top row the bf16 frames, bottom row the quantized ones (``[F, H, W, 3]`` in [0, 1]), the
-    frame index above each column and the prompt as title."""
+                max_frames: int = 5, diff_gain: float = 4.0) -> None:
+    """A labelled grid: the bf16 frames, the quantized ones (``[F, H, W, 3]`` in [0, 1]) and their absolute
+    difference times ``diff_gain`` (black = equal), the frame index above each column and the whole prompt as
+    title (wrapped)."""
     plt = pyplot()
 
     idx = torch.linspace(0, ref.shape[0] - 1, min(max_frames, ref.shape[0])).round().long().tolist()
-    fig, axes = plt.subplots(2, len(idx), figsize=(1.9 * len(idx) + 0.8, 4.3), squeeze=False)
+    title = textwrap.wrap(prompt, 95) or [""]
+    rows = ((ref, "bf16"), (test, label), ((test - ref).abs() * diff_gain, f"|difference| x {diff_gain:g}"))
+    fig, axes = plt.subplots(3, len(idx), figsize=(1.9 * len(idx) + 0.8, 6.0 + 0.2 * len(title)), squeeze=False)
     for col, i in enumerate(idx):
-        for row, (video, name) in enumerate(((ref, "bf16"), (test, label))):
+        for row, (video, name) in enumerate(rows):
             ax = axes[row][col]
             ax.imshow(video[i].clamp(0, 1).numpy(), interpolation="nearest")
             ax.set_xticks([])
@@ -98,8 +109,8 @@ def _frames_png(path: Path, ref: torch.Tensor, test: torch.Tensor, *, prompt: st
             if row == 0:
                 ax.set_title(f"frame {i}", fontsize=9)
             if col == 0:
-                ax.set_ylabel(name, fontsize=9)
-    fig.suptitle(prompt if len(prompt) <= 90 else prompt[:87] + "...", fontsize=9)
+                ax.set_ylabel(name, fontsize=8)
+    fig.suptitle("\n".join(title), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -174,8 +185,8 @@ def render_markdown(report: dict[str, Any]) -> str:
               f"- quantized Linears: {report['num_quantized_layers']} of {report['num_linear_layers']}; storage "
               f"{report.get('bits_per_quantized_weight', 0.0):.2f} bits per weight over the quantized layers (codes + "
               f"scales), {report['bits_per_weight']:.2f} over all Linear layers (kept layers at their dtype's width)",
-              f"- calibration: {run['calib_prompts']} prompts, spec {run['calib_spec']}",
-              f"- evaluation: {run['eval_prompts']} held-out prompts, spec {run['eval_spec']}"]
+              f"- calibration: {run['calib_prompts']} prompts, {spec_text(run['calib_spec'])}",
+              f"- evaluation: {run['eval_prompts']} held-out prompts, {spec_text(run['eval_spec'])}"]
     if run.get("peak_gpu_gib") is not None:
         by_phase = ", ".join(f"{k} {v:.1f}" for k, v in (run.get("peak_gpu_gib_by_phase") or {}).items())
         lines.append(f"- peak GPU memory: {run['peak_gpu_gib']:.2f} GiB (by phase, GiB: {by_phase})")
@@ -184,6 +195,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     if acc:
         m = acc["mean_final"]
         lines += ["", "## Final latents vs bf16 (mean over prompts)", "",
+                  f"The quantized model with every layer as the file specifies it (the format's kernels, activations "
+                  f"quantized where the file says so), computed in {run['dtype']}. What stock ComfyUI computes with "
+                  "the file on each GPU (which may dequantize the weights, in float16) is in \"ComfyUI per target "
+                  "GPU\" below." if report.get("runtimes") else
+                  f"The quantized model with every layer as the file specifies it, computed in {run['dtype']}.", "",
                   "| rel. L2 | cosine | PSNR (dB) |", "|---|---|---|",
                   f"| {m['rel_l2']:.4f} | {m['cosine']:.5f} | {m['psnr']:.2f} |", "",
                   "| prompt | rel. L2 | cosine | PSNR (dB) |", "|---|---|---|---|"]
@@ -194,22 +210,23 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report.get("frames"):
         fm = report["frames_mean"]
         lines += ["", "## Decoded frames", "", f"mean frame PSNR {fm['psnr']:.2f} dB, SSIM {fm['ssim']:.4f} "
-                  "(in each image: top row bf16, bottom row quantized; frame index above each column)", ""]
+                  "(in each image: top row bf16, middle row quantized, bottom row their difference |quantized - bf16| "
+                  "x 4 per pixel; frame index above each column)", ""]
         lines += [f"![prompt {i}](frames_prompt{i}.png)" for i in range(len(report["frames"]))]
     if acc:
-        lines += meaning_markdown(run.get("source_model") or "", name, acc["mean_final"]["rel_l2"])
+        lines += meaning_markdown(run, name, acc["mean_final"]["rel_l2"])
     if report.get("runtimes"):
         lines += runtime_markdown(report["runtimes"])
     if report.get("sensitivity"):
         lines += sensitivity_markdown(report["sensitivity"], report["layers"])
     lines += experts_markdown(report, sensitivity_markdown)
-    lines += ["", "## Exports", "", "| target | file | MB | verified |", "|---|---|---|---|"]
+    lines += ["", "## Exports", "", "| target | file | MiB | verified |", "|---|---|---|---|"]
     for e in report["exports"]:
         if e["skipped"]:
             lines.append(f"| {e['target']} | skipped: {e['skipped']} | | |")
         else:
-            lines.append(f"| {e['target']} | `{Path(e['path']).name}` | {e['bytes'] / 1e6:.2f} | "
-                         f"{e['verified']} {e['verify_detail']} |")
+            lines.append(f"| {e['target']} | `{Path(e['path']).name}` | {e['bytes'] / 2**20:.2f} | "
+                         f"{verified_text(e)} |")
     lines += ["", "## Layers", "", "| layer | format | weight rel. err | input amax | clip ratio | input_scale | "
               "bits/w | note |", "|---|---|---|---|---|---|---|---|"]
 
@@ -224,6 +241,25 @@ def render_markdown(report: dict[str, Any]) -> str:
                      f"{r['bits_per_weight']:.2f} | {r['reason']} |")
     lines += ["", "![per-layer weight error](layer_weight_error.png)", ""]
     return "\n".join(lines)
+
+
+def spec_text(spec: dict[str, Any] | None) -> str:
+    """``64x64, 9 frames, 10 steps, CFG 3.0, seed 0`` for a sampling spec's dict (height x width)."""
+    if not spec:
+        return "-"
+    cfg = f"CFG {spec.get('guidance_scale')}"
+    if spec.get("guidance_scale_2") is not None:
+        cfg += f" / {spec['guidance_scale_2']} (second expert)"
+    return (f"{spec.get('height')}x{spec.get('width')}, {spec.get('num_frames')} frames, {spec.get('num_steps')} "
+            f"steps, {cfg}, seed {spec.get('seed')}")
+
+
+def verified_text(export: dict[str, Any]) -> str:
+    """The Exports table's verification cell: ``yes: <detail>``, ``NO: <detail>`` or ``not run``."""
+    detail = export.get("verify_detail") or ""
+    if export.get("verified") is None:
+        return "not run (export.verify=false)"
+    return f"{'yes' if export['verified'] else '**NO**'}{': ' + detail if detail else ''}"
 
 
 def _json_safe(obj: Any) -> Any:

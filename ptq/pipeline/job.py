@@ -239,7 +239,8 @@ def _run_ranked(cfg: RunConfig, out_dir: Path, ctx: DistContext, recipe_name: st
         cache_file = stages.baseline_cache_file(cfg.eval.cache_dir, payload)
         with timer("baseline_eval"):
             baseline, cached = stages.bf16_baseline(adapter, evals, cache_file, progress=cfg.progress,
-                                                    cuda_graphs=cfg.model.cuda_graphs, dist=ctx)
+                                                    cuda_graphs=cfg.model.cuda_graphs, dist=ctx,
+                                                    desc=f"baseline ({cfg.model.dtype})")
         if cached:
             del timer.seconds["baseline_eval"]
             timer.peak_gib.pop("baseline_eval", None)
@@ -277,7 +278,7 @@ def _run_ranked(cfg: RunConfig, out_dir: Path, ctx: DistContext, recipe_name: st
     peak = timer.peak() if device.type == "cuda" else None
     run_info = {
         "preset": cfg.preset, "model": str(adapter.root), "source_model": adapter.display_name,
-        "adapter": adapter.name, "device": str(device), "dtype": cfg.model.dtype, "recipe_name": recipe_name,
+        "source_sha256": source["ptq_source_sha256"], "adapter": adapter.name, "device": str(device), "dtype": cfg.model.dtype, "recipe_name": recipe_name,
         "recipe_title": used.title(), "recipe": used.summary(), "recipe_config": asdict(used),
         "calib_prompts": len(calib_prompts), "eval_prompts": len(eval_prompts),
         "calib_spec": asdict(calib.specs[0]), "eval_spec": asdict(evals.specs[0]) if evals is not None else None,

@@ -57,7 +57,8 @@ def unquantized_references(adapter: ModelAdapter, ps: PromptSet, runtimes: list[
             continue
         cache = stages.baseline_cache_file(cache_dir, {**payload, "compute_dtype": name}, prefix=f"reference_{name}")
         with _simulated(adapter, rt, monitor=False):
-            out[name], _ = stages.bf16_baseline(adapter, ps, cache, progress=progress, cuda_graphs=cuda_graphs)
+            out[name], _ = stages.bf16_baseline(adapter, ps, cache, progress=progress, cuda_graphs=cuda_graphs,
+                                                desc=f"unquantized ({name})")
     return out
 
 

@@ -76,19 +76,20 @@ def _load_baseline_cache(cache_file: Path) -> list[dict[str, Any]] | None:
 
 
 def bf16_baseline(adapter: ModelAdapter, ps: PromptSet, cache_file: Path | None, *, progress: bool,
-                  cuda_graphs: bool, dist: DistContext | None = None) -> tuple[list[dict[str, Any]], bool]:
+                  cuda_graphs: bool, dist: DistContext | None = None, desc: str = "baseline (bf16)"
+                  ) -> tuple[list[dict[str, Any]], bool]:
     """(reference outputs of the unquantized model, whether they came from the cache). Written atomically (temp
     file + rename), so an interrupted run never leaves a cache entry a later run would trust; an unreadable entry
     is recomputed. ``dist``: prompts shared between processes, rank 0 reads / writes the cache and gets every
-    result (the other ranks an empty list)."""
+    result (the other ranks an empty list). ``desc``: the progress bar's and log's name of the run."""
     ctx = dist or DistContext()
     results = None
     if ctx.is_main and cache_file is not None and cache_file.is_file():
-        log.info("bf16 baseline: cached %s", cache_file)
+        log.info("%s: cached %s", desc, cache_file)
         results = _load_baseline_cache(cache_file)
     if broadcast_object(ctx, results is not None):
         return results or [], True
-    results = sample_sharded(ctx, adapter, ps, desc="baseline (bf16)", progress=progress, keep_steps=True,
+    results = sample_sharded(ctx, adapter, ps, desc=desc, progress=progress, keep_steps=True,
                              cuda_graphs=cuda_graphs)
     if cache_file is not None and ctx.is_main:
         cache_file.parent.mkdir(parents=True, exist_ok=True)

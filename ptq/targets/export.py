@@ -114,6 +114,6 @@ def export_model(model: nn.Module, cfg: Any, out_dir: Path, *, progress: bool = 
         res.path = str(_publish(Path(res.path), staging, out_dir, folder=file_target.folder))
     shutil.rmtree(staging, ignore_errors=True)
     for res, _, _ in written:
-        log.info("export %s: %s (%.1f MB, %d quantized layers)", res.target, res.path, res.bytes / 1e6,
+        log.info("export %s: %s (%.1f MiB, %d quantized layers)", res.target, res.path, res.bytes / 2**20,
                  res.quantized_layers)
     return results
