@@ -3,13 +3,14 @@ load, which kernels run, how far ComfyUI's output is from ptq's simulation of th
 model's forward is at 1,560 / 3,510 / 27,280 tokens against the bf16 file, and the peak GPU memory, with ComfyUI's
 DynamicVRAM on (its default on NVIDIA GPUs) and off (``--disable-dynamic-vram``).
 
-Steps (``all`` = ``make`` then one ``comfy`` process per file and DynamicVRAM setting, then the summary):
+Steps (``all`` = per variant: ``make`` it, one ``comfy`` process per DynamicVRAM setting, optionally delete it; then
+the summary. Resumable: runs already in ``results.jsonl`` are skipped, ``--deadline`` stops between files):
 
 * ``make``: ptq builds the random 5B on the GPU, calibrates it on two random forwards (1,560 tokens, t = 900 / 300),
   and writes one ComfyUI file per variant (``VARIANTS``: bf16, FP8 W8A8 and weight-only, NVFP4 W4A4, smoothed
   (``pre_quant_scale``) and weight-only, int8, int8 ConvRot, MXFP8), each verified bit for bit. For each it stores
   ptq's simulation of the GPU it runs on (``ptq.eval.runtimes``, the runtime named by ``--runtime``) on the probe
-  input (``refs.pt``).
+  input (``refs_<variant>.pt``).
 * ``comfy FILE``: a fresh process imports ComfyUI from ``--comfyui`` the way its ``main.py`` starts (DynamicVRAM
   initialised through comfy-aimdo unless ``--no-dynamic-vram``), loads the file with ``comfy.sd.load_diffusion_model``
   (ComfyUI's own safetensors reader when DynamicVRAM is on), puts it on the GPU with ``load_models_gpu`` and times
@@ -41,6 +42,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -125,7 +127,11 @@ def _simulated(model: torch.nn.Module, runtime: str, sizes: dict, device: str) -
     return out
 
 
-def make(work: Path, device: str, runtime: str, smoke: bool, variants: list[str] | None = None) -> None:
+def make_files(work: Path, device: str, runtime: str, smoke: bool, variants: list[str],
+               keep_base_on_gpu: bool = True) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Write and verify one ComfyUI file per variant, in order, yielding ``(variant, file info)`` after each (the
+    caller may run and delete it before the next is written: the 5B's files together need about 50 GiB of disk).
+    Stores ptq's simulation of ``runtime`` per variant in ``refs_<variant>.pt`` (and ``refs_unquantized.pt``)."""
     from ptq.algorithms.quantize import quantize_
     from ptq.models.wan import build_random_transformer
     from ptq.targets import export_model
@@ -138,32 +144,32 @@ def make(work: Path, device: str, runtime: str, smoke: bool, variants: list[str]
     base = build_random_transformer(config, seed=0, device=device)
     log(f"random model built ({sum(p.numel() for p in base.parameters()) / 1e9:.2f}B params, "
         f"{time.perf_counter() - t0:.0f} s)")
-    chosen = {name: spec for name, spec in VARIANTS.items() if variants is None or name in variants}
-    recipes = {name: _recipe(spec) for name, spec in chosen.items() if spec is not None}
-    stats = _calibrate(base, list(recipes.values()), sizes, device)
-    refs: dict[str, dict[int, torch.Tensor]] = {"unquantized": _simulated(base, runtime, sizes, device)}
-    files = {}
+    recipes = {name: _recipe(VARIANTS[name]) for name in variants if VARIANTS[name] is not None}
+    stats = _calibrate(base, list(recipes.values()), sizes, device) if recipes else None
+    torch.save(_simulated(base, runtime, sizes, device), work / "refs_unquantized.pt")
     cfg = SimpleNamespace(targets=["comfyui"], unquantized_dtype="bfloat16", verify=True)
-    for name, spec in chosen.items():
+    for name in variants:
         t0 = time.perf_counter()
-        model = base if spec is None else copy.deepcopy(base)
-        if spec is not None:
+        base.to(device)
+        model = base if VARIANTS[name] is None else copy.deepcopy(base)
+        if model is not base:
             quantize_(model, recipes[name], stats, progress=False)
         (res,) = export_model(model, SimpleNamespace(**vars(cfg), filename=f"wan5b_{name}"), work, progress=False)
-        if spec is not None:
-            refs[name] = _simulated(model, runtime, sizes, device)
-        files[name] = {"path": res.path, "bytes": res.bytes, "verified": res.verified}
-        log(f"{name}: {res.bytes / GIB:.2f} GiB, verified {res.verified} ({time.perf_counter() - t0:.0f} s)")
         if model is not base:
+            torch.save(_simulated(model, runtime, sizes, device), work / f"refs_{name}.pt")
             del model
+        info = {"path": res.path, "bytes": res.bytes, "verified": res.verified}
+        log(f"{name}: {res.bytes / GIB:.2f} GiB, verified {res.verified} ({time.perf_counter() - t0:.0f} s)")
         gc.collect()
         if device == "cuda":
+            if not keep_base_on_gpu:
+                base.to("cpu")  # ComfyUI's process gets the GPU to itself
             torch.cuda.empty_cache()
-    if "mxfp8" in files:  # the layout ptq wrote before: the same bytes with the E8M0 scales typed F8_E8M0
-        files["mxfp8_as_f8_e8m0"] = _e8m0_copy(Path(files["mxfp8"]["path"]))
-        refs["mxfp8_as_f8_e8m0"] = refs["mxfp8"]
-    torch.save(refs, work / "refs.pt")
-    (work / "files.json").write_text(json.dumps(files, indent=1))
+        yield name, info
+        if name == "mxfp8":  # the layout ptq wrote before: the same bytes with the E8M0 scales typed F8_E8M0
+            old = _e8m0_copy(Path(info["path"]))
+            (work / "refs_mxfp8_as_f8_e8m0.pt").write_bytes((work / "refs_mxfp8.pt").read_bytes())
+            yield "mxfp8_as_f8_e8m0", old
 
 
 def _e8m0_copy(path: Path) -> dict[str, Any]:
@@ -272,7 +278,8 @@ def _kernels(prof: torch.profiler.profile) -> dict[str, Any]:
 def comfy_run(args: argparse.Namespace) -> None:
     """One file in one fresh ComfyUI process: a JSON line on stdout."""
     cpu = not torch.cuda.is_available()
-    out: dict[str, Any] = {"file": Path(args.file).name, "dynamic_vram": args.dynamic_vram}
+    out: dict[str, Any] = {"file": Path(args.file).name, "dynamic_vram": args.dynamic_vram,
+                           "gpu": torch.cuda.get_device_name() if not cpu else "cpu"}
     base_used = 0
     sampler = _PeakSampler()
     try:
@@ -306,7 +313,7 @@ def comfy_run(args: argparse.Namespace) -> None:
     out["quantized_layers"] = len(quantized)
     out["formats_run_full_precision"] = sorted({m.quant_format for m in quantized if m._full_precision_mm})
     sizes = SMOKE_SIZES if args.smoke else SIZES
-    refs = torch.load(Path(args.work) / "refs.pt") if (Path(args.work) / "refs.pt").exists() else {}
+    refs = _refs_for(Path(args.work), Path(args.file))
     dev = mm.get_torch_device()
     sigma = torch.tensor([SIGMA], device=dev)
     out["sizes"] = {}
@@ -344,10 +351,9 @@ def comfy_run(args: argparse.Namespace) -> None:
             if not cpu:
                 res.update(_kernels(prof))
                 res["torch_peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
-        for name, ref in refs.items():
-            if tokens in ref and Path(args.file).stem.endswith(f"wan5b_{name}_comfyui"):
-                r = ref[tokens]
-                res["rel_l2_vs_ptq"] = float((y.float().cpu() - r).norm() / r.norm())
+        if tokens in refs.get("variant", {}):
+            r = refs["variant"][tokens]
+            res["rel_l2_vs_ptq"] = float((y.float().cpu() - r).norm() / r.norm())
         if tokens in refs.get("unquantized", {}):
             r = refs["unquantized"][tokens]
             res["rel_l2_vs_unquantized_sim"] = float((y.float().cpu() - r).norm() / r.norm())
@@ -355,6 +361,16 @@ def comfy_run(args: argparse.Namespace) -> None:
     sampler.__exit__()
     out["peak_device_gib"] = round((sampler.peak - base_used) / GIB, 2) if not cpu else None
     print(json.dumps(out), flush=True)
+
+
+def _refs_for(work: Path, file: Path) -> dict[str, dict[int, torch.Tensor]]:
+    """ptq's simulated outputs for ``file`` (``variant``) and for the unquantized model, where stored."""
+    refs = {}
+    name = file.name.removeprefix("wan5b_").split("_comfyui")[0]
+    for key, path in (("variant", work / f"refs_{name}.pt"), ("unquantized", work / "refs_unquantized.pt")):
+        if path.exists():
+            refs[key] = torch.load(path)
+    return refs
 
 
 def ctx_dim(dm: torch.nn.Module) -> int:
@@ -395,33 +411,62 @@ def summarize(work: Path, results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _comfy_process(args: argparse.Namespace, path: str, dyn: bool) -> dict[str, Any]:
+    """Run ``comfy`` for one file and DynamicVRAM setting in a fresh process; its JSON line (or the failure)."""
+    cmd = [sys.executable, __file__, "comfy", path, "--comfyui", args.comfyui, "--work", args.work]
+    cmd += (["--smoke"] if args.smoke else []) + ([] if dyn else ["--no-dynamic-vram"])
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("{")), None)
+    res = json.loads(line) if line else {"file": Path(path).name, "dynamic_vram": dyn, "loaded": False,
+                                         "error": f"process rc {proc.returncode}: {proc.stderr[-300:]}"}
+    res["process_s"] = round(time.perf_counter() - t0, 1)
+    return res
+
+
 def run_all(args: argparse.Namespace) -> None:
+    """make -> comfy per file and DynamicVRAM setting -> summary. Resumable: runs already in ``results.jsonl`` are
+    skipped; with ``--deadline`` no new file is started past that many seconds; ``--delete-files`` removes each
+    file once its runs are done."""
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    t_start = time.monotonic()
     device = "cpu" if args.smoke and not torch.cuda.is_available() else "cuda"
-    if not (work / "files.json").exists():
-        make(work, device, args.runtime, args.smoke, args.variants)
-    gc.collect()
-    files = json.loads((work / "files.json").read_text())
+    log_path = work / "results.jsonl"
+    results = [json.loads(ln) for ln in log_path.read_text().splitlines()] if log_path.exists() else []
+    done = {(r["file"], r["dynamic_vram"]) for r in results}
     modes = [False] if device == "cpu" else [True, False]
-    results = []
-    for dyn in modes:
-        for name, f in files.items():
-            if not dyn and device != "cpu" and args.off_variants and name not in args.off_variants:
-                continue
-            cmd = [sys.executable, __file__, "comfy", f["path"], "--comfyui", args.comfyui, "--work", str(work)]
-            cmd += ["--smoke"] if args.smoke else []
-            cmd += [] if dyn else ["--no-dynamic-vram"]
-            t0 = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("{")), None)
-            res = json.loads(line) if line else {"file": Path(f["path"]).name, "dynamic_vram": dyn, "loaded": False,
-                                                 "error": f"process rc {proc.returncode}: {proc.stderr[-300:]}"}
-            res["process_s"] = round(time.perf_counter() - t0, 1)
-            results.append(res)
-            log(f"{name} dynamic_vram={dyn}: loaded {res.get('loaded')} ({res['process_s']} s)")
-            with open(work / "results.jsonl", "a") as fh:
-                fh.write(json.dumps(res) + "\n")
+
+    def wanted(name: str) -> list[bool]:
+        if device == "cpu":
+            return modes
+        return [d for d in modes if d or args.off_variants is None or name in args.off_variants]
+
+    def pending(name: str) -> bool:
+        return any((f"wan5b_{name}_comfyui.safetensors", d) not in done for d in wanted(name))
+
+    order = [v for v in (args.variants or list(VARIANTS))]
+    todo = [v for v in order if pending(v) or (v == "mxfp8" and pending("mxfp8_as_f8_e8m0"))]
+    files = json.loads((work / "files.json").read_text()) if (work / "files.json").exists() else {}
+    if todo:
+        for name, info in make_files(work, device, args.runtime, args.smoke, todo, keep_base_on_gpu=False):
+            files[name] = info
+            (work / "files.json").write_text(json.dumps(files, indent=1))
+            for dyn in wanted(name):
+                if (Path(info["path"]).name, dyn) in done:
+                    continue
+                res = _comfy_process(args, info["path"], dyn)
+                results.append(res)
+                log(f"{name} dynamic_vram={dyn}: loaded {res.get('loaded')} ({res['process_s']} s)")
+                with open(log_path, "a") as fh:
+                    fh.write(json.dumps(res) + "\n")
+            if args.delete_files and name != "mxfp8":  # the old-style MXFP8 copy is made from it next
+                Path(info["path"]).unlink(missing_ok=True)
+                if name == "mxfp8_as_f8_e8m0":
+                    Path(files["mxfp8"]["path"]).unlink(missing_ok=True)
+            if args.deadline and time.monotonic() - t_start > args.deadline:
+                log(f"deadline of {args.deadline} s passed: stopping; run the same command again to go on")
+                break
     (work / "results.json").write_text(json.dumps({"files": files, "runs": results}, indent=1))
     table = summarize(work, results)
     (work / "summary.md").write_text(table + "\n")
@@ -445,14 +490,21 @@ def main() -> None:
                        help="files to write and run (default: all)")
         p.add_argument("--off-variants", nargs="*", default=None,
                        help="variants also run with DynamicVRAM off (default: all)")
+        p.add_argument("--deadline", type=float, default=None,
+                       help="all: start no new file after this many seconds (run again to go on)")
+        p.add_argument("--delete-files", action="store_true",
+                       help="all: delete each file once its runs are done (the 5B's files need ~50 GiB together)")
     args = ap.parse_args()
     args.runtime = args.runtime or ("cpu" if args.smoke and not torch.cuda.is_available() else "hopper")
     sys.path.insert(0, str(REPO))
     if args.cmd == "all":
         run_all(args)
     elif args.cmd == "make":
-        Path(args.work).mkdir(parents=True, exist_ok=True)
-        make(Path(args.work), "cpu" if args.smoke else "cuda", args.runtime, args.smoke, args.variants)
+        work = Path(args.work)
+        work.mkdir(parents=True, exist_ok=True)
+        files = dict(make_files(work, "cpu" if args.smoke else "cuda", args.runtime, args.smoke,
+                                args.variants or list(VARIANTS)))
+        (work / "files.json").write_text(json.dumps(files, indent=1))
     else:
         comfy_run(args)
 
