@@ -151,7 +151,8 @@ def main() -> None:
         name = name.removeprefix(ACT_ONLY)
         recipes[spec] = compose_cfg([*base, f"quant={name}", *[o for o in extra.split(",") if o]]).quant
     device = pick_device(cfg.model.device)
-    mode = Float32LinearOnCPU() if device.type == "cpu" and cfg.model.cpu_float32_linear else contextlib.nullcontext()
+    mode = Float32LinearOnCPU.for_this_cpu() if device.type == "cpu" and cfg.model.cpu_float32_linear \
+        else contextlib.nullcontext()
     torch.manual_seed(0)
     with mode:
         adapter = open_adapter(cfg)

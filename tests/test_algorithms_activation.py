@@ -126,3 +126,23 @@ def test_float32_linear_on_cpu_is_a_single_rounding() -> None:
         lin32 = nn.Linear(4, 4)
         lin32(torch.randn(2, 4))
     assert mode.calls == 3
+
+
+def test_float32_convolution_on_cpu_is_a_single_rounding() -> None:
+    """float16 convolutions (WAN's patch embedding) in the mode: a float32 convolution rounded once; the dtypes the
+    mode takes follow the CPU (float16 always, bf16 only without native bf16 GEMMs)."""
+    from ptq.models.cpu_matmul import Float32LinearOnCPU, cpu_has_fast_bf16, float32_linear_dtypes
+
+    torch.manual_seed(0)
+    conv = nn.Conv3d(8, 16, (1, 2, 2), stride=(1, 2, 2)).to(torch.float16)
+    x = torch.randn(1, 8, 3, 6, 6).to(torch.float16)
+    expected = torch.nn.functional.conv3d(x.float(), conv.weight.float(), conv.bias.float(), stride=(1, 2, 2))
+    mode = Float32LinearOnCPU(dtypes=(torch.float16,))
+    with torch.no_grad(), mode:
+        y = conv(x)
+        lin = nn.Linear(4, 4).to(torch.bfloat16)
+        lin(torch.randn(2, 4).to(torch.bfloat16))  # bf16 is not among this mode's dtypes
+    assert y.dtype == torch.float16 and torch.equal(y, expected.to(torch.float16))
+    assert mode.calls == 1
+    want = (torch.float16,) if cpu_has_fast_bf16() else (torch.bfloat16, torch.float16)
+    assert set(float32_linear_dtypes()) == set(want) and Float32LinearOnCPU.for_this_cpu().dtypes == float32_linear_dtypes()

@@ -337,6 +337,35 @@ def test_block_values_and_activation_path():
     )
 
 
+def test_round_to_e2m1_equals_the_encoder_on_a_float32_sweep():
+    """The activation path rounds values without codes: bit for bit what decode(encode(y)) gives, over every 997th
+    float32 of both signs (ties, the binade edges 2 / 4, saturation, subnormals, huge values)."""
+    from ptq.formats.nvfp4 import round_to_e2m1
+
+    bits = torch.arange(0, 0x7F800000, 997, dtype=torch.int64).to(torch.int32)
+    y = torch.cat([bits.view(torch.float32), -bits.view(torch.float32)])
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 7.0, -0.25, -5.0, -0.0])
+    y = torch.cat([y, ties, torch.nextafter(ties, torch.full_like(ties, 9.0)),
+                   torch.nextafter(ties, torch.full_like(ties, -9.0))])
+    want = decode_e2m1(encode_e2m1(y))
+    got = round_to_e2m1(y.clone())
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_activation_path_equals_the_code_path_with_zero_and_tiny_blocks(dtype):
+    x = _inputs("outliers", (40, 64), 5).to(dtype)
+    x[0, :16] = 0  # an all-zero block
+    x[1, 16:32] = 1e-7  # a block whose E4M3 scale rounds to 0
+    x[2, 32:48] = -1e-7
+    g = nvfp4_global_scale(x.abs().amax())
+    q, s = quantize_nvfp4(x, g)
+    want = nvfp4_block_values(q, s)
+    got = quantize_nvfp4_activation(x, g)
+    assert torch.equal(got, want)  # values equal; zero blocks may give -0.0 where the codes give +0.0
+    assert (got[0, :16] == 0).all() and (got[1, 16:32] == 0).all() and (got[2, 32:48] == 0).all()
+
+
 def test_block_values_exact_in_bf16_for_every_code_and_scale():
     """All 16 E2M1 codes x all 127 finite non-negative E4M3 scales: code*scale is exact in bf16."""
     bits = torch.arange(128, dtype=torch.int32).to(torch.uint8)  # sign bit clear

@@ -105,8 +105,10 @@ class AmaxCollector(LayerCollector[AmaxState]):
         if ch is not None:
             return ch
         flat = x.reshape(-1, x.shape[-1])
-        # one fused pass: max |x| per input channel (vector_norm with ord=inf does not materialise |x|)
-        ch = torch.linalg.vector_norm(flat, ord=float("inf"), dim=0).float()
+        if flat.is_cuda:  # one fused pass: vector_norm with ord=inf does not materialise |x|
+            ch = torch.linalg.vector_norm(flat, ord=float("inf"), dim=0).float()
+        else:  # on CPU, |x| then a column max is 5-10x faster than vector_norm's strided reduction (same values)
+            ch = flat.abs().amax(dim=0).float()
         self._last.put(x, ch)
         return ch
 

@@ -248,6 +248,15 @@ def _as_global(
     return g
 
 
+def _block_scales(xb: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(block_scales float8_e4m3fn [rows, cols/16], global * float(block_scale) float32 [rows, cols/16])`` of
+    blocks ``xb`` [rows, cols/16, 16] under global scale ``g`` (comfy-kitchen's eager math, step by step)."""
+    block_amax = xb.abs().amax(dim=-1).to(torch.float32)  # exact: amax in x.dtype, then widened
+    s = divide_exact(block_amax, E2M1_MAX) / g  # two correctly rounded float32 divisions, in this order
+    s8 = torch.clamp(s, max=FP8_E4M3_MAX).to(FP8_DTYPE)  # RNE; may round to 0 for tiny blocks
+    return s8, g * s8.to(torch.float32)
+
+
 def _quantize_blocks(x2d: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Core of NVFP4 quantization, comfy-kitchen eager math step by step.
 
@@ -256,15 +265,32 @@ def _quantize_blocks(x2d: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, 
     """
     rows, cols = x2d.shape
     xb = x2d.reshape(rows, cols // NVFP4_BLOCK, NVFP4_BLOCK)
-    block_amax = xb.abs().amax(dim=-1).to(torch.float32)  # exact: amax in x.dtype, then widened
-    s = divide_exact(block_amax, E2M1_MAX) / g  # two correctly rounded float32 divisions, in this order
-    s8 = torch.clamp(s, max=FP8_E4M3_MAX).to(FP8_DTYPE)  # RNE; may round to 0 for tiny blocks
-    total = g * s8.to(torch.float32)
+    s8, total = _block_scales(xb, g)
     zero = total == 0
     y = xb.to(torch.float32) / torch.where(zero, torch.ones_like(total), total).unsqueeze(-1)
     y = torch.where(zero.unsqueeze(-1), torch.zeros_like(y), y)  # zero blocks -> +0 codes, never NaN
     y = torch.clamp(y, -E2M1_MAX, E2M1_MAX)
     return _encode_unchecked(y).reshape(rows, cols), s8
+
+
+def round_to_e2m1(y: torch.Tensor) -> torch.Tensor:
+    """float32 ``y`` -> the E2M1 value :func:`encode_e2m1` picks (nearest, ties to even code, saturate at 6, sign
+    kept), as float32; ``y`` is overwritten (pass a temporary). Same trick as :func:`_encode_unchecked` without the
+    codes: ``(a + magic) - magic`` with ``magic = step * 2**23`` rounds ``a`` to a multiple of the E2M1 step."""
+    a = y.abs().clamp_(max=E2M1_MAX)
+    magic = (a.view(torch.int32) >> 23).clamp_(min=127).add_(22).bitwise_left_shift_(23).view(torch.float32)
+    return (a + magic).sub_(magic).copysign_(y)
+
+
+def _quantized_block_values(x2d: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``_block_values(*_quantize_blocks(x2d, g))`` without the codes (2-4x fewer passes over the data): float32
+    ``e2m1 value * float(block_scale)`` [rows, cols]; a block whose scale rounds to 0 gives +-0."""
+    rows, cols = x2d.shape
+    xb = x2d.reshape(rows, cols // NVFP4_BLOCK, NVFP4_BLOCK)
+    s8, total = _block_scales(xb, g)
+    total = torch.where(total == 0, torch.full_like(total, float("inf")), total)  # x / inf = +-0, never NaN
+    y = xb.to(torch.float32).div_(total.unsqueeze(-1))
+    return round_to_e2m1(y).mul_(s8.to(torch.float32).unsqueeze(-1)).reshape(rows, cols)
 
 
 def check_nvfp4_matrix(x: torch.Tensor, name: str, fallback: str = NVFP4_DEFAULT_FALLBACK) -> None:
@@ -457,7 +483,7 @@ def quantize_nvfp4_activation(
     """
     x2 = _activation_2d(x, name)
     g = _as_global(input_scale, x.device, f"{name} input_scale", check=False)
-    (out,) = map_row_chunks(lambda xc: (_block_values(*_quantize_blocks(xc, g)),), x2)
+    (out,) = map_row_chunks(lambda xc: (_quantized_block_values(xc, g),), x2)
     return out.reshape(x.shape)
 
 

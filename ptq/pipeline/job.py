@@ -20,7 +20,7 @@ from ptq.eval.report import write_report
 from ptq.eval.summary import run_summary
 from ptq.models import get_adapter
 from ptq.models.base import ModelAdapter
-from ptq.models.cpu_matmul import Float32LinearOnCPU
+from ptq.models.cpu_matmul import Float32LinearOnCPU, float32_linear_dtypes
 from ptq.pipeline import experts, parallel, runtime_eval, stages
 from ptq.pipeline.distributed import DistContext, broadcast_object, init_from_env, shutdown
 from ptq.pipeline.prompts import load_images, load_prompts
@@ -115,11 +115,17 @@ def export_filename(pattern: str, model: str, recipe: str) -> str:
     return pattern.replace("{model}", model).replace("{recipe}", recipe)
 
 
+def cpu_float32_linear(cfg: RunConfig) -> list[str]:
+    """The Linear dtypes computed as float32 GEMMs on this CPU (``model.cpu_float32_linear``; empty when off): part
+    of what cached references and calibration checkpoints depend on."""
+    return [str(d).removeprefix("torch.") for d in float32_linear_dtypes()] if cfg.model.cpu_float32_linear else []
+
+
 def run_job(cfg: RunConfig, out_dir: Path, *, recipe_name: str | None = None) -> dict[str, Any]:
     """The whole job; returns the report dict (also written to ``out_dir``). ``recipe_name``: the recipe's preset
     name (``quant=NAME``) when it was used unchanged, for the report's title and reference numbers."""
     fast_cpu = pick_device(cfg.model.device).type == "cpu" and cfg.model.cpu_float32_linear
-    with Float32LinearOnCPU() if fast_cpu else contextlib.nullcontext():
+    with Float32LinearOnCPU.for_this_cpu() if fast_cpu else contextlib.nullcontext():
         return _run(cfg, out_dir, recipe_name)
 
 
@@ -169,7 +175,7 @@ def calibrate_and_quantize(cfg: RunConfig, ctx: DistContext, adapter: ModelAdapt
         session = parallel.calibration_session(
             ctx, part, recipe, calib, cfg.calib, out_dir, resume=cfg.resume,
             settings={"dtype": cfg.model.dtype, "device": device_type,
-                      "cpu_float32_linear": cfg.model.cpu_float32_linear},
+                      "cpu_float32_linear": cpu_float32_linear(cfg)},
             part="_".join(part.targets()) if len(passes) > 1 else None)
         sessions.append(session)
         with timer("calibrate"):
@@ -235,7 +241,7 @@ def _run_ranked(cfg: RunConfig, out_dir: Path, ctx: DistContext, recipe_name: st
     if evals is not None:
         payload = stages.baseline_payload(adapter, evals, dtype=cfg.model.dtype, device=device.type,
                                           negative=negative_prompt(adapter, cfg.eval), images=list(cfg.eval.images),
-                                          cpu_float32_linear=cfg.model.cpu_float32_linear)
+                                          cpu_float32_linear=cpu_float32_linear(cfg))
         cache_file = stages.baseline_cache_file(cfg.eval.cache_dir, payload)
         with timer("baseline_eval"):
             baseline, cached = stages.bf16_baseline(adapter, evals, cache_file, progress=cfg.progress,

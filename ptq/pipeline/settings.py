@@ -23,8 +23,8 @@ class ModelConfig:
     dtype: str = "bfloat16"
     device: str = "auto"
     vae_device: str = "cpu"
-    # on CPU, run bf16/fp16 Linears as float32 GEMMs rounded once (ptq.models.cpu_matmul; 4-5x faster where the
-    # CPU has no native bf16 GEMM); no effect on GPUs
+    # on CPU, run fp16 Linears, and bf16 ones where the CPU has no native bf16 GEMM (no AVX512-BF16 / AMX), as
+    # float32 GEMMs rounded once (ptq.models.cpu_matmul; 2-5x faster); no effect on GPUs
     cpu_float32_linear: bool = True
     # on CUDA, replay the transformer forward from CUDA graphs (ptq.calibration.cuda_graph) during the bf16
     # baseline, max-calibration and the quantized evaluation: no host cost per kernel or per observer hook
