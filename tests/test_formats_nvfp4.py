@@ -348,8 +348,9 @@ def test_round_to_e2m1_equals_the_encoder_on_a_float32_sweep():
     y = torch.cat([y, ties, torch.nextafter(ties, torch.full_like(ties, 9.0)),
                    torch.nextafter(ties, torch.full_like(ties, -9.0))])
     want = decode_e2m1(encode_e2m1(y))
-    got = round_to_e2m1(y.clone())
-    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    before = y.clone()
+    got = round_to_e2m1(y)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32)) and torch.equal(y, before)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -361,7 +362,9 @@ def test_activation_path_equals_the_code_path_with_zero_and_tiny_blocks(dtype):
     g = nvfp4_global_scale(x.abs().amax())
     q, s = quantize_nvfp4(x, g)
     want = nvfp4_block_values(q, s)
+    before = x.clone()
     got = quantize_nvfp4_activation(x, g)
+    assert torch.equal(x, before)  # the input is not touched (float32 inputs are not copied by .float())
     assert torch.equal(got, want)  # values equal; zero blocks may give -0.0 where the codes give +0.0
     assert (got[0, :16] == 0).all() and (got[1, 16:32] == 0).all() and (got[2, 32:48] == 0).all()
 

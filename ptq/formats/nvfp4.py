@@ -275,7 +275,7 @@ def _quantize_blocks(x2d: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, 
 
 def round_to_e2m1(y: torch.Tensor) -> torch.Tensor:
     """float32 ``y`` -> the E2M1 value :func:`encode_e2m1` picks (nearest, ties to even code, saturate at 6, sign
-    kept), as float32; ``y`` is overwritten (pass a temporary). Same trick as :func:`_encode_unchecked` without the
+    kept), as float32 (``y`` is left as it is). Same trick as :func:`_encode_unchecked` without the
     codes: ``(a + magic) - magic`` with ``magic = step * 2**23`` rounds ``a`` to a multiple of the E2M1 step."""
     a = y.abs().clamp_(max=E2M1_MAX)
     magic = (a.view(torch.int32) >> 23).clamp_(min=127).add_(22).bitwise_left_shift_(23).view(torch.float32)
@@ -289,7 +289,7 @@ def _quantized_block_values(x2d: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     xb = x2d.reshape(rows, cols // NVFP4_BLOCK, NVFP4_BLOCK)
     s8, total = _block_scales(xb, g)
     total = torch.where(total == 0, torch.full_like(total, float("inf")), total)  # x / inf = +-0, never NaN
-    y = xb.to(torch.float32).div_(total.unsqueeze(-1))
+    y = xb.to(torch.float32) / total.unsqueeze(-1)  # a new tensor: x.to(float32) is x itself for float32 input
     return round_to_e2m1(y).mul_(s8.to(torch.float32).unsqueeze(-1)).reshape(rows, cols)
 
 
