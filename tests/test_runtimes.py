@@ -34,11 +34,12 @@ def _model(fmt: str, weight_only: bool = False) -> tuple[nn.Module, torch.Tensor
 
 
 def test_native_table_follows_comfyui_capabilities() -> None:
-    formats = ("nvfp4", "fp8", "int8", "int8_convrot", "mxfp8")
+    formats = ("nvfp4", "fp8", "int8", "int8_convrot", "mxfp8", "convrot_w4a4")
     native = {name: {f for f in formats if r.native(f)} for name, r in rt.RUNTIMES.items()}
-    int8 = {"int8", "int8_convrot"}  # W8A8 with run-time scales from SM 7.5, and comfy-kitchen's eager CPU kernel
+    # run-time scaled int8 / int4 kernels from SM 7.5, and comfy-kitchen's eager CPU kernels
+    int8 = {"int8", "int8_convrot", "convrot_w4a4"}
     assert native == {"blackwell": {"nvfp4", "fp8", "mxfp8", *int8}, "hopper": {"fp8", *int8},
-                      "ada": {"fp8", *int8}, "ampere": int8, "cpu": int8}
+                      "ada": {"fp8", *int8}, "ampere": int8, "turing": int8, "cpu": int8}
     assert {r.compute_dtype for n, r in rt.RUNTIMES.items() if n != "cpu"} == {torch.float16}
     assert rt.RUNTIMES["cpu"].compute_dtype == torch.float32
     eager = rt.get_runtime("ada+eager")
@@ -180,7 +181,7 @@ def test_simulation_on_cuda_matches_cpu() -> None:
             assert float((y_gpu - y_cpu).norm() / y_cpu.norm()) < 2e-3, (fmt, name)
 
 
-@pytest.mark.parametrize("fmt,native_on", [("int8", {"blackwell", "hopper", "ada", "ampere", "cpu"}),
+@pytest.mark.parametrize("fmt,native_on", [("int8", {"blackwell", "hopper", "ada", "ampere", "turing", "cpu"}),
                                            ("mxfp8", {"blackwell"})])
 def test_run_time_scaled_formats_run_natively_where_comfyui_has_their_kernel(fmt: str, native_on: set[str]) -> None:
     """int8 (W8A8, per-row activation scales) runs its kernel from SM 7.5 and on the CPU, MXFP8 on Blackwell only;

@@ -177,6 +177,8 @@ class QuantLinear(nn.Module):
     #: input dtype, ``input_scale`` unused); ``dequant_float32`` dequantizes in float32 and rounds once to the input
     #: dtype (comfy-kitchen's CUDA backend) instead of computing in the input dtype (its eager backend).
     run_dequantized: bool = False
+    #: the format's kernel on the simulated GPU (``NumberFormat.runtime_variant``; "" = the format's nominal one)
+    kernel_variant: str = ""
     dequant_float32: bool = False
     #: The last activation quantized on CUDA: (weakref to input, input version, key, quantized), shared by siblings.
     _act_cache: ClassVar[tuple | None] = None
@@ -324,7 +326,8 @@ class QuantLinear(nn.Module):
             w = self._loader_weight(out_dtype)
             return F.linear(x, w, None if self.bias is None else self.bias.to(out_dtype))
         if self.dynamic_activations:  # the format's runtime kernel: activation scales from x itself
-            return self.fmt.dynamic_linear(x, self._qweight(), self.bias, mode=self.fp8_act_mode)
+            return self.fmt.dynamic_linear(x, self._qweight(), self.bias, mode=self.fp8_act_mode,
+                                           variant=self.kernel_variant)
         xv = self.fmt.activation_values(x, self.input_scale, mode=self.fp8_act_mode)
         y = _exact_matmul(xv, self.gemm_operand()) * (self.input_scale * self.weight_alpha())
         if self.bias is not None:

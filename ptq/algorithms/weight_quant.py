@@ -106,6 +106,7 @@ def _nvfp4_four_over_six_scales(w: torch.Tensor, fmt: NumberFormat, cfg: WeightM
 
 @register_scale_method("mse", "int8")
 @register_scale_method("mse", "int8_convrot")
+@register_scale_method("mse", "convrot_w4a4")
 def _fixed_scale_mse(w: torch.Tensor, fmt: NumberFormat, cfg: WeightMethod, ctx: WeightContext,
                      grid: int = 40, lo: float = 0.5) -> QuantizedWeight:
     """Formats with one scale per tensor or per row: the amax scale times the clip ratio ``a`` (``grid`` log-spaced

@@ -38,8 +38,9 @@ def numerics_key(rt: Runtime, model: nn.Module) -> tuple:
     runs = tuple((f, wo or not rt.native(f)) for f, wo in formats)
     dequantized = any(d for _, d in runs)
     backend_native = any(get_format(f).backend_arithmetic and not d for f, d in runs)
+    variants = tuple(get_format(f).runtime_variant(rt.capability) for f, d in runs if not d)
     return (rt.compute_dtype, runs, rt.fp8_act_mode if backend_native else None,
-            rt.dequant_float32 if dequantized else None)
+            rt.dequant_float32 if dequantized else None, variants)
 
 
 def how_layers_run(rt: Runtime, model: nn.Module) -> dict[str, str]:
@@ -68,13 +69,14 @@ def simulate(model: nn.Module, rt: Runtime) -> Iterator[nn.Module]:
             m.run_dequantized = not m.weight_only and not rt.native(m.format)
             m.fp8_act_mode = rt.fp8_act_mode
             m.dequant_float32 = rt.dequant_float32
+            m.kernel_variant = m.fmt.runtime_variant(rt.capability)
             m.refresh_cache()
         yield model
     finally:
         for p, data in saved:
             p.data = data
         for m in layers:
-            for attr in ("run_dequantized", "fp8_act_mode", "dequant_float32"):
+            for attr in ("run_dequantized", "fp8_act_mode", "dequant_float32", "kernel_variant"):
                 m.__dict__.pop(attr, None)
             m.refresh_cache()
 

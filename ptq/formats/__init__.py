@@ -25,6 +25,7 @@ from .checks import (
     check_float,
     check_rank,
 )
+from .convrot_w4a4 import CONVROT_W4A4
 from .fp8 import (
     FP8_DTYPE,
     FP8_E4M3_MAX,
@@ -69,6 +70,7 @@ register_format(FP8)
 register_format(NVFP4)
 register_format(INT8)
 register_format(INT8_CONVROT)
+register_format(CONVROT_W4A4)
 register_format(MXFP8)
 
 
@@ -84,6 +86,7 @@ __all__ = [
     "FP8_SCALE_FOR_ZERO",
     "INT8",
     "INT8_CONVROT",
+    "CONVROT_W4A4",
     "MXFP8",
     "NVFP4_BLOCK",
     "NVFP4_DEFAULT_FALLBACK",

@@ -58,6 +58,9 @@ class NumberFormat(ABC):
     #: ``input_scale``, calibration collects nothing for the activations, and the simulated W+A linear is
     #: :meth:`dynamic_linear` (the static methods ``input_scale_from_amax`` / ``activation_values`` do not apply).
     dynamic_activations: ClassVar[bool] = False
+    #: codes per stored weight element (2 where two 4-bit codes share a byte): the weight's in_features are its
+    #: stored last dimension times this
+    codes_per_element: ClassVar[int] = 1
     #: Runtime facts, as data for per-GPU reports: the lowest CUDA compute capability on which ComfyUI runs the
     #: format's W+A kernel (None: no native kernel); ``portable_kernel``: ComfyUI also runs the same W+A arithmetic
     #: without that kernel (on CPU: comfy-kitchen's eager backend) instead of dequantizing the weight.
@@ -143,10 +146,16 @@ class NumberFormat(ABC):
         return None
 
     # -- dynamic activations (optional) ---------------------------------------------------------------------
+    def runtime_variant(self, capability: tuple[int, int] | None) -> str:
+        """The kernel the runtime picks for this format on a GPU of ``capability`` (None: the CPU), passed to
+        :meth:`dynamic_linear` as ``variant``; "" where every GPU computes the same."""
+        return ""
+
     def dynamic_linear(self, x: torch.Tensor, q: QuantizedWeight, bias: torch.Tensor | None, *,
-                       mode: str) -> torch.Tensor:
+                       mode: str, variant: str = "") -> torch.Tensor:
         """Formats with :attr:`dynamic_activations`: the runtime W+A linear of ``x [..., in]`` with activation
-        scales computed from ``x`` itself, ``[..., out]`` in ``x.dtype`` (``mode``: the arithmetic variant)."""
+        scales computed from ``x`` itself, ``[..., out]`` in ``x.dtype`` (``mode``: the arithmetic variant;
+        ``variant``: :meth:`runtime_variant` of the GPU simulated, "" for the format's nominal kernel)."""
         raise NotImplementedError(f"format {self.name!r} has static activation scales (input_scale)")
 
     # -- GPTQ -----------------------------------------------------------------------------------------------

@@ -198,7 +198,7 @@ class INT8Format(DynamicActivationFormat):
         return q.scale.reshape(-1) if q.scale.dim() else q.scale
 
     def dynamic_linear(self, x: torch.Tensor, q: QuantizedWeight, bias: torch.Tensor | None, *,
-                       mode: str) -> torch.Tensor:
+                       mode: str, variant: str = "") -> torch.Tensor:
         return int8_linear(x, q.weight, q.scale, bias, mode=mode)
 
     def gptq_round(self, col: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -116,7 +116,7 @@ class INT8ConvRotFormat(INT8Format):
         return w_rot, None if hessian is None else rotate_hessian(hessian, self.group_size)
 
     def dynamic_linear(self, x: torch.Tensor, q: QuantizedWeight, bias: torch.Tensor | None, *,
-                       mode: str) -> torch.Tensor:
+                       mode: str, variant: str = "") -> torch.Tensor:
         x_rot = rotate_activation(x, self.group_size, mode=mode)
         return int8_linear(x_rot, q.weight, q.scale, bias, mode=mode)
 

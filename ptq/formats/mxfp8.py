@@ -184,7 +184,7 @@ class MXFP8Format(DynamicActivationFormat):
         return torch.ones((), dtype=torch.float32, device=q.weight.device)
 
     def dynamic_linear(self, x: torch.Tensor, q: QuantizedWeight, bias: torch.Tensor | None, *,
-                       mode: str) -> torch.Tensor:
+                       mode: str, variant: str = "") -> torch.Tensor:
         return mxfp8_linear(x, q.weight, q.scale, bias, mode=mode)
 
     def gptq_round(self, col: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

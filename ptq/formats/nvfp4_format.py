@@ -26,6 +26,7 @@ class NVFP4Format(NumberFormat):
     block_size = NVFP4_BLOCK
     storage_dtype = torch.uint8
     weight_bits = 4.0 + 8.0 / NVFP4_BLOCK
+    codes_per_element = 2
     activation_block = NVFP4_BLOCK
     activation_sample_block = NVFP4_BLOCK
     four_over_six = True

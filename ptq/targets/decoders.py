@@ -49,6 +49,15 @@ def reference_decode_int8(codes: torch.Tensor, scale: torch.Tensor) -> torch.Ten
     return codes.to(torch.float32) * scale.to(torch.float32)
 
 
+def reference_decode_int4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 ``[out, 2 * packed.shape[1]]`` = signed int4 code * per-row scale, from bytes whose low nibble holds
+    the even column, decoded by a 256-entry table of byte -> (low, high) values."""
+    nib = [v - 16 if v >= 8 else v for v in range(16)]
+    table = torch.tensor([[nib[b & 15], nib[b >> 4]] for b in range(256)], dtype=torch.float32, device=packed.device)
+    vals = table[packed.view(torch.uint8).to(torch.int64)].reshape(packed.shape[0], -1)
+    return vals * scale.to(torch.float32).reshape(-1, 1)
+
+
 def reference_hadamard(size: int) -> torch.Tensor:
     """The normalised regular Hadamard matrix of a power-of-4 ``size``, entry by entry: the product over the base-4
     digits of ``(i, j)`` of ``[[1,1,1,-1],[1,1,-1,1],[1,-1,1,1],[-1,1,1,1]]``, over ``sqrt(size)``."""

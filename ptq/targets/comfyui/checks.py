@@ -587,6 +587,7 @@ class DynamicSurvey:
 def _survey_dynamic_layer(view: FileView, li: LayerInfo, sv: DynamicSurvey) -> None:
     g = view.groups[li.name]
     out_f, in_f = li.weight.shape  # type: ignore[union-attr]
+    in_f *= FORMATS[li.format].codes_per_element if li.format in FORMATS else 1
     ws = g.get("weight_scale")
     if "input_scale" in g:
         sv.unused_in.append(li.name)
@@ -602,12 +603,16 @@ def _survey_dynamic_layer(view: FileView, li: LayerInfo, sv: DynamicSurvey) -> N
             sv.detail["mx"] = sv.detail["mx"] or (f"{li.name}: weight [{out_f}, {in_f}], weight_scale {ws.dtype} "
                                                   f"{list(ws.shape)}, expected U8 {want}")
         return
-    if ws.numel != 1 and list(ws.shape) != [out_f, 1]:
+    if li.format == "convrot_w4a4":  # comfy-kitchen's per-row int4 scales: float32 [out]
+        if list(ws.shape) not in ([out_f], [out_f, 1]):
+            sv.bad_int8.append(li.name)
+            sv.detail["int8"] = sv.detail["int8"] or f"{li.name}: weight [{out_f}, {in_f}], weight_scale {list(ws.shape)}"
+    elif ws.numel != 1 and list(ws.shape) != [out_f, 1]:
         sv.bad_int8.append(li.name)
         sv.detail["int8"] = sv.detail["int8"] or f"{li.name}: weight [{out_f}, {in_f}], weight_scale {list(ws.shape)}"
     elif ws.dtype != "F32":
         sv.not_f32.append(li.name)
-    if li.format == "int8_convrot":
+    if li.format in ("int8_convrot", "convrot_w4a4"):
         gs = view.confs.get(li.name, {}).get("convrot_groupsize", 256)
         if not isinstance(gs, int) or not _power_of_4(gs) or in_f % gs:
             sv.bad_group.append(li.name)

@@ -21,6 +21,9 @@ Read from ComfyUI 0.30.0 (``comfy/ops.py`` mixed-precision loading, ``comfy/quan
 - MXFP8 (``mxfp8``): ``weight`` float8_e4m3fn ``[out, in]``; ``weight_scale`` E8M0 block scales (one per 32 inputs)
   in the cuBLAS tiled layout ``[roundup(out,128), roundup(in/32,4)]``, stored as uint8 (ComfyUI's own safetensors
   reader has no ``F8_E8M0``; its layer loader views the bytes as float8_e8m0fnu); no ``input_scale``;
+- ConvRot W4A4 (``convrot_w4a4``): ``weight`` int8 ``[out, in/2]``, two signed int4 codes of the Hadamard-rotated
+  weight per byte (even input column in the low nibble); ``weight_scale`` float32 ``[out]``; layer JSON
+  ``"convrot_groupsize": 256`` (``"linear_dtype": "int8"`` would force W4A8); no ``input_scale``;
 - unquantized tensors bf16 or float32; header ``config``: ``{"transformer": {...}}`` model-config override where
   ComfyUI's shape detection would build the model wrong (written by the model adapter).
 """
@@ -35,7 +38,7 @@ from typing import Any
 import torch
 
 from ptq.algorithms.qlinear import QuantizedLinearState
-from ptq.formats import INT8_CONVROT
+from ptq.formats import CONVROT_W4A4, INT8_CONVROT
 from ptq.formats.nvfp4 import NibbleOrder
 
 #: ptq format -> (the per-layer ``format`` ComfyUI's QUANT_ALGOS registers, extra keys of the layer JSON).
@@ -45,13 +48,15 @@ LAYER_FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
     "int8": ("int8_tensorwise", {}),
     "int8_convrot": ("int8_tensorwise", {"convrot": True, "convrot_groupsize": INT8_CONVROT.group_size}),
     "mxfp8": ("mxfp8", {}),
+    "convrot_w4a4": ("convrot_w4a4", {"convrot_groupsize": CONVROT_W4A4.group_size}),
 }
 #: Every per-layer ``format`` ComfyUI core knows (``QUANT_ALGOS``, in its order) -> the short name reports use (the
 #: ptq format it holds; ``fp8_e5m2`` is not one). A layer of a name not in here fails to load.
 COMFY_FORMATS: dict[str, str] = {"float8_e4m3fn": "fp8", "float8_e5m2": "fp8_e5m2", "nvfp4": "nvfp4",
-                                 "mxfp8": "mxfp8", "int8_tensorwise": "int8"}
+                                 "mxfp8": "mxfp8", "int8_tensorwise": "int8", "convrot_w4a4": "convrot_w4a4",
+                                 "asym_w4a8_int8": "asym_w4a8_int8"}
 #: The weight dtype of the ComfyUI formats that are not ptq formats (ptq's: their format's storage dtype).
-OTHER_STORAGE_DTYPES = {"fp8_e5m2": "F8_E5M2"}
+OTHER_STORAGE_DTYPES = {"fp8_e5m2": "F8_E5M2", "asym_w4a8_int8": "I8"}
 #: ptq formats whose ComfyUI layers read ``pre_quant_scale`` (``QUANT_ALGOS[...]["parameters"]``).
 PRE_QUANT_SCALE_FORMATS = ("nvfp4",)
 #: dtype of ``pre_quant_scale`` in the file (exact in bf16 and fp16; ComfyUI casts it to the input dtype).

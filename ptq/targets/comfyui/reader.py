@@ -11,10 +11,11 @@ from typing import Any
 import torch
 
 from ptq.algorithms.qlinear import QuantizedLinearState
-from ptq.formats import INT8_CONVROT
+from ptq.formats import CONVROT_W4A4, INT8_CONVROT
 from ptq.formats.nvfp4 import NibbleOrder
 from ptq.targets.comfyui.layout import NIBBLE_ORDER, short_format
 from ptq.targets.decoders import (
+    reference_decode_int4,
     reference_decode_int8,
     reference_decode_mxfp8,
     reference_decode_nvfp4,
@@ -31,6 +32,11 @@ def read_int8(get: Get, layer: str, state: QuantizedLinearState) -> tuple[torch.
     if state.format == "int8_convrot":
         w = reference_unrotate(w, INT8_CONVROT.group_size)
     return w, {f"{layer}.weight", f"{layer}.weight_scale"}
+
+
+def read_convrot_w4a4(get: Get, layer: str, state: QuantizedLinearState) -> tuple[torch.Tensor, set[str]]:
+    w = reference_decode_int4(get(f"{layer}.weight"), get(f"{layer}.weight_scale"))
+    return reference_unrotate(w, CONVROT_W4A4.group_size), {f"{layer}.weight", f"{layer}.weight_scale"}
 
 
 def read_mxfp8(get: Get, layer: str, state: QuantizedLinearState) -> tuple[torch.Tensor, set[str]]:
@@ -51,7 +57,10 @@ def read_fp8(get: Get, layer: str, state: QuantizedLinearState) -> tuple[torch.T
     return w.float() * ws.float(), {f"{layer}.weight", f"{layer}.weight_scale"}
 
 
-READERS = {"nvfp4": read_nvfp4, "fp8": read_fp8, "int8": read_int8, "int8_convrot": read_int8, "mxfp8": read_mxfp8}
+READERS = {"nvfp4": read_nvfp4, "fp8": read_fp8, "int8": read_int8, "int8_convrot": read_int8, "mxfp8": read_mxfp8,
+           "convrot_w4a4": read_convrot_w4a4}
+#: ConvRot group size ptq simulates, per format whose layers carry ``convrot_groupsize``
+CONVROT_GROUPS = {"int8_convrot": INT8_CONVROT.group_size, "convrot_w4a4": CONVROT_W4A4.group_size}
 
 
 # ------------------------------------------------------------------- file layers (``ptq verify``): run-time scales
@@ -67,11 +76,11 @@ def _file_state(fmt: str, g: dict[str, torch.Tensor], conf: dict[str, Any], inp:
         codes = reference_untile(g["weight_scale"].view(torch.uint8), out, inp // 32).contiguous()
         return QuantizedLinearState("mxfp8", g["weight"], codes, None, None, bias, inp, out, not weight_only)
     scale = g["weight_scale"].float()
-    scale = scale.reshape(()) if scale.numel() == 1 else scale.reshape(-1, 1)
+    scale = scale.reshape(()) if scale.numel() == 1 and fmt == "int8" else scale.reshape(-1, 1)
     return QuantizedLinearState(fmt, g["weight"], scale, None, None, bias, inp, out, not weight_only)
 
 
-@register_file_decoder("int8", "int8_convrot", "mxfp8")
+@register_file_decoder("int8", "int8_convrot", "mxfp8", "convrot_w4a4")
 def decode_runtime_scaled(g: dict[str, torch.Tensor], conf: dict[str, Any], out: int, inp: int, ref: torch.Tensor,
                           expected: str, device: str) -> FileLayer:
     """int8 (with or without ConvRot) and MXFP8 in ComfyUI's layout, decoded by this target's readers."""
@@ -81,9 +90,9 @@ def decode_runtime_scaled(g: dict[str, torch.Tensor], conf: dict[str, Any], out:
         layer.problems.append("no weight_scale tensor")
         layer.readable = False
         return layer
-    if fmt == "int8_convrot" and int(conf.get("convrot_groupsize", 256)) != INT8_CONVROT.group_size:
+    if fmt in CONVROT_GROUPS and int(conf.get("convrot_groupsize", 256)) != CONVROT_GROUPS[fmt]:
         layer.problems.append(f"convrot_groupsize {conf.get('convrot_groupsize')}: ptq simulates ConvRot groups of "
-                              f"{INT8_CONVROT.group_size} only")
+                              f"{CONVROT_GROUPS[fmt]} only")
         layer.readable = False
         return layer
     bias = g.get("bias")
@@ -103,6 +112,6 @@ def decode_runtime_scaled(g: dict[str, torch.Tensor], conf: dict[str, Any], out:
 def _runtime_format(g: dict[str, torch.Tensor], conf: dict[str, Any]) -> str:
     """int8 / int8_convrot / mxfp8 from the layer JSON, else from the weight dtype and scale shape."""
     short = short_format(conf) if conf else None
-    if short in ("int8", "int8_convrot", "mxfp8"):
+    if short in ("int8", "int8_convrot", "mxfp8", "convrot_w4a4"):
         return short
     return "int8" if g["weight"].dtype == torch.int8 else "mxfp8"

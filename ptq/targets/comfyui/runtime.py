@@ -6,13 +6,15 @@ Read from ComfyUI 0.30.0's code (``comfy/ops.py`` ``pick_operations`` / mixed-pr
 
 * a quantized layer runs its format's low-precision kernel ("native": the activation quantized with the file's
   ``input_scale``, or with run-time scales for int8 / MXFP8) only where ComfyUI enables the format: NVFP4 and MXFP8
-  on compute capability >= 10, FP8 on >= 8.9, int8 on >= 7.5 and on the CPU (comfy-kitchen's eager int8 kernel);
+  on compute capability >= 10, FP8 on >= 8.9, int8 and ConvRot W4A4 on >= 7.5 and on the CPU (comfy-kitchen's
+  eager kernels; ConvRot W4A4 computes int4 activations up to SM 8.9 and int8 ones from SM 9.0:
+  ``NumberFormat.runtime_variant``);
   everywhere else ComfyUI dequantizes the weight and runs a matmul in the compute dtype (W4A16 / W8A16 numerics,
   ``input_scale`` unused). Weight-only files (``full_precision_matrix_mult``) always dequantize.
   ``pre_quant_scale`` multiplies the input in both cases. Which capability each format needs is a fact of the
   number format (``NumberFormat.native_min_capability``, ``NumberFormat.portable_kernel``; whether its arithmetic
   depends on the backend: ``NumberFormat.backend_arithmetic``).
-* the compute dtype of a quantized WAN file is float16 on every NVIDIA GPU of compute capability >= 8 (WAN's
+* the compute dtype of a quantized WAN file is float16 on every NVIDIA GPU of compute capability >= 7.5 (WAN's
   ``supported_inference_dtypes`` list float16 first and ``should_use_fp16`` is true there) and float32 on the CPU
   (``--cpu``: neither fp16 nor bf16 is used); every parameter of the model is cast to it.
 * comfy-kitchen's CUDA backend (torch built for CUDA >= 13) quantizes FP8 activations as
@@ -63,6 +65,7 @@ RUNTIMES: dict[str, Runtime] = {r.name: r for r in (
     Runtime("hopper", "H100, H200, GH200 (SM 9.0)", (9, 0), torch.float16),
     Runtime("ada", "RTX 40xx, L40S, L4, RTX 6000 Ada (SM 8.9)", (8, 9), torch.float16),
     Runtime("ampere", "A100, A10, A40, RTX 30xx, RTX A6000 (SM 8.0 / 8.6)", (8, 0), torch.float16),
+    Runtime("turing", "RTX 20xx, T4, Quadro RTX (SM 7.5)", (7, 5), torch.float16),
     Runtime("cpu", "CPU (ComfyUI --cpu)", None, torch.float32, fp8_act_mode="ck_eager", dequant_float32=False),
 )}
 EAGER_SUFFIX = "+eager"

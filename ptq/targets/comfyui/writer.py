@@ -69,5 +69,15 @@ def write_mxfp8(layer: str, state: QuantizedLinearState, dtype: torch.dtype) -> 
     return {f"{layer}.weight": state.weight, f"{layer}.weight_scale": tiled, **common_tensors(layer, state, dtype)}
 
 
+def write_convrot_w4a4(layer: str, state: QuantizedLinearState, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Packed int4 codes as stored in memory (``[out, in/2]`` int8, even column low), float32 scale ``[out]``.
+    Weight-only is refused as for int8: ComfyUI runs the layer through the format's linear whatever the flag."""
+    if state.weight_only:
+        raise UnsupportedExport(f"{layer}: ComfyUI runs convrot_w4a4 layers through their W4A4 / W4A8 linear even "
+                                "with full_precision_matrix_mult; use quant.activation=dynamic")
+    return {f"{layer}.weight": state.weight, f"{layer}.weight_scale": state.weight_scale.float().reshape(-1),
+            **common_tensors(layer, state, dtype)}
+
+
 WRITERS = {"nvfp4": write_nvfp4, "fp8": write_fp8, "int8": write_int8, "int8_convrot": write_int8,
-           "mxfp8": write_mxfp8}
+           "mxfp8": write_mxfp8, "convrot_w4a4": write_convrot_w4a4}

@@ -1,0 +1,187 @@
+"""ConvRot W4A4 (ComfyUI ``convrot_w4a4``): bit-exact agreement with comfy-kitchen's eager quantizer, dequantizer,
+packing and linear; the per-GPU kernel variants; GPTQ / MSE in the rotated basis; the ComfyUI export read back by
+comfy-kitchen and by ``ptq verify``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+from ptq.algorithms.gptq import layer_output_error
+from ptq.algorithms.methods import quantize_weight_with
+from ptq.algorithms.qlinear import QuantLinear
+from ptq.algorithms.quantize import quantize_, quantized_layers
+from ptq.algorithms.recipe import GPTQWeight, LayerSelection, QuantRecipe, WeightMethod
+from ptq.algorithms.weight_quant import WeightContext
+from ptq.calibration.observers import LinearInputObserver
+from ptq.eval.runtimes import get_runtime, numerics_key, simulate
+from ptq.formats import get_format
+from ptq.formats.convrot_w4a4 import convrot_w4a4_linear, int4_rowwise, pack_int4, unpack_int4
+from ptq.formats.int8 import int8_linear
+from ptq.formats.int8_convrot import rotate_activation
+from ptq.targets import export_model
+
+FMT = get_format("convrot_w4a4")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@pytest.fixture(scope="module")
+def ck():
+    pytest.importorskip("comfy_kitchen")
+    from comfy_kitchen.backends.eager import convrot_w4a4, svdquant
+
+    return SimpleNamespace(cr=convrot_w4a4, sq=svdquant)
+
+
+def _weight(seed: int = 0, shape: tuple[int, int] = (96, 512)) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g) * 0.05
+    w[3, 7] = 2.0  # an outlier
+    w[5] = 0.0  # an all-zero row
+    return w
+
+
+def test_packing_is_comfy_kitchens(ck) -> None:
+    codes = torch.randint(-8, 8, (7, 24), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
+    packed = pack_int4(codes)
+    assert packed.dtype == torch.int8 and packed.shape == (7, 12)
+    assert torch.equal(packed, ck.sq._pack_int4_row_major(codes))
+    assert torch.equal(unpack_int4(packed), codes) and torch.equal(ck.sq._unpack_int4_row_major(packed), codes)
+    assert int(pack_int4(torch.tensor([[1, -2]]))[0, 0]) == (1 | (0xE << 4)) - 256  # even column in the low nibble
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_weight_quantizer_and_dequantizer_are_comfy_kitchens(ck, seed: int) -> None:
+    w = _weight(seed)
+    q = FMT.quantize_weight(w)
+    kq, ks = ck.cr.quantize_convrot_w4a4_weight(w, 256, 64)
+    assert torch.equal(q.weight, kq) and torch.equal(q.scale.reshape(-1), ks)
+    assert int(unpack_int4(q.weight).abs().max()) == 7 and bool((unpack_int4(q.weight)[5] == 0).all())
+    for dtype in DTYPES:
+        assert torch.equal(FMT.dequantize_weight(q, dtype), ck.cr.dequantize_convrot_w4a4_weight(kq, ks, 256, 64, dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_eager_linear_is_comfy_kitchens(ck, dtype: torch.dtype) -> None:
+    w = _weight(2)
+    q = FMT.quantize_weight(w)
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(3, 10, 512, generator=g) * torch.logspace(-2, 1, 512)).to(dtype)
+    x[0, 0] = 0  # an all-zero row
+    bias = torch.randn(96, generator=g).to(dtype)
+    for b in (bias, None):
+        want = ck.cr.convrot_w4a4_linear(x, q.weight, q.scale.reshape(-1), b, 256, 64, "int4")
+        assert torch.equal(FMT.dynamic_linear(x, q, b, mode="ck_eager"), want)
+        assert torch.equal(FMT.dynamic_linear(x, q, b, mode="float32", variant="eager"), want)
+
+
+def test_cuda_variants_are_w4a4_and_w4a8() -> None:
+    """"int4": int4 codes of the float32-rotated activation, an exact integer GEMM, one rounding; "int8": the int8
+    ConvRot activation quantizer against the int4 weight codes."""
+    w, x = _weight(4), torch.randn(16, 512).to(torch.bfloat16)
+    q = FMT.quantize_weight(w)
+    codes = unpack_int4(q.weight)
+    y4 = convrot_w4a4_linear(x, codes, q.scale, None, variant="int4")
+    xq, xs = int4_rowwise(rotate_activation(x, mode="float32"), float32=True)
+    assert int(xq.abs().max()) == 7
+    want = ((xq.double() @ codes.double().t()) * xs.double() * q.scale.double().reshape(1, -1)).float().to(x.dtype)
+    assert torch.equal(y4, want)
+    y8 = convrot_w4a4_linear(x, codes, q.scale, None, variant="int8")
+    assert torch.equal(y8, int8_linear(rotate_activation(x, mode="float32"), codes, q.scale, None, mode="float32"))
+    exact = x.float() @ FMT.dequantize_weight(q).t()
+    e4, e8 = (float((y.float() - exact).norm() / exact.norm()) for y in (y4, y8))
+    assert e8 < 0.5 * e4 < 0.1  # int8 activations lose much less than int4 ones
+    with pytest.raises(ValueError, match="variant"):
+        convrot_w4a4_linear(x, codes, q.scale, None, variant="fp4")
+
+
+def test_runtime_variant_by_gpu() -> None:
+    """W4A4 on Turing / Ampere / Ada, W4A8 on Hopper / Blackwell, the eager arithmetic on the CPU."""
+    want = {"turing": "int4", "ampere": "int4", "ada": "int4", "hopper": "int8", "blackwell": "int8", "cpu": "eager"}
+    assert {name: FMT.runtime_variant(get_runtime(name).capability) for name in want} == want
+    assert all(get_runtime(name).native("convrot_w4a4") for name in want)
+    model = nn.Sequential(nn.Linear(256, 64))
+    quantize_(model, QuantRecipe(format="convrot_w4a4", activation="dynamic", layers=LayerSelection(exclude=[])),
+              {}, progress=False)
+    keys = {name: numerics_key(get_runtime(name), model) for name in ("ampere", "ada", "hopper", "blackwell")}
+    assert keys["ampere"][-1] == keys["ada"][-1] == ("int4",) and keys["hopper"][-1] == ("int8",)
+    x = torch.randn(8, 256).to(torch.float16)
+    with torch.no_grad():
+        with simulate(model, get_runtime("ada")):
+            ya = model(x)
+        with simulate(model, get_runtime("hopper")):
+            yh = model(x)
+    layer = quantized_layers(model)["0"]
+    codes = unpack_int4(layer.weight_q)
+    assert torch.equal(ya, convrot_w4a4_linear(x, codes, layer.weight_scale, layer.bias, variant="int4"))
+    assert torch.equal(yh, convrot_w4a4_linear(x, codes, layer.weight_scale, layer.bias, variant="int8"))
+
+
+def _calibrated(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    torch.manual_seed(seed)
+    lin = nn.Linear(512, 128)
+    x = torch.randn(1024, 512) @ (torch.eye(512) + 0.3 * torch.randn(512, 512) / 512**0.5)
+    with LinearInputObserver(lin, [""], hessian=True) as obs, torch.no_grad():
+        lin(x)
+    return lin.weight.detach(), x, obs.hessians()[""]
+
+
+def test_gptq_and_mse_lower_the_output_error() -> None:
+    w, x, h = _calibrated()
+    ctx = WeightContext("layer", hessian=h)
+    rtn = FMT.quantize_weight(w)
+    gptq = quantize_weight_with(GPTQWeight(scales="max", damp=0.01), w, FMT, ctx)
+    mse = quantize_weight_with(WeightMethod(scales="mse"), w, FMT, ctx)
+    err = {k: layer_output_error(w, FMT.dequantize_weight(q), h) for k, q in
+           (("rtn", rtn), ("gptq", gptq), ("mse", mse))}
+    assert err["gptq"] < 0.8 * err["rtn"] and err["mse"] <= err["rtn"]
+    assert gptq.weight.shape == (128, 256) and gptq.scale.shape == (128, 1)
+    assert int(unpack_int4(gptq.weight).abs().max()) <= 7
+
+
+def test_comfyui_export_round_trips_through_comfy_kitchen(ck, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256)).to(torch.bfloat16)
+    quantize_(model, QuantRecipe(format="convrot_w4a4", activation="dynamic", layers=LayerSelection(exclude=[])),
+              {}, progress=False)
+    cfg = SimpleNamespace(targets=["comfyui"], unquantized_dtype="bfloat16", filename="m", verify=True)
+    (res,) = export_model(model, cfg, tmp_path, progress=False, key_maps={"comfyui": str})
+    assert res.verified, res.verify_detail
+    sd = load_file(res.path)
+    with safe_open(res.path, "pt") as f:
+        meta = json.loads(f.metadata()["_quantization_metadata"])["layers"]
+    x = torch.randn(8, 256).to(torch.bfloat16)
+    for name, layer in quantized_layers(model).items():
+        conf = json.loads(bytes(sd[f"{name}.comfy_quant"].tolist()))
+        assert conf == meta[name] == {"format": "convrot_w4a4", "convrot_groupsize": 256}
+        w, s = sd[f"{name}.weight"], sd[f"{name}.weight_scale"]
+        assert w.dtype == torch.int8 and w.shape == (layer.out_features, layer.in_features // 2)
+        assert s.dtype == torch.float32 and s.shape == (layer.out_features,)
+        assert torch.equal(ck.cr.dequantize_convrot_w4a4_weight(w, s, 256, 64, torch.bfloat16),
+                           layer.dequantized_weight(torch.bfloat16))
+        xin = x if name == "0" else torch.randn(8, 512).to(torch.bfloat16)
+        with torch.no_grad(), simulate(model, get_runtime("cpu")):
+            got = layer(xin.float())
+        assert torch.equal(got, ck.cr.convrot_w4a4_linear(xin.float(), w, s, layer.bias.float(), 256, 64, "int4"))
+
+
+def test_weight_only_is_not_exported(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(256, 64))
+    quantize_(model, QuantRecipe(format="convrot_w4a4", activation="none", layers=LayerSelection(exclude=[])), {},
+              progress=False)
+    cfg = SimpleNamespace(targets=["comfyui"], unquantized_dtype="bfloat16", filename="m", verify=True)
+    (res,) = export_model(model, cfg, tmp_path, progress=False, key_maps={"comfyui": str})
+    assert "full_precision_matrix_mult" in (res.skipped or "") and not list(tmp_path.glob("*.safetensors"))
+
+
+def test_bits_and_unsupported_shapes() -> None:
+    assert FMT.storage_bits(64, 512) / (64 * 512) == pytest.approx(4 + 32 / 512)
+    assert FMT.unsupported(384, 64) and FMT.unsupported(512, 64) is None
+    assert QuantLinear is not None
