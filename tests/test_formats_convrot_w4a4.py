@@ -185,3 +185,43 @@ def test_bits_and_unsupported_shapes() -> None:
     assert FMT.storage_bits(64, 512) / (64 * 512) == pytest.approx(4 + 32 / 512)
     assert FMT.unsupported(384, 64) and FMT.unsupported(512, 64) is None
     assert QuantLinear is not None
+
+
+def test_act_aware_gptq_fits_the_runtime_quantizer_of_a_dynamic_format() -> None:
+    """convrot_w4a4 models its run-time quantizer (int4 / int8 per row in the rotated basis), so activation-aware
+    GPTQ quantizes every layer (it once kept them all: dynamic formats collect no activation statistics)."""
+    from ptq.algorithms.quantize import gptq_act_aware_
+    from ptq.calibration.quantized_inputs import QuantizedInputObserver
+
+    x = torch.randn(64, 256)
+    xq = FMT.fake_quantize_dynamic(x, "int4")
+    x_rot = rotate_activation(x, mode="float32")
+    codes, scale = int4_rowwise(x_rot, float32=True)
+    assert torch.allclose(rotate_activation(xq, mode="float32"), codes.float() * scale, rtol=1e-5, atol=1e-5)
+    assert float((FMT.fake_quantize_dynamic(x, "int8") - x).norm()) < 0.1 * float((xq - x).norm())
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256))
+    recipe = QuantRecipe(format="convrot_w4a4", activation="dynamic", weight=GPTQWeight(act_aware=True),
+                         layers=LayerSelection(exclude=[]))
+
+    def rerun(obs: QuantizedInputObserver) -> None:
+        with obs, torch.no_grad():
+            model(x)
+
+    records = gptq_act_aware_(model, recipe, {}, rerun, progress=False)
+    assert [r.format for r in records] == ["convrot_w4a4", "convrot_w4a4"]
+
+
+def test_a_recipe_that_keeps_every_layer_is_an_error() -> None:
+    from ptq.algorithms.layers import LayerRules
+    from ptq.calibration.needs import CalibrationNeeds
+    from ptq.pipeline import stages
+    from ptq.pipeline.checks import JobError
+
+    model = nn.Sequential(nn.Linear(256, 64))
+    adapter = SimpleNamespace(targets=lambda: {"transformer": SimpleNamespace(module=model)},
+                              layer_rules=LayerRules(), compute_device="cpu")
+    cal = stages.Calibration(CalibrationNeeds())
+    recipe = QuantRecipe(format="convrot_w4a4", activation="dynamic", layers=LayerSelection(exclude=["*"]))
+    with pytest.raises(JobError, match="quantized no Linear layer"):
+        stages.quantize(adapter, {"transformer": recipe}, cal, progress=False)

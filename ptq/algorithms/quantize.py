@@ -367,9 +367,14 @@ def gptq_sequential_(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _runtime_quantizer(fmt: str, input_scale: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The format's runtime activation quantize + dequantize with the layer's input scale."""
+def _runtime_quantizer(fmt: str, input_scale: torch.Tensor | None, variant: str = ""
+                       ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The format's runtime activation quantize + dequantize: with the layer's input scale, or (formats that scale
+    their activations at run time) as the kernel ``variant`` does it."""
     number_format = get_format(fmt)
+    if number_format.dynamic_activations:
+        return lambda x: number_format.fake_quantize_dynamic(x, variant)
+    assert input_scale is not None
     return lambda x: number_format.fake_quantize_activation(x, input_scale.to(x.device))
 
 
@@ -397,13 +402,15 @@ def gptq_act_aware_(
     planner = LayerPlanner.for_model(model, recipe, rules)
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     planned = {n: planner.plan_with_fallback(n, m) for n, m in linears}
-    targets = [n for n, _ in linears if planned[n][0] != KEEP and n in stats]
+    dynamic = {n for n, _ in linears if planned[n][0] != KEEP and get_format(planned[n][0]).dynamic_activations}
+    targets = [n for n, _ in linears if planned[n][0] != KEEP and (n in stats or n in dynamic)]
     done: dict[str, LayerRecord] = {}
     for names in tqdm(plan_groups(targets, recipe.weight.blocks_per_pass, rules), desc="act-aware gptq passes",
                       disable=not progress, leave=False):
-        plans = {n: plan_activation(n, model.get_submodule(n), planned[n][0], recipe, stats[n]) for n in names}
+        plans = {n: plan_activation(n, model.get_submodule(n), planned[n][0], recipe, stats.get(n)) for n in names}
         observer = QuantizedInputObserver(model, {n: (plans[n].pre_quant_scale,
-                                                      _runtime_quantizer(planned[n][0], plans[n].input_scale))
+                                                      _runtime_quantizer(planned[n][0], plans[n].input_scale,
+                                                                         recipe.weight.act_aware_variant))
                                                   for n in names})
         with observer:
             calibrate(observer)
@@ -413,7 +420,7 @@ def gptq_act_aware_(
             if n not in measured:
                 raise ValueError(f"{n}: not called in the quantized-input calibration pass")
             try:
-                q, rec = quantize_layer(n, model.get_submodule(n), planned[n][0], recipe, stats[n], plan=plans[n],
+                q, rec = quantize_layer(n, model.get_submodule(n), planned[n][0], recipe, stats.get(n), plan=plans[n],
                                         input_hessians=measured[n])
             except FormatError as exc:
                 log.warning("%s: %s; kept in high precision", n, exc)

@@ -102,6 +102,9 @@ class GPTQWeight(WeightMethod):
         target ``W H_xq H_qq^-1`` for the layer's input quantizer, then GPTQ with ``H_qq``; ``ptq.algorithms.
         act_aware``); the statistics of ``q(x)`` come from a second calibration pass after the input scales are
         chosen (``blocks_per_pass`` bounds its memory the same way, 8*in^2 bytes per layer).
+    act_aware_variant: formats that quantize their activations at run time (``convrot_w4a4``): the runtime kernel
+        whose quantized input the weights are fitted to (``NumberFormat.runtime_variant``: "int4" for SM 7.5-8.9,
+        "int8" for Hopper / Blackwell; "" = the format's nominal one).
     """
 
     method_name: ClassVar[str] = "gptq"
@@ -113,11 +116,14 @@ class GPTQWeight(WeightMethod):
     batched: bool = True
     batch_gib: float = 0.0
     act_aware: bool = False
+    act_aware_variant: str = ""
 
     @property
     def label(self) -> str:
         base = "gptq" if self.scales == "mse" else f"gptq_{self.scales}"
-        return f"{base}_act_aware" if self.act_aware else base
+        if not self.act_aware:
+            return base
+        return f"{base}_act_aware" + (f"_{self.act_aware_variant}" if self.act_aware_variant else "")
 
     def needs(self) -> CalibrationNeeds:
         """The layers' input Hessians (which calibration pass collects them: ``ptq.algorithms.strategies``)."""

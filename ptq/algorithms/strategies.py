@@ -126,10 +126,11 @@ class ActAwareGPTQ(SequentialGPTQ):
         return isinstance(weight, GPTQWeight) and weight.act_aware
 
     def validate(self, recipe: QuantRecipe) -> None:
-        dynamic = sorted(f for f in recipe.formats_used() if f in FORMATS and FORMATS[f].dynamic_activations)
+        dynamic = sorted(f for f in recipe.formats_used() if f in FORMATS and FORMATS[f].dynamic_activations
+                         and not FORMATS[f].models_dynamic_quantizer)
         if dynamic:
             raise ValueError(f"quant.weight.act_aware=true: formats {dynamic} scale their activations at run "
-                             "time (no calibrated input quantizer to fit the weights to)")
+                             "time and ptq does not model their quantizer for fitting (convrot_w4a4 does)")
         super().validate(recipe)
         if recipe.weight_only:
             raise ValueError("quant.weight.act_aware=true fits the weights to the quantized activations: it needs an "

@@ -209,7 +209,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", "![error over steps](error_over_steps.png)"]
     if report.get("frames"):
         fm = report["frames_mean"]
-        lines += ["", "## Decoded frames", "", f"mean frame PSNR {fm['psnr']:.2f} dB, SSIM {fm['ssim']:.4f} "
+        fpsnr = "n/a (no finite value)" if fm["psnr"] is None else f"{fm['psnr']:.2f} dB"
+        lines += ["", "## Decoded frames", "", f"mean frame PSNR {fpsnr}, SSIM {fm['ssim']:.4f} "
                   "(in each image: top row bf16, middle row quantized, bottom row their difference |quantized - bf16| "
                   "x 4 per pixel; frame index above each column)", ""]
         lines += [f"![prompt {i}](frames_prompt{i}.png)" for i in range(len(report["frames"]))]

@@ -151,6 +151,15 @@ class NumberFormat(ABC):
         :meth:`dynamic_linear` as ``variant``; "" where every GPU computes the same."""
         return ""
 
+    #: :meth:`fake_quantize_dynamic` is implemented (activation-aware GPTQ can fit weights to the run-time quantizer)
+    models_dynamic_quantizer: ClassVar[bool] = False
+
+    def fake_quantize_dynamic(self, x: torch.Tensor, variant: str = "") -> torch.Tensor:
+        """Formats with :attr:`dynamic_activations` and :attr:`models_dynamic_quantizer`: the activation ``x``
+        (float32 ``[tokens, in]``) as the runtime kernel ``variant`` quantizes it, dequantized in the weight's basis
+        (float32)."""
+        raise NotImplementedError(f"format {self.name!r} does not model its run-time activation quantizer")
+
     def dynamic_linear(self, x: torch.Tensor, q: QuantizedWeight, bias: torch.Tensor | None, *,
                        mode: str, variant: str = "") -> torch.Tensor:
         """Formats with :attr:`dynamic_activations`: the runtime W+A linear of ``x [..., in]`` with activation

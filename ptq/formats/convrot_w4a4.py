@@ -35,7 +35,7 @@ import torch
 from .base import DynamicActivationFormat, QuantizedWeight
 from .checks import FormatError
 from .fp8 import divide_exact
-from .int8 import int8_linear
+from .int8 import int8_linear, int8_rowwise_activation
 from .int8_convrot import CONVROT_GROUP, rotate_activation, rotate_hessian, rotate_weight
 
 __all__ = ["CONVROT_W4A4", "INT4_MAX", "INT4_MIN_AMAX", "ConvRotW4A4Format", "convrot_w4a4_linear",
@@ -184,6 +184,18 @@ class ConvRotW4A4Format(DynamicActivationFormat):
         eager arithmetic ``mode="ck_eager"``)."""
         variant = variant or ("eager" if mode == "ck_eager" else "int4")
         return convrot_w4a4_linear(x, self.codes(q), q.scale, bias, variant=variant, group=self.group_size)
+
+    models_dynamic_quantizer = True
+
+    def fake_quantize_dynamic(self, x: torch.Tensor, variant: str = "") -> torch.Tensor:
+        """``x`` rotated, quantized per row as ``variant`` does ("" / "int4" / "eager": int4, "int8": int8), times
+        its scale and rotated back (``H`` is symmetric and orthogonal): float32 ``[tokens, in]``."""
+        x_rot = rotate_activation(x.float(), self.group_size, mode="float32")
+        if variant == "int8":
+            xq, xs = int8_rowwise_activation(x_rot, mode="float32")
+        else:
+            xq, xs = int4_rowwise(x_rot, float32=True)
+        return rotate_activation(xq.float() * xs.reshape(-1, 1), self.group_size, mode="float32")
 
     def gptq_round(self, col: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``clamp(round(col / scale), -7, 7)`` in float32 and its value ``code * scale``."""

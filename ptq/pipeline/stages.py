@@ -23,13 +23,14 @@ import torch
 from ptq.algorithms.layers import LayerPlanner
 from ptq.algorithms.mixed_precision import analyse_and_plan
 from ptq.algorithms.quantize import LayerRecord
-from ptq.algorithms.recipe import QuantRecipe
+from ptq.algorithms.recipe import KEEP, QuantRecipe
 from ptq.algorithms.strategies import calibration_needs, strategy_for
 from ptq.calibration.needs import CalibrationNeeds
 from ptq.calibration.observers import LinearInputObserver, LinearInputStats
 from ptq.calibration.recorder import ForwardInputRecorder
 from ptq.models.base import ModelAdapter
 from ptq.pipeline.calib_run import CalibrationSession, run_session
+from ptq.pipeline.checks import JobError
 from ptq.pipeline.distributed import DistContext, broadcast_object
 from ptq.pipeline.parallel import sample_sharded
 from ptq.pipeline.sampling import PromptSet, sample_prompts
@@ -215,6 +216,10 @@ def quantize(adapter: ModelAdapter, recipes: dict[str, QuantRecipe], cal: Calibr
         records[name] = strategy_for(recipe).quantize(
             target.module, recipe, cal.stats.get(name, {}), hessians=cal.hessians.get(name), rerun=rerun,
             rules=adapter.layer_rules, progress=progress, device=adapter.compute_device)
+        if records[name] and all(r.format == KEEP for r in records[name]):
+            reasons = sorted({r.reason for r in records[name]})
+            raise JobError(f"{name}: the recipe quantized no Linear layer (every layer kept: {'; '.join(reasons)}); "
+                           "a file without quantized layers is not what quant= asked for")
     return records
 
 
