@@ -225,3 +225,44 @@ def test_a_recipe_that_keeps_every_layer_is_an_error() -> None:
     recipe = QuantRecipe(format="convrot_w4a4", activation="dynamic", layers=LayerSelection(exclude=["*"]))
     with pytest.raises(JobError, match="quantized no Linear layer"):
         stages.quantize(adapter, {"transformer": recipe}, cal, progress=False)
+
+
+def test_tiny_wan_file_inspects_and_verifies(random_tiny_dir: Path, tmp_path: Path) -> None:
+    """The random tiny WAN as convrot_w4a4 for ComfyUI: ``ptq verify`` decodes every layer bit for bit and simulates
+    it as ComfyUI runs it; ``ptq inspect`` counts the unpacked parameters, says W4A4 / W4A8 by GPU, and flags a
+    scale of the wrong shape and a group size ComfyUI cannot rotate with."""
+    from ptq.models import wan
+    from ptq.tools.inspect import inspect_file
+    from ptq.tools.verify import verify_file
+
+    model = wan.load_transformer(random_tiny_dir)
+    params = sum(p.numel() for p in model.parameters())
+    recipe = QuantRecipe(format="convrot_w4a4", activation="dynamic")
+    records = quantize_(model, recipe, {}, progress=False)
+    assert sum(r.format == "convrot_w4a4" for r in records) > 0
+    cfg = SimpleNamespace(targets=["comfyui"], unquantized_dtype="bfloat16", filename="cr", verify=True)
+    (res,) = export_model(model, cfg, tmp_path, progress=False)
+    assert res.verified, res.verify_detail
+    r = verify_file(Path(res.path), str(random_tiny_dir))
+    assert r.ok, [c.problems for c in r.layers if c.problems] + r.problems
+    assert {c.format for c in r.layers} == {"convrot_w4a4"}
+    assert all(c.weight_err_file == pytest.approx(c.weight_err_ptq, rel=1e-6) for c in r.layers)
+    rep = inspect_file(Path(res.path))
+    assert not rep.errors, [p.code for p in rep.errors]
+    assert rep.architecture.params == params
+    assert any("convrot_w4a4 layer(s): int4 weights" in n and "W4A8" in n for n in rep.notes)
+    sd = load_file(res.path)
+    with safe_open(res.path, "pt") as f:
+        meta = f.metadata()
+    layer = next(k.removesuffix(".comfy_quant") for k in sd if k.endswith(".comfy_quant"))
+    sd[f"{layer}.weight_scale"] = sd[f"{layer}.weight_scale"][:-1]  # one row short
+    layers = json.loads(meta["_quantization_metadata"])
+    other = next(k for k in layers["layers"] if k != layer)
+    layers["layers"][other]["convrot_groupsize"] = 48
+    sd[f"{other}.comfy_quant"] = torch.tensor(list(json.dumps(layers["layers"][other]).encode()), dtype=torch.uint8)
+    bad = tmp_path / "bad.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(sd, str(bad), metadata={**meta, "_quantization_metadata": json.dumps(layers)})
+    codes = {p.code: p.layers for p in inspect_file(bad).errors}
+    assert codes.get("int8_scale_shape") == [layer] and codes.get("convrot_group") == [other]

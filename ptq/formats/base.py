@@ -69,6 +69,8 @@ class NumberFormat(ABC):
     #: The W+A arithmetic differs between comfy-kitchen's CUDA kernels and its eager backend (the ``mode`` argument
     #: of the activation quantizer: ``"float32"`` vs ``"ck_eager"``).
     backend_arithmetic: ClassVar[bool] = False
+    #: What ComfyUI computes with the format's W+A layers per device, for ``ptq inspect`` ("" = its generic line).
+    runtime_note: ClassVar[str] = ""
 
     @property
     def scale_scheme(self) -> str:

@@ -126,6 +126,10 @@ class ConvRotW4A4Format(DynamicActivationFormat):
     backend_arithmetic = True
     portable_kernel = True
     rotated_codes = True
+    runtime_note = ("int4 weights with activations rotated and quantized per row at run time: W4A4 (int4 MMA) on CUDA "
+                    "compute capability 7.5-8.9 (RTX 20xx / 30xx / 40xx, A100, L40S), W4A8 (int8 activations) from "
+                    "9.0 (H100, RTX 50xx, B200) and with linear_dtype int8; on CPU comfy-kitchen's eager kernel "
+                    "computes W4A4; needs comfy-kitchen with the convrot_w4a4 layout (0.2.40 has it)")
 
     def unsupported(self, in_features: int, out_features: int) -> str | None:
         if in_features % self.group_size:

@@ -150,17 +150,22 @@ def canonical_layers(groups: Mapping[str, Mapping[str, TensorInfo]], family: Fil
     params = 0
     for layer, group in groups.items():
         packed = is_packed_fp4(group, layer_formats.get(layer))
+        fmt = FORMATS.get(layer_formats.get(layer, ""))
+        per_byte = fmt.codes_per_element if fmt is not None and not packed else 1  # e.g. int4 codes in int8 bytes
         shapes: dict[str, list[int]] = {}
         for suffix, info in group.items():
             if is_aux(suffix) or suffix == "scaled_fp8":
                 continue
-            params += logical_numel(info, packed and suffix in WEIGHT_SUFFIXES)
+            weight = suffix in WEIGHT_SUFFIXES
+            params += logical_numel(info, packed and weight) * (per_byte if weight else 1)
             shapes[suffix] = list(info.shape)
         ws = weight_suffix(group)
         if ws is not None:
             shape = list(group[ws].shape)
             if shape and packed:
                 shape[-1] *= 8 if group[ws].dtype == "I32" else 2
+            elif shape:
+                shape[-1] *= per_byte
             shapes["weight"] = shape
         layers[family.canonical_name(layer, naming) if layer else ""] = shapes
     return layers, params

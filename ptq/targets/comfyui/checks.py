@@ -638,9 +638,10 @@ def check_int8_scale_shape(view: FileView) -> None:
     if sv.bad_int8:
         view.problem(
             "int8_scale_shape", "error", sv.bad_int8,
-            f"int8 weight_scale is neither a scalar nor [out, 1] ({sv.detail['int8']}). comfy-kitchen "
-            "dequantizes as code * scale: a 1-D [out] scale broadcasts along the input dimension.",
-            "store one float32 scale per tensor ([]) or per output row ([out, 1])")
+            f"int8 / int4 weight_scale of the wrong shape ({sv.detail['int8']}): int8_tensorwise needs a scalar or "
+            "[out, 1] (comfy-kitchen dequantizes as code * scale: a 1-D [out] scale broadcasts along the input "
+            "dimension), convrot_w4a4 one scale per output row ([out]).",
+            "store float32 scales: [] or [out, 1] for int8, [out] for convrot_w4a4")
 
 
 @register_check("convrot_group", order=51)
@@ -689,6 +690,9 @@ def note_dynamic_formats(view: FileView) -> None:
                           "use for these formats (activations are scaled at run time)")
     for name, n in sorted(sv.counts.items()):
         fmt = FORMATS[name]
+        if fmt.runtime_note:
+            view.notes.append(f"{n} {name} layer(s): {fmt.runtime_note}")
+            continue
         cc = ".".join(map(str, fmt.native_min_capability)) if fmt.native_min_capability else "?"
         where = ("; on CPU comfy-kitchen's eager kernel computes the same W8A8"
                  if fmt.portable_kernel else "; below that ComfyUI dequantizes the weight (W8A16 numerics)")
