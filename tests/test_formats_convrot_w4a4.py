@@ -266,3 +266,24 @@ def test_tiny_wan_file_inspects_and_verifies(random_tiny_dir: Path, tmp_path: Pa
     save_file(sd, str(bad), metadata={**meta, "_quantization_metadata": json.dumps(layers)})
     codes = {p.code: p.layers for p in inspect_file(bad).errors}
     assert codes.get("int8_scale_shape") == [layer] and codes.get("convrot_group") == [other]
+
+
+def test_w4a8_layers_carry_linear_dtype_int8(tmp_path: Path) -> None:
+    """``convrot_w4a8``: the same layout with ``"linear_dtype": "int8"``: int8 activations on every GPU, the eager
+    W4A4 arithmetic on the CPU (comfy-kitchen's eager backend ignores the key); the file is read back as W4A8."""
+    from ptq.targets.comfyui.layout import short_format
+
+    w8 = get_format("convrot_w4a8")
+    assert {n: w8.runtime_variant(get_runtime(n).capability) for n in ("turing", "ada", "hopper", "cpu")} == \
+        {"turing": "int8", "ada": "int8", "hopper": "int8", "cpu": "eager"}
+    assert short_format({"format": "convrot_w4a4", "convrot_groupsize": 256, "linear_dtype": "int8"}) == "convrot_w4a8"
+    assert short_format({"format": "convrot_w4a4", "convrot_groupsize": 256}) == "convrot_w4a4"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 64))
+    quantize_(model, QuantRecipe(format="convrot_w4a8", activation="dynamic", layers=LayerSelection(exclude=[])),
+              {}, progress=False)
+    cfg = SimpleNamespace(targets=["comfyui"], unquantized_dtype="bfloat16", filename="m", verify=True)
+    (res,) = export_model(model, cfg, tmp_path, progress=False, key_maps={"comfyui": str})
+    assert res.verified, res.verify_detail
+    conf = json.loads(bytes(load_file(res.path)["0.comfy_quant"].tolist()))
+    assert conf == {"format": "convrot_w4a4", "convrot_groupsize": 256, "linear_dtype": "int8"}

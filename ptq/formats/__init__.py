@@ -25,7 +25,7 @@ from .checks import (
     check_float,
     check_rank,
 )
-from .convrot_w4a4 import CONVROT_W4A4
+from .convrot_w4a4 import CONVROT_W4A4, CONVROT_W4A8
 from .fp8 import (
     FP8_DTYPE,
     FP8_E4M3_MAX,
@@ -71,6 +71,7 @@ register_format(NVFP4)
 register_format(INT8)
 register_format(INT8_CONVROT)
 register_format(CONVROT_W4A4)
+register_format(CONVROT_W4A8)
 register_format(MXFP8)
 
 
@@ -87,6 +88,7 @@ __all__ = [
     "INT8",
     "INT8_CONVROT",
     "CONVROT_W4A4",
+    "CONVROT_W4A8",
     "MXFP8",
     "NVFP4_BLOCK",
     "NVFP4_DEFAULT_FALLBACK",

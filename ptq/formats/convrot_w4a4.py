@@ -38,7 +38,7 @@ from .fp8 import divide_exact
 from .int8 import int8_linear, int8_rowwise_activation
 from .int8_convrot import CONVROT_GROUP, rotate_activation, rotate_hessian, rotate_weight
 
-__all__ = ["CONVROT_W4A4", "INT4_MAX", "INT4_MIN_AMAX", "ConvRotW4A4Format", "convrot_w4a4_linear",
+__all__ = ["CONVROT_W4A4", "CONVROT_W4A8", "INT4_MAX", "INT4_MIN_AMAX", "ConvRotW4A4Format", "ConvRotW4A8Format", "convrot_w4a4_linear",
            "int4_rowwise", "pack_int4", "unpack_int4"]
 
 #: Largest int4 code written (symmetric: -8 is representable but never emitted).
@@ -207,4 +207,17 @@ class ConvRotW4A4Format(DynamicActivationFormat):
         return c.to(torch.int8), c * scale
 
 
+class ConvRotW4A8Format(ConvRotW4A4Format):
+    """The same file with ``"linear_dtype": "int8"``: int8 activations on every GPU (W4A8 from SM 7.5, also where
+    int4 MMA exists); comfy-kitchen's eager backend ignores the key (W4A4 on the CPU)."""
+
+    name = "convrot_w4a8"
+    linear_dtype = "int8"
+    activation_scaling = "rotates and quantizes activations per row to int8"
+    runtime_note = ("int4 weights (ConvRot W4A4 layout with linear_dtype int8) with activations rotated and quantized "
+                    "per row to int8 at run time: W4A8 on CUDA compute capability >= 7.5; on CPU comfy-kitchen's "
+                    "eager kernel ignores linear_dtype and computes W4A4")
+
+
 CONVROT_W4A4 = ConvRotW4A4Format()
+CONVROT_W4A8 = ConvRotW4A8Format()

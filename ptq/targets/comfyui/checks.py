@@ -603,7 +603,8 @@ def _survey_dynamic_layer(view: FileView, li: LayerInfo, sv: DynamicSurvey) -> N
             sv.detail["mx"] = sv.detail["mx"] or (f"{li.name}: weight [{out_f}, {in_f}], weight_scale {ws.dtype} "
                                                   f"{list(ws.shape)}, expected U8 {want}")
         return
-    if li.format == "convrot_w4a4":  # comfy-kitchen's per-row int4 scales: float32 [out]
+    fmt = FORMATS.get(li.format)
+    if fmt is not None and fmt.codes_per_element == 2:  # packed int4 (ConvRot W4A4): float32 scales [out]
         if list(ws.shape) not in ([out_f], [out_f, 1]):
             sv.bad_int8.append(li.name)
             sv.detail["int8"] = sv.detail["int8"] or f"{li.name}: weight [{out_f}, {in_f}], weight_scale {list(ws.shape)}"
@@ -612,7 +613,7 @@ def _survey_dynamic_layer(view: FileView, li: LayerInfo, sv: DynamicSurvey) -> N
         sv.detail["int8"] = sv.detail["int8"] or f"{li.name}: weight [{out_f}, {in_f}], weight_scale {list(ws.shape)}"
     elif ws.dtype != "F32":
         sv.not_f32.append(li.name)
-    if li.format in ("int8_convrot", "convrot_w4a4"):
+    if fmt is not None and fmt.rotated_codes:
         gs = view.confs.get(li.name, {}).get("convrot_groupsize", 256)
         if not isinstance(gs, int) or not _power_of_4(gs) or in_f % gs:
             sv.bad_group.append(li.name)

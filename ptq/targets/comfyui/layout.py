@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from ptq.algorithms.qlinear import QuantizedLinearState
-from ptq.formats import CONVROT_W4A4, INT8_CONVROT
+from ptq.formats import CONVROT_W4A4, CONVROT_W4A8, INT8_CONVROT
 from ptq.formats.nvfp4 import NibbleOrder
 
 #: ptq format -> (the per-layer ``format`` ComfyUI's QUANT_ALGOS registers, extra keys of the layer JSON).
@@ -49,6 +49,7 @@ LAYER_FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
     "int8_convrot": ("int8_tensorwise", {"convrot": True, "convrot_groupsize": INT8_CONVROT.group_size}),
     "mxfp8": ("mxfp8", {}),
     "convrot_w4a4": ("convrot_w4a4", {"convrot_groupsize": CONVROT_W4A4.group_size}),
+    "convrot_w4a8": ("convrot_w4a4", {"convrot_groupsize": CONVROT_W4A8.group_size, "linear_dtype": "int8"}),
 }
 #: Every per-layer ``format`` ComfyUI core knows (``QUANT_ALGOS``, in its order) -> the short name reports use (the
 #: ptq format it holds; ``fp8_e5m2`` is not one). A layer of a name not in here fails to load.
@@ -88,8 +89,13 @@ def short_format(conf: Mapping[str, Any]) -> str:
     """The report name of a layer's ComfyUI JSON: a ptq format whose ComfyUI name and extra keys it carries (e.g.
     ``int8_convrot``), else :data:`COMFY_FORMATS`' short name, else the raw ``format``."""
     raw = str(conf.get("format"))
-    for ptq_name, (comfy, extra) in LAYER_FORMATS.items():
-        if extra and comfy == raw and all(conf.get(k) for k, v in extra.items() if v is True):
+
+    def identity(extra: Mapping[str, Any]) -> dict[str, Any]:  # the flags and names that tell formats apart
+        return {k: v for k, v in extra.items() if isinstance(v, (bool, str))}
+
+    for ptq_name, (comfy, extra) in sorted(LAYER_FORMATS.items(), key=lambda kv: -len(identity(kv[1][1]))):
+        if extra and comfy == raw and all((bool(conf.get(k)) if v is True else conf.get(k) == v)
+                                          for k, v in identity(extra).items()):
             return ptq_name
     return COMFY_FORMATS.get(raw, raw)
 

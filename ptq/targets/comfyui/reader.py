@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ptq.algorithms.qlinear import QuantizedLinearState
-from ptq.formats import CONVROT_W4A4, INT8_CONVROT
+from ptq.formats import CONVROT_W4A4, FORMATS, INT8_CONVROT
 from ptq.formats.nvfp4 import NibbleOrder
 from ptq.targets.comfyui.layout import NIBBLE_ORDER, short_format
 from ptq.targets.decoders import (
@@ -58,9 +58,9 @@ def read_fp8(get: Get, layer: str, state: QuantizedLinearState) -> tuple[torch.T
 
 
 READERS = {"nvfp4": read_nvfp4, "fp8": read_fp8, "int8": read_int8, "int8_convrot": read_int8, "mxfp8": read_mxfp8,
-           "convrot_w4a4": read_convrot_w4a4}
-#: ConvRot group size ptq simulates, per format whose layers carry ``convrot_groupsize``
-CONVROT_GROUPS = {"int8_convrot": INT8_CONVROT.group_size, "convrot_w4a4": CONVROT_W4A4.group_size}
+           "convrot_w4a4": read_convrot_w4a4, "convrot_w4a8": read_convrot_w4a4}
+#: The formats whose layers this target decodes with run-time activation scales (their ``ptq verify`` decoder).
+RUNTIME_SCALED = ("int8", "int8_convrot", "mxfp8", "convrot_w4a4", "convrot_w4a8")
 
 
 # ------------------------------------------------------------------- file layers (``ptq verify``): run-time scales
@@ -80,7 +80,7 @@ def _file_state(fmt: str, g: dict[str, torch.Tensor], conf: dict[str, Any], inp:
     return QuantizedLinearState(fmt, g["weight"], scale, None, None, bias, inp, out, not weight_only)
 
 
-@register_file_decoder("int8", "int8_convrot", "mxfp8", "convrot_w4a4")
+@register_file_decoder(*RUNTIME_SCALED)
 def decode_runtime_scaled(g: dict[str, torch.Tensor], conf: dict[str, Any], out: int, inp: int, ref: torch.Tensor,
                           expected: str, device: str) -> FileLayer:
     """int8 (with or without ConvRot) and MXFP8 in ComfyUI's layout, decoded by this target's readers."""
@@ -90,9 +90,10 @@ def decode_runtime_scaled(g: dict[str, torch.Tensor], conf: dict[str, Any], out:
         layer.problems.append("no weight_scale tensor")
         layer.readable = False
         return layer
-    if fmt in CONVROT_GROUPS and int(conf.get("convrot_groupsize", 256)) != CONVROT_GROUPS[fmt]:
+    group = getattr(FORMATS[fmt], "group_size", None) if FORMATS[fmt].rotated_codes else None
+    if group is not None and int(conf.get("convrot_groupsize", 256)) != group:
         layer.problems.append(f"convrot_groupsize {conf.get('convrot_groupsize')}: ptq simulates ConvRot groups of "
-                              f"{CONVROT_GROUPS[fmt]} only")
+                              f"{group} only")
         layer.readable = False
         return layer
     bias = g.get("bias")
@@ -112,6 +113,6 @@ def decode_runtime_scaled(g: dict[str, torch.Tensor], conf: dict[str, Any], out:
 def _runtime_format(g: dict[str, torch.Tensor], conf: dict[str, Any]) -> str:
     """int8 / int8_convrot / mxfp8 from the layer JSON, else from the weight dtype and scale shape."""
     short = short_format(conf) if conf else None
-    if short in ("int8", "int8_convrot", "mxfp8", "convrot_w4a4"):
+    if short in RUNTIME_SCALED:
         return short
     return "int8" if g["weight"].dtype == torch.int8 else "mxfp8"

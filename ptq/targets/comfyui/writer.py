@@ -80,4 +80,4 @@ def write_convrot_w4a4(layer: str, state: QuantizedLinearState, dtype: torch.dty
 
 
 WRITERS = {"nvfp4": write_nvfp4, "fp8": write_fp8, "int8": write_int8, "int8_convrot": write_int8,
-           "mxfp8": write_mxfp8, "convrot_w4a4": write_convrot_w4a4}
+           "mxfp8": write_mxfp8, "convrot_w4a4": write_convrot_w4a4, "convrot_w4a8": write_convrot_w4a4}
