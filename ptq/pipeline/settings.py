@@ -101,7 +101,7 @@ class EvalConfig(SamplingConfig):
     cache_dir: str = "${oc.env:PTQ_CACHE_DIR,.ptq_cache}"  # bf16 reference outputs, shared by sweeps
     enabled: bool = True
     # ComfyUI targets to simulate and report side by side (ptq.eval.runtimes.RUNTIMES: blackwell, hopper, ada,
-    # ampere, cpu; NAME+eager for comfy-kitchen's eager arithmetic); [] = only the bf16 simulation above
+    # ampere, turing, cpu; NAME+eager for comfy-kitchen's eager arithmetic); [] = only the bf16 simulation above
     runtimes: list[str] = field(default_factory=list)
 
 
