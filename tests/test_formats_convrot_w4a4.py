@@ -251,6 +251,7 @@ def test_tiny_wan_file_inspects_and_verifies(random_tiny_dir: Path, tmp_path: Pa
     assert not rep.errors, [p.code for p in rep.errors]
     assert rep.architecture.params == params
     assert any("convrot_w4a4 layer(s): int4 weights" in n and "W4A8" in n for n in rep.notes)
+    assert rep.comfyui_min_version == "0.28.0"  # ComfyUI 73e84d5e "Support convrot int4 models" (#14859)
     sd = load_file(res.path)
     with safe_open(res.path, "pt") as f:
         meta = f.metadata()

@@ -34,6 +34,9 @@ COMFYUI_FEATURES: dict[str, ComfyFeature] = {
     "nvfp4": ComfyFeature("nvfp4 layers", "0.8.0", "2026-01-07", "6da00dd8"),
     "mxfp8": ComfyFeature("mxfp8 layers", "0.18.0", "2026-03-20", "1c5db739"),
     "int8": ComfyFeature("int8_tensorwise layers", "0.27.0", "2026-06-30", "1a510f04"),
+    "int8_convrot": ComfyFeature("int8_tensorwise layers with convrot", "0.27.0", "2026-06-30", "1a510f04"),
+    "convrot_w4a4": ComfyFeature("convrot_w4a4 layers", "0.28.0", "2026-07-15", "73e84d5e"),
+    "convrot_w4a8": ComfyFeature("convrot_w4a4 layers with linear_dtype int8", "0.28.0", "2026-07-15", "73e84d5e"),
     "pre_quant_scale": ComfyFeature("nvfp4 pre_quant_scale (input smoothing)", "0.30.0", "2026-08-02", "57500fc5",
                                     silent=True),
 }

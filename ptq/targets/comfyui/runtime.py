@@ -21,6 +21,10 @@ Read from ComfyUI 0.30.0's code (``comfy/ops.py`` ``pick_operations`` / mixed-pr
   ``fp8(x.float() * (1/scale))`` and dequantizes weights in float32, rounding once; its eager fallback (older torch
   builds; variant ``+eager``, e.g. ``ada+eager``) computes ``x * (1/scale)`` and the dequantization in the compute
   dtype (``QuantLinear.fp8_act_mode="ck_eager"``).
+* ComfyUI after 0.30.0 (15989f87, "Speedup LTX and Wan", #15138; in no release at 6db4fa2f) folds WAN's FFN
+  GELU(tanh) into the int8 activation quantizer of ``ffn.2`` for ``int8_tensorwise`` layers (ConvRot included, not
+  ``convrot_w4a4``). comfy-kitchen's eager backend applies the GELU in the input dtype and then quantizes: what ptq
+  computes. Its CUDA kernel's arithmetic (compiled code) is not simulated.
 """
 
 from __future__ import annotations
