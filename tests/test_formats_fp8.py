@@ -250,7 +250,7 @@ def test_fake_quantize_fp8_shapes_and_saturation():
 
 
 def test_format_registry():
-    assert set(FORMATS) == {"fp8", "nvfp4", "int8", "int8_convrot", "mxfp8"}
+    assert set(FORMATS) == {"fp8", "nvfp4", "int8", "int8_convrot", "mxfp8", "convrot_w4a4", "convrot_w4a8"}
     assert get_format("fp8").weight_bits == 8.0 and get_format("fp8").block_size is None
     assert get_format("fp8").storage_dtype == torch.float8_e4m3fn
     nv = get_format("nvfp4")

@@ -87,7 +87,8 @@ def test_four_over_six_is_a_format_capability() -> None:
 
 def test_formats_declare_their_scale_schemes_and_sample_blocks() -> None:
     assert {n: f.scale_scheme for n, f in FORMATS.items()} == {
-        "fp8": "tensor", "nvfp4": "global_block", "int8": "tensor", "int8_convrot": "tensor", "mxfp8": "block"}
+        "fp8": "tensor", "nvfp4": "global_block", "int8": "tensor", "int8_convrot": "tensor", "mxfp8": "block",
+        "convrot_w4a4": "tensor", "convrot_w4a8": "tensor"}
     for f in FORMATS.values():
         assert f.activation_sample_block % f.activation_block == 0
 
