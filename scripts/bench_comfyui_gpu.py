@@ -445,7 +445,7 @@ def run_all(args: argparse.Namespace) -> None:
     def pending(name: str) -> bool:
         return any((f"wan5b_{name}_comfyui.safetensors", d) not in done for d in wanted(name))
 
-    order = [v for v in (args.variants or list(VARIANTS))]
+    order = list(args.variants or VARIANTS)
     todo = [v for v in order if pending(v) or (v == "mxfp8" and pending("mxfp8_as_f8_e8m0"))]
     files = json.loads((work / "files.json").read_text()) if (work / "files.json").exists() else {}
     if todo:

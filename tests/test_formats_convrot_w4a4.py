@@ -261,12 +261,16 @@ def test_tiny_wan_file_inspects_and_verifies(random_tiny_dir: Path, tmp_path: Pa
     other = next(k for k in layers["layers"] if k != layer)
     layers["layers"][other]["convrot_groupsize"] = 48
     sd[f"{other}.comfy_quant"] = torch.tensor(list(json.dumps(layers["layers"][other]).encode()), dtype=torch.uint8)
+    third = next(k for k in layers["layers"] if k not in (layer, other))
+    sd[f"{third}.weight_scale"] = sd[f"{third}.weight_scale"].to(torch.bfloat16)  # scales in a 16-bit dtype
     bad = tmp_path / "bad.safetensors"
     from safetensors.torch import save_file
 
     save_file(sd, str(bad), metadata={**meta, "_quantization_metadata": json.dumps(layers)})
-    codes = {p.code: p.layers for p in inspect_file(bad).errors}
+    rep = inspect_file(bad)
+    codes = {p.code: p.layers for p in rep.errors}
     assert codes.get("int8_scale_shape") == [layer] and codes.get("convrot_group") == [other]
+    assert {p.code: p.layers for p in rep.warnings}.get("scale_not_float32") == [third]
 
 
 def test_w4a8_layers_carry_linear_dtype_int8(tmp_path: Path) -> None:

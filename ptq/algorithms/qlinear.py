@@ -177,9 +177,9 @@ class QuantLinear(nn.Module):
     #: input dtype, ``input_scale`` unused); ``dequant_float32`` dequantizes in float32 and rounds once to the input
     #: dtype (comfy-kitchen's CUDA backend) instead of computing in the input dtype (its eager backend).
     run_dequantized: bool = False
+    dequant_float32: bool = False
     #: the format's kernel on the simulated GPU (``NumberFormat.runtime_variant``; "" = the format's nominal one)
     kernel_variant: str = ""
-    dequant_float32: bool = False
     #: The last activation quantized on CUDA: (weakref to input, input version, key, quantized), shared by siblings.
     _act_cache: ClassVar[tuple | None] = None
 

@@ -402,8 +402,9 @@ def gptq_act_aware_(
     planner = LayerPlanner.for_model(model, recipe, rules)
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     planned = {n: planner.plan_with_fallback(n, m) for n, m in linears}
-    dynamic = {n for n, _ in linears if planned[n][0] != KEEP and get_format(planned[n][0]).dynamic_activations}
-    targets = [n for n, _ in linears if planned[n][0] != KEEP and (n in stats or n in dynamic)]
+    # layers of formats with run-time activation scales need no activation statistics
+    targets = [n for n, _ in linears if planned[n][0] != KEEP
+               and (n in stats or get_format(planned[n][0]).dynamic_activations)]
     done: dict[str, LayerRecord] = {}
     for names in tqdm(plan_groups(targets, recipe.weight.blocks_per_pass, rules), desc="act-aware gptq passes",
                       disable=not progress, leave=False):

@@ -33,13 +33,13 @@ from __future__ import annotations
 import torch
 
 from .base import DynamicActivationFormat, QuantizedWeight
-from .checks import FormatError
 from .fp8 import divide_exact
 from .int8 import int8_linear, int8_rowwise_activation
 from .int8_convrot import CONVROT_GROUP, rotate_activation, rotate_hessian, rotate_weight
+from .nvfp4 import NibbleOrder, pack_e2m1, unpack_e2m1
 
-__all__ = ["CONVROT_W4A4", "CONVROT_W4A8", "INT4_MAX", "INT4_MIN_AMAX", "ConvRotW4A4Format", "ConvRotW4A8Format", "convrot_w4a4_linear",
-           "int4_rowwise", "pack_int4", "unpack_int4"]
+__all__ = ["CONVROT_W4A4", "CONVROT_W4A8", "INT4_MAX", "INT4_MIN_AMAX", "ConvRotW4A4Format", "ConvRotW4A8Format",
+           "convrot_w4a4_linear", "int4_rowwise", "pack_int4", "unpack_int4"]
 
 #: Largest int4 code written (symmetric: -8 is representable but never emitted).
 INT4_MAX = 7.0
@@ -52,20 +52,15 @@ VARIANTS = ("eager", "int4", "int8")
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """Signed int4 codes ``[..., k]`` (any integer dtype, values in [-8, 7]) -> int8 ``[..., k/2]``, the even column
-    in the low nibble (comfy-kitchen's ``_pack_int4_row_major``)."""
-    if codes.shape[-1] % 2:
-        raise FormatError(f"int4 packing needs an even last dimension, got shape {tuple(codes.shape)}")
-    lo = codes[..., 0::2].to(torch.int32) & 0x0F
-    hi = codes[..., 1::2].to(torch.int32) & 0x0F
-    return (lo | (hi << 4)).to(torch.int8)
+    in the low nibble (comfy-kitchen's ``_pack_int4_row_major``): the two's-complement nibbles packed by
+    :func:`~ptq.formats.nvfp4.pack_e2m1` in LOW_FIRST order."""
+    return pack_e2m1((codes.to(torch.int32) & 0x0F).to(torch.uint8), NibbleOrder.LOW_FIRST).view(torch.int8)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """int8 ``[..., k/2]`` -> signed int4 codes int8 ``[..., k]`` in [-8, 7] (inverse of :func:`pack_int4`)."""
-    p = packed.to(torch.int32)
-    lo, hi = p & 0x0F, (p >> 4) & 0x0F
-    both = torch.stack([lo, hi], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
-    return torch.where(both >= 8, both - 16, both).to(torch.int8)
+    nibbles = unpack_e2m1(packed.view(torch.uint8), NibbleOrder.LOW_FIRST).to(torch.int8)
+    return (nibbles ^ 8) - 8  # sign-extend the 4-bit two's complement
 
 
 def int4_rowwise(x: torch.Tensor, *, float32: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,7 @@ summation. Where the CPU has native bf16 GEMMs, bf16 Linears are left to oneDNN 
 
 from __future__ import annotations
 
+import functools
 import weakref
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from torch.overrides import TorchFunctionMode
 _HALF = (torch.bfloat16, torch.float16)
 
 
+@functools.cache
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX-BF16: oneDNN's bf16 GEMM then
     beats a float32 GEMM). Read from ``/proc/cpuinfo``'s flags (Linux); False where they cannot be read."""

@@ -561,8 +561,8 @@ def check_scale_not_float32(view: FileView) -> None:
     if dyn.not_f32:
         view.problem(
             "scale_not_float32", "warning", dyn.not_f32,
-            "int8 weight scales stored in a 16-bit dtype; comfy-kitchen multiplies in float32, but the "
-            "value has already lost precision.", "store int8 weight scales as float32")
+            "int8 / int4 weight scales stored in a 16-bit dtype; comfy-kitchen multiplies in float32, but the "
+            "value has already lost precision.", "store int8 / int4 weight scales as float32")
 
 
 # -------------------------------------------------------------------- formats with run-time activation scales
@@ -586,8 +586,9 @@ class DynamicSurvey:
 
 def _survey_dynamic_layer(view: FileView, li: LayerInfo, sv: DynamicSurvey) -> None:
     g = view.groups[li.name]
+    fmt = FORMATS.get(li.format)
     out_f, in_f = li.weight.shape  # type: ignore[union-attr]
-    in_f *= FORMATS[li.format].codes_per_element if li.format in FORMATS else 1
+    in_f *= fmt.codes_per_element if fmt is not None else 1
     ws = g.get("weight_scale")
     if "input_scale" in g:
         sv.unused_in.append(li.name)
@@ -603,12 +604,11 @@ def _survey_dynamic_layer(view: FileView, li: LayerInfo, sv: DynamicSurvey) -> N
             sv.detail["mx"] = sv.detail["mx"] or (f"{li.name}: weight [{out_f}, {in_f}], weight_scale {ws.dtype} "
                                                   f"{list(ws.shape)}, expected U8 {want}")
         return
-    fmt = FORMATS.get(li.format)
     if fmt is not None and fmt.codes_per_element == 2:  # packed int4 (ConvRot W4A4): float32 scales [out]
-        if list(ws.shape) not in ([out_f], [out_f, 1]):
-            sv.bad_int8.append(li.name)
-            sv.detail["int8"] = sv.detail["int8"] or f"{li.name}: weight [{out_f}, {in_f}], weight_scale {list(ws.shape)}"
-    elif ws.numel != 1 and list(ws.shape) != [out_f, 1]:
+        shape_ok = list(ws.shape) in ([out_f], [out_f, 1])
+    else:  # int8: per tensor [] or per row [out, 1]
+        shape_ok = ws.numel == 1 or list(ws.shape) == [out_f, 1]
+    if not shape_ok:
         sv.bad_int8.append(li.name)
         sv.detail["int8"] = sv.detail["int8"] or f"{li.name}: weight [{out_f}, {in_f}], weight_scale {list(ws.shape)}"
     elif ws.dtype != "F32":
